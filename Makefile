@@ -1,0 +1,47 @@
+# semilens: `make run` rebuilds the pipeline, `make test` runs the tests.
+# Both start with `setup`, which is idempotent: it installs only what is missing.
+
+VENV        ?= .venv
+PYTHON      ?= python3
+# Debian packages the project needs (git for DVC; OCR and the browser come with later stages).
+APT_PACKAGES ?= git
+# Tests and stages must never reach a model hub.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export DVC_NO_ANALYTICS := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test system-deps clean-cache
+
+setup: system-deps $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# Re-install when pyproject.toml changes. (pip's 'Location ... ignored' warnings come from
+# this machine's local wheel mirror settings and are filtered; real errors still fail.)
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(VENV)/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets'
+	touch $(STAMP)
+
+run: setup
+	dvc repro
+	dvc status
+
+# --dist loadfile keeps a file's tests on one worker: the DVC tests share one repo per module.
+test: setup
+	python -m pytest -q -n 2 --dist loadfile
+
+clean-cache:
+	rm -rf .semilens_cache

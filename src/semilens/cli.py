@@ -1,0 +1,96 @@
+"""The ``semilens`` command: run a pipeline stage by name, show the resolved config.
+
+    semilens stages                      list the stages
+    semilens run STAGE [--dry-run]       run one stage (what `dvc repro` calls is the same code)
+    semilens config [SECTION]            print the resolved, validated params.yaml
+
+Run it from the project root (where params.yaml and stages/ live). Heavy libraries are
+imported by the stage itself, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from rich.console import Console
+
+from semilens.config import DEFAULT_PARAMS, ConfigError, dump_config, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="semilens: run pipeline stages by name and inspect the resolved config (run from the project root).",
+)
+err = Console(stderr=True)
+
+
+def available_stages(root: Path = Path(".")) -> list[str]:
+    folder = root / "stages"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _load(params: Path):
+    try:
+        return load_config(params)
+    except ConfigError as exc:
+        err.print(f"[red]config error[/red]: {exc}")
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def stages() -> None:
+    """List the pipeline stages that `semilens run` accepts."""
+    for name in available_stages():
+        typer.echo(name)
+
+
+@app.command()
+def config(
+    section: Optional[str] = typer.Argument(None, help="one section, e.g. synth_images"),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
+) -> None:
+    """Print the resolved config (defaults filled in, validated)."""
+    cfg = _load(params)
+    if section is None:
+        typer.echo(dump_config(cfg), nl=False)
+        return
+    if section not in type(cfg).model_fields:
+        err.print(f"[red]unknown section[/red] {section!r}; known: {', '.join(type(cfg).model_fields)}")
+        raise typer.Exit(2)
+    typer.echo(dump_config(getattr(cfg, section)), nl=False)
+
+
+@app.command()
+def run(
+    stage: str = typer.Argument(..., help="stage name, as in dvc.yaml"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and stop"),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
+) -> None:
+    """Run one stage by name (the same entry point dvc.yaml calls)."""
+    names = available_stages()
+    if stage not in names:
+        err.print(f"[red]unknown stage[/red] {stage!r}; known: {', '.join(names) or 'none (not in the project root?)'}")
+        raise typer.Exit(2)
+    cfg = _load(params)
+    if dry_run:
+        # A stage reads `paths` and its own section; show exactly that.
+        shown = {"paths": cfg.paths.model_dump(mode="json")}
+        if stage in type(cfg).model_fields:
+            shown[stage] = getattr(cfg, stage).model_dump(mode="json")
+        typer.echo(f"# stage {stage}: python -m stages.{stage}")
+        typer.echo(yaml.safe_dump(shown, sort_keys=False), nl=False)
+        return
+    if params != DEFAULT_PARAMS:
+        err.print("[red]stages read params.yaml from the project root[/red]; use --dry-run with other files")
+        raise typer.Exit(2)
+    sys.path.insert(0, str(Path.cwd()))
+    runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    app()

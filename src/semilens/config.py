@@ -1,0 +1,194 @@
+"""One typed config, loaded from ``params.yaml``.
+
+Every stage reads its own section; unknown keys anywhere are an error, so a typo in
+``params.yaml`` or a ``dvc exp run -S`` override fails loudly instead of being ignored.
+Paths live here once (``paths``) and ``dvc.yaml`` templates them from the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+SYNTH_CLASSES = (
+    "particles",
+    "nanowires",
+    "fibres",
+    "porous",
+    "cracked_film",
+    "lines",
+    "holes",
+    "grains",
+)
+SynthClass = Literal[
+    "particles", "nanowires", "fibres", "porous", "cracked_film", "lines", "holes", "grains"
+]
+
+
+class Section(BaseModel):
+    """Base for every config section: strict keys, immutable values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(Section):
+    """Where each artifact lives; ``dvc.yaml`` reads the same keys through templating."""
+
+    raw_images: Path = Path("data/raw/images")
+    synthetic_images: Path = Path("data/synthetic/images")
+    interim_images: Path = Path("data/interim/images")
+    measurements: Path = Path("data/interim/measurements")
+    annotations: Path = Path("data/processed/annotations")
+    vqa: Path = Path("data/processed/vqa")
+    metrics: Path = Path("metrics")
+    # Per-item work cache keyed by content hash; not a DVC output, so it survives the
+    # output deletion DVC does before re-running a stage.
+    cache: Path = Path(".semilens_cache")
+    logs: Path = Path("logs")
+
+
+class SynthImagesConfig(Section):
+    """Procedural SEM/TEM-like images with exact ground truth."""
+
+    seed: int = 0
+    n_per_class: int = Field(4, ge=0, description="images per class; 0 disables the stage")
+    classes: tuple[SynthClass, ...] = SYNTH_CLASSES
+    size: int = Field(384, ge=64, le=4096, description="image side in pixels (before the databar)")
+    tem_fraction: float = Field(
+        0.25, ge=0.0, le=1.0, description="share of particle images drawn with the TEM look"
+    )
+    pixel_size_nm: tuple[float, float] = Field(
+        (1.0, 8.0), description="range the pixel size is drawn from (nm/px)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthImagesConfig":
+        lo, hi = self.pixel_size_nm
+        if not 0 < lo <= hi:
+            raise ValueError("pixel_size_nm must be (low, high) with 0 < low <= high")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes must not repeat")
+        return self
+
+
+class IngestImagesConfig(Section):
+    """Raw + synthetic images -> normalised 8-bit PNGs and one record per image."""
+
+    max_pixels: int = Field(
+        64_000_000, description="refuse images larger than this (decompression-bomb guard)"
+    )
+    min_side: int = Field(16, ge=1, description="refuse images smaller than this on any side")
+    low_info_std: float = Field(
+        2.0, ge=0.0, description="8-bit std below which a frame is flagged low-information"
+    )
+    low_info_structure: float = Field(
+        0.02,
+        ge=0.0,
+        description="smoothed/raw gradient-energy ratio below which a frame counts as noise only",
+    )
+    percentile_clip: tuple[float, float] = Field(
+        (0.1, 99.9), description="intensity percentiles mapped to 0 and 255 for >8-bit data"
+    )
+    low_info_spectrum: float = Field(
+        1.8,
+        ge=0.0,
+        description="off-axis low/high-frequency power ratio (white noise ~1) below which a "
+        "frame that also fails low_info_structure counts as noise only",
+    )
+    exclude: tuple[str, ...] = Field(
+        ("*_mask.*",),
+        description="glob patterns (file name or path under the input root) that are not "
+        "micrographs, e.g. label masks; skipped and counted",
+    )
+
+
+class MeasureImagesConfig(Section):
+    """Classical morphology per image (scikit-image)."""
+
+    min_object_px: int = Field(12, ge=1, description="objects smaller than this are noise")
+    watershed_min_distance: int = Field(
+        4, ge=1, description="min peak distance (px) when splitting touching particles"
+    )
+    smooth_sigma: float = Field(1.0, ge=0.0, description="Gaussian sigma before thresholding")
+    split_depth_px: float = Field(
+        0.5, gt=0.0, description="a neck must be this much (px) thinner than both blobs to split"
+    )
+    dark_line_max_width_px: int = Field(
+        5, ge=1, description="radius of the top-hat that finds cracks and grain boundaries"
+    )
+    periodic_score: float = Field(
+        200.0, gt=0.0, description="spectral peak/ring power above which an image is a pattern"
+    )
+    elongated_aspect: float = Field(
+        3.0, gt=1.0, description="unlabelled objects longer than this aspect are measured as wires"
+    )
+    min_structure: float = Field(
+        0.1, ge=0.0, description="lag-1 autocorrelation below which a frame is noise only"
+    )
+
+
+class AnnotateImagesConfig(Section):
+    """Captions and VQA pairs per image."""
+
+    backend: Literal["grounded"] = "grounded"
+    seed: int = 0
+    min_questions: int = Field(6, ge=5, description="VQA pairs per image (at least five types)")
+
+
+class SplitDatasetConfig(Section):
+    """Train/val/test split grouped by source micrograph."""
+
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    salt: str = Field("semilens", description="changing it reshuffles every group")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SplitDatasetConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave room for train")
+        return self
+
+
+class Config(Section):
+    """The whole of ``params.yaml``."""
+
+    paths: PathsConfig = PathsConfig()
+    synth_images: SynthImagesConfig = SynthImagesConfig()
+    ingest_images: IngestImagesConfig = IngestImagesConfig()
+    measure_images: MeasureImagesConfig = MeasureImagesConfig()
+    annotate_images: AnnotateImagesConfig = AnnotateImagesConfig()
+    split_dataset: SplitDatasetConfig = SplitDatasetConfig()
+
+
+class ConfigError(ValueError):
+    """params.yaml could not be read or did not validate; the message says where."""
+
+
+def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
+    """Read and validate ``params.yaml``; raise ConfigError naming every bad key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not found (run from the project root)") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from exc
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """YAML of a resolved config (or section), as written next to artifacts."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""SEM/TEM image stages: synthesis, ingest, measurement, annotation and splitting."""

@@ -1,0 +1,527 @@
+"""ingest_images: raw + synthetic micrographs -> normalised 8-bit PNGs and one record each.
+
+Reads everything under ``paths.raw_images`` (recursively; class sub-folders, ``<image>.json``
+sidecars and ``metadata.csv`` allowed; the folder may be empty or absent) and the synthetic
+set under ``paths.synthetic_images`` (``<class>/<id>.tif`` + ``<id>.json`` Sidecar).
+Writes ``<paths.interim_images>/png/<id>.png``, ``records.jsonl`` (records.ImageRecord, by
+id) and ``quarantine.jsonl`` (records.QuarantineEntry, by source).
+Run: ``python -m stages.ingest_images``.
+
+Per-item work (decode, databar, normalise, PNG) is cached in ItemCache by the file's sha256
+plus everything else that changes its record (path-derived label and group, sidecar
+content, the ingest params), so adding one image to a thousand decodes one image. The
+output folder is rebuilt each run in a hidden staging folder beside it and swapped in at
+the end: a killed run leaves the previous outputs, never a half-written folder.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from semilens.cache import ItemCache
+from semilens.config import Config, IngestImagesConfig
+from semilens.images.databar import Databar, detect_databar, low_information
+from semilens.images.metadata import (
+    SIDECAR_CSV,
+    FileMeta,
+    SidecarError,
+    default_group,
+    file_metadata,
+    folder_label,
+    load_metadata_csv,
+    load_sidecar_json,
+    sidecar_from_row,
+)
+from semilens.images.readers import Decoded, ReadError, decode, is_image_name, one_line, to_gray8
+from semilens.io import atomic_write_bytes, display_path, sha256_bytes, write_jsonl
+from semilens.records import ImageRecord, QuarantineEntry, Sidecar
+
+STAGE = "ingest_images"
+# Bump when the per-item algorithm changes: every cached record is then recomputed.
+VERSION = "1"
+
+
+# ---------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file with an image extension found under an input root."""
+
+    path: Path
+    rel: PurePosixPath  # relative to its input root: drives label and group
+    origin: str  # "raw" | "synthetic"
+
+
+@dataclass
+class Found:
+    candidates: list[Candidate] = field(default_factory=list)
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # not images: sidecars, README, ...
+    excluded: list[str] = field(default_factory=list)  # images matching cfg.exclude
+
+
+def source_of(path: Path) -> str:
+    """The path relative to the project root (cwd), or as given when it lies outside."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return display_path(absolute.relative_to(Path.cwd()).as_posix())
+    except ValueError:
+        return display_path(Path(path).as_posix())
+
+
+def _quarantine(source: str, reason: str, sha256: str | None = None) -> QuarantineEntry:
+    return QuarantineEntry(source=source, reason=reason, sha256=sha256, stage=STAGE)
+
+
+def _excluded(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
+    """Case-insensitive glob match on the file name or the path under the input root."""
+    name, path = rel.name.lower(), rel.as_posix().lower()
+    return any(fnmatchcase(name, p.lower()) or fnmatchcase(path, p.lower()) for p in patterns)
+
+
+def discover(
+    root: Path, origin: str, exclude: tuple[str, ...], found: Found, own: tuple[Path, ...] = ()
+) -> None:
+    """Walk ``root`` in sorted order, sorting entries into candidates, skips and quarantine.
+
+    ``own`` are this stage's output and cache folders: never read back as inputs, even when
+    a configuration puts them under an input root.
+    """
+    if not root.is_dir():
+        return
+    own_abs = {Path(os.path.abspath(p)) for p in own}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        kept = []
+        for d in sorted(dirnames):
+            path = here / d
+            # Hidden folders (.git, .dvc, editor caches) are not data; symlinked folders are
+            # not followed (loops, data outside the tracked tree).
+            if d.startswith(".") or path.is_symlink() or Path(os.path.abspath(path)) in own_abs:
+                found.skipped.append(source_of(path) + "/")
+                continue
+            if is_image_name(d):
+                # Still walked into: whatever it holds is judged on its own.
+                found.quarantine.append(
+                    _quarantine(source_of(path), "a directory named like an image file")
+                )
+            kept.append(d)
+        dirnames[:] = kept
+        for name in sorted(filenames):
+            path = here / name
+            rel = PurePosixPath(path.relative_to(root).as_posix())
+            # Hidden files include macOS "._x.tif" resource forks, which are not images.
+            if name.startswith(".") or not is_image_name(name):
+                found.skipped.append(source_of(path))
+            elif _excluded(rel, exclude):
+                found.excluded.append(source_of(path))
+            else:
+                found.candidates.append(Candidate(path, rel, origin))
+
+
+# ---------------------------------------------------------------------------------------
+# Sidecars
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SidecarIndex:
+    """Sidecars of every folder, loaded once; problems are collected per sidecar file."""
+
+    csv_rows: dict[Path, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    problems: dict[str, list[str]] = field(default_factory=dict)
+
+    def _problem(self, path: Path, reason: str) -> None:
+        self.problems.setdefault(source_of(path), []).append(reason)
+
+    def _csv(self, folder: Path) -> dict[str, dict[str, Any]]:
+        if folder not in self.csv_rows:
+            rows: dict[str, dict[str, Any]] = {}
+            path = folder / SIDECAR_CSV
+            if path.is_file():
+                try:
+                    rows, errors = load_metadata_csv(path)
+                    for err in errors:
+                        self._problem(path, err)
+                except SidecarError as exc:
+                    self._problem(path, str(exc))
+            self.csv_rows[folder] = rows
+        return self.csv_rows[folder]
+
+    def lookup(self, image: Path) -> list[tuple[str, Sidecar, dict[str, Any]]]:
+        """[(kind, Sidecar, raw dict)] for ``image``, JSON before CSV (precedence order)."""
+        found: list[tuple[str, Sidecar, dict[str, Any]]] = []
+        json_path = image.with_suffix(".json")
+        if json_path.is_file():
+            try:
+                sidecar, raw = load_sidecar_json(json_path)
+                found.append(("json", sidecar, raw))
+            except SidecarError as exc:
+                self._problem(json_path, str(exc))
+        row = self._csv(image.parent).get(image.name)
+        if row is not None:
+            try:
+                found.append(("csv", sidecar_from_row(row), row))
+            except SidecarError as exc:
+                self._problem(image.parent / SIDECAR_CSV, f"row for {image.name}: {exc}")
+        return found
+
+
+# ---------------------------------------------------------------------------------------
+# One file -> records (the cached unit of work)
+# ---------------------------------------------------------------------------------------
+
+
+def encode_png(gray: np.ndarray) -> bytes:
+    """Deterministic 8-bit grayscale PNG (Pillow writes no timestamp chunk)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a record needs besides the pixels: where the file sits and what was said of it."""
+
+    origin: str
+    sha256: str
+    folder_label: str | None
+    default_group: str
+    sidecars: tuple[tuple[str, Sidecar], ...]
+
+
+def _pick_label(ctx: Context) -> tuple[str | None, str]:
+    for _, sc in ctx.sidecars:
+        if sc.label:
+            return sc.label, "sidecar"
+    for _, sc in ctx.sidecars:
+        if sc.ground_truth is not None:
+            return sc.ground_truth.label, "ground_truth"
+    if ctx.folder_label:
+        return ctx.folder_label, "folder"
+    return None, "none"
+
+
+def _pick_pixel_size(meta: FileMeta, ctx: Context) -> tuple[float | None, str]:
+    if meta.pixel_size_nm:
+        return meta.pixel_size_nm, meta.pixel_size_source or "file"
+    for kind, sc in ctx.sidecars:
+        if sc.pixel_size_nm:
+            return sc.pixel_size_nm, f"sidecar:{kind}"
+    return None, "none"
+
+
+def _pick_modality(meta: FileMeta, ctx: Context) -> str:
+    if meta.modality:
+        return meta.modality
+    for _, sc in ctx.sidecars:
+        if sc.modality:
+            return sc.modality
+    for _, sc in ctx.sidecars:
+        if sc.ground_truth is not None:
+            return sc.ground_truth.modality
+    return "unknown"
+
+
+def page_record(
+    decoded: Decoded, index: int, ctx: Context, cfg: IngestImagesConfig
+) -> tuple[dict[str, Any], bytes]:
+    """Record (without ``source``/``png``, which depend on paths, not content) and PNG."""
+    page = decoded.pages[index]
+    meta = file_metadata(page.tags)
+    full = to_gray8(page.pixels, cfg.percentile_clip)
+    height, width = full.shape
+    bar = detect_databar(full, meta.image_rows)
+    keep = height - bar.rows
+    if keep < cfg.min_side:  # a "bar" that leaves no image is not a bar
+        bar, keep = Databar(0, None), height
+    # Deep data is normalised on the specimen rows only: the bar's pure black and white
+    # would otherwise decide the percentiles.
+    gray = full[:keep] if page.pixels.dtype == np.uint8 else to_gray8(
+        page.pixels[:keep], cfg.percentile_clip
+    )
+    reason = low_information(
+        gray, cfg.low_info_std, cfg.low_info_structure, cfg.low_info_spectrum
+    )
+    png = encode_png(gray)
+    label, label_source = _pick_label(ctx)
+    pixel_size, pixel_source = _pick_pixel_size(meta, ctx)
+    instrument: dict[str, Any] = {}
+    for _, sc in reversed(ctx.sidecars):  # JSON wins over CSV, the file over both
+        instrument.update(sc.instrument)
+    instrument.update(meta.instrument)
+    group = next((sc.group for _, sc in ctx.sidecars if sc.group), ctx.default_group)
+    truth = next((sc.ground_truth for _, sc in ctx.sidecars if sc.ground_truth), None)
+    record = {
+        "id": f"{ctx.sha256[:16]}-p{page.index}",
+        "origin": ctx.origin,
+        "sha256": ctx.sha256,
+        "format": decoded.format,
+        "page": page.index,
+        "n_pages": decoded.n_pages,
+        "original_width": width,
+        "original_height": height,
+        "original_dtype": page.original_dtype,
+        "width": width,
+        "height": keep,
+        "crop_box": (0, 0, width, keep),
+        "databar": bar.method if bar.rows else None,
+        "modality": _pick_modality(meta, ctx),
+        "instrument": instrument,
+        "pixel_size_nm": pixel_size,
+        "pixel_size_source": pixel_source,
+        "label": label,
+        "label_source": label_source,
+        "group": group,
+        "png_sha256": sha256_bytes(png),
+        "low_information": reason is not None,
+        "low_information_reason": reason,
+        "ground_truth": truth.model_dump(mode="json") if truth else None,
+    }
+    return record, png
+
+
+def ingest_bytes(
+    data: bytes, path: Path, ctx: Context, cfg: IngestImagesConfig
+) -> dict[str, Any]:
+    """The cache value for one file: records, PNG sizes, and any problem (one line)."""
+    try:
+        decoded = decode(data, path, cfg.max_pixels, cfg.min_side)
+    except ReadError as exc:
+        return {"records": [], "png_sizes": [], "problem": str(exc)}
+    records, pngs, problems = [], [], list(decoded.page_errors)
+    for index in range(len(decoded.pages)):
+        try:
+            record, png = page_record(decoded, index, ctx, cfg)
+        except Exception as exc:  # noqa: BLE001 - one bad page must not stop the run
+            problems.append(f"page {decoded.pages[index].index}: {one_line(exc)}")
+            continue
+        records.append(record)
+        pngs.append(png)
+    return {
+        "records": records,
+        "png_sizes": [len(p) for p in pngs],
+        "problem": "; ".join(problems) or None,
+        "_pngs": pngs,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------
+
+_PNG_BLOB = ".pngs"  # all pages' PNGs of one file, concatenated; sizes in the value
+
+
+def _read_regular(path: Path) -> bytes:
+    """File bytes, refusing what is not a regular file before opening it.
+
+    Opening a FIFO would block forever and a device could be endless, so ``lstat``/``stat``
+    decide first; the reason names what the path really is.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        if os.path.islink(path):
+            raise ReadError(f"broken symbolic link (-> {display_path(os.readlink(path))})") from exc
+        raise ReadError("file disappeared during the run") from exc
+    except OSError as exc:
+        raise ReadError(f"cannot stat: {one_line(exc)}") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "device/socket"
+        raise ReadError(f"not a regular file ({kind})")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ReadError(f"cannot read: {one_line(exc)}") from exc
+
+
+def _cached_pngs(cache: ItemCache, key: str, value: dict[str, Any]) -> list[bytes] | None:
+    """The PNGs of a cached entry, or None when the blob does not match its records."""
+    try:
+        blob = cache.blob_path(key, _PNG_BLOB).read_bytes()
+        sizes, records = value["png_sizes"], value["records"]
+    except (OSError, KeyError, TypeError):
+        return None
+    if sum(sizes) != len(blob) or len(sizes) != len(records):
+        return None
+    pngs, offset = [], 0
+    for record, size in zip(records, sizes):
+        pngs.append(blob[offset : offset + size])
+        offset += size
+        if sha256_bytes(pngs[-1]) != record.get("png_sha256"):
+            return None
+    return pngs
+
+
+def _records_for(
+    cache: ItemCache,
+    key: str,
+    data: bytes,
+    path: Path,
+    ctx: Context,
+    cfg: IngestImagesConfig,
+    source: str,
+    out_dir: Path,
+) -> tuple[list[ImageRecord], list[bytes], str | None]:
+    """Records, PNGs and problem of one file: from the cache, else computed and cached.
+
+    A cached entry that is damaged (torn blob) or no longer validates against the record
+    schema is recomputed and counted as a miss, never trusted and never fatal.
+    """
+
+    def build(value: dict[str, Any]) -> list[ImageRecord]:
+        return [
+            ImageRecord.model_validate(
+                {**r, "source": source, "png": source_of(out_dir / "png" / f"{r['id']}.png")}
+            )
+            for r in value["records"]
+        ]
+
+    value = cache.get(key, blobs=(_PNG_BLOB,))
+    if value is not None:
+        pngs = _cached_pngs(cache, key, value)
+        try:
+            if pngs is not None:
+                return build(value), pngs, value.get("problem")
+        except ValueError:  # pydantic's ValidationError: a record from an older schema
+            pass
+        cache.hits, cache.misses = cache.hits - 1, cache.misses + 1
+    value = ingest_bytes(data, path, ctx, cfg)
+    pngs = value.pop("_pngs", [])
+    cache.put(key, value, blobs={_PNG_BLOB: b"".join(pngs)})
+    return build(value), pngs, value["problem"]
+
+
+def _clean_leftovers(out_dir: Path) -> None:
+    """Remove staging/old folders a killed run may have left beside the output folder."""
+    if not out_dir.parent.is_dir():
+        return
+    for pattern in (f".{out_dir.name}.staging-*", f".{out_dir.name}.old-*"):
+        for stale in out_dir.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging`` with renames (each atomic on one file system)."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.rmdir(old)
+        os.rename(out_dir, old)
+    os.rename(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def ingest_images(cfg: Config) -> dict[str, Any]:
+    """Run the stage: write the outputs under ``cfg.paths.interim_images``; return a summary."""
+    from rich.progress import track
+
+    from semilens.runlog import console
+
+    icfg = cfg.ingest_images
+    found = Found()
+    own = (Path(cfg.paths.interim_images), Path(cfg.paths.cache))
+    for root, origin in ((cfg.paths.raw_images, "raw"), (cfg.paths.synthetic_images, "synthetic")):
+        discover(Path(root), origin, icfg.exclude, found, own)
+
+    cache = ItemCache(cfg.paths.cache, STAGE, VERSION)
+    # The exclude list decides which files are looked at, not what a file's record says.
+    params = icfg.model_dump(mode="json", exclude={"exclude"})
+    sidecars = SidecarIndex()
+    out_dir = Path(cfg.paths.interim_images)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out_dir)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.staging-"))
+    png_dir = staging / "png"
+    png_dir.mkdir()
+
+    records: list[ImageRecord] = []
+    quarantine = list(found.quarantine)
+    seen: dict[str, str] = {}  # sha256 -> source of the first copy
+    try:
+        for cand in track(
+            found.candidates, description="ingest_images", console=console, transient=True
+        ):
+            source = source_of(cand.path)
+            try:
+                data = _read_regular(cand.path)
+            except ReadError as exc:
+                quarantine.append(_quarantine(source, str(exc)))
+                continue
+            sha = sha256_bytes(data)
+            if sha in seen:
+                # Same bytes twice would give two records with one id (and one specimen
+                # on both sides of a split); the first copy in sorted order is kept.
+                quarantine.append(_quarantine(source, f"duplicate of {seen[sha]}", sha))
+                continue
+            seen[sha] = source
+            found_sidecars = sidecars.lookup(cand.path)
+            ctx = Context(
+                origin=cand.origin,
+                sha256=sha,
+                folder_label=folder_label(cand.rel),
+                default_group=default_group(cand.rel),
+                sidecars=tuple((kind, sc) for kind, sc, _ in found_sidecars),
+            )
+            key = cache.key(
+                sha,
+                cand.origin,
+                ctx.folder_label,
+                ctx.default_group,
+                [(kind, raw) for kind, _, raw in found_sidecars],
+                params,
+            )
+            made, pngs, problem = _records_for(
+                cache, key, data, cand.path, ctx, icfg, source, out_dir
+            )
+            for record, png in zip(made, pngs):
+                atomic_write_bytes(png_dir / f"{record.id}.png", png)
+            records.extend(made)
+            if problem:
+                quarantine.append(_quarantine(source, problem, sha))
+
+        for source, problems in sidecars.problems.items():
+            quarantine.append(_quarantine(source, "; ".join(problems)))
+        records.sort(key=lambda r: r.id)
+        quarantine.sort(key=lambda q: (q.source, q.reason))
+        write_jsonl(staging / "records.jsonl", (r.model_dump(mode="json") for r in records))
+        write_jsonl(staging / "quarantine.jsonl", (q.model_dump(mode="json") for q in quarantine))
+        _swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    n_files = len({r.sha256 for r in records})
+    return {
+        "inputs": [source_of(Path(p)) for p in (cfg.paths.raw_images, cfg.paths.synthetic_images)],
+        "output": source_of(out_dir),
+        "n_candidates": len(found.candidates),
+        "n_files_ingested": n_files,
+        "n_records": len(records),
+        "n_quarantined": len(quarantine),
+        "n_skipped": len(found.skipped),
+        "n_excluded": len(found.excluded),
+        "n_low_information": sum(r.low_information for r in records),
+        "n_databar_cropped": sum(r.databar is not None for r in records),
+        "n_with_pixel_size": sum(r.pixel_size_nm is not None for r in records),
+        "cache": cache.stats(),
+        "skipped": found.skipped,
+        "excluded": found.excluded,
+    }

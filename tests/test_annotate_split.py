@@ -1,0 +1,202 @@
+"""annotate_images and split_dataset on hand-made records and measurements.
+
+The records/measurements here stand in for what ingest and measure write (the same typed
+schema); the stages' real code runs on them and the tests assert what they wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semilens.config import Config, PathsConfig, SplitDatasetConfig
+from semilens.images.annotate import annotate_images, fmt_number
+from semilens.images.split import assign_split, load_split, split_dataset
+from semilens.io import read_json, read_jsonl, sha256_bytes, write_jsonl
+from semilens.records import ImageRecord, Measurement
+
+
+def _png(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (24, 24), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _record(root: Path, name: str, group: str, **kw) -> ImageRecord:
+    data = _png(zlib.crc32(name.encode()))
+    sha = sha256_bytes(name.encode())
+    rid = f"{sha[:16]}-p0"
+    png = root / "data/interim/images/png" / f"{rid}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(data)
+    base = dict(
+        id=rid, source=f"data/raw/images/{name}", origin="raw", sha256=sha, format="PNG",
+        page=0, n_pages=1, original_width=24, original_height=24, original_dtype="uint8",
+        width=24, height=24, crop_box=(0, 0, 24, 24), databar=None, modality="SEM",
+        instrument={"detector": "SE"}, pixel_size_nm=2.0, pixel_size_source="sidecar:json",
+        label="particles", label_source="folder", group=group,
+        png=str(png.relative_to(root)), png_sha256=sha256_bytes(data),
+    )
+    base.update(kw)
+    return ImageRecord(**base)
+
+
+def _particles(rid: str, count: int = 37, size_px: float = 21.0, px_nm: float | None = 2.0):
+    return Measurement(
+        id=rid, method="particles", object_count=count, eq_diameter_px=[size_px] * count,
+        median_size_px=size_px, median_size_nm=None if px_nm is None else size_px * px_nm,
+        circularity=0.86, aspect_ratio=1.2, area_fraction=0.23, pixel_size_nm=px_nm,
+    )
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    """A tiny project: three micrographs (one tiled), one unlabelled, one blank frame."""
+    monkeypatch.chdir(tmp_path)
+    recs = [
+        _record(tmp_path, "a_x0_y0.png", "a"),
+        _record(tmp_path, "a_x1_y0.png", "a"),
+        _record(tmp_path, "b.png", "b", pixel_size_nm=None, pixel_size_source="none",
+                label=None, label_source="none"),
+        _record(tmp_path, "wires/c.png", "wires/c", label="nanowires"),
+        _record(tmp_path, "blank.png", "blank", low_information=True,
+                low_information_reason="nearly uniform frame (std 0.4)"),
+    ]
+    meas = [
+        _particles(recs[0].id),
+        _particles(recs[1].id, count=12, size_px=40.0),
+        _particles(recs[2].id, px_nm=None),
+        Measurement(id=recs[3].id, method="elongated", object_count=9, width_px=6.0,
+                    width_nm=12.0, length_px=60.0, length_nm=120.0, aspect_ratio=10.0,
+                    orientation_deg=40.0, orientation_spread_deg=35.0, area_fraction=0.08,
+                    pixel_size_nm=2.0),
+        Measurement(id=recs[4].id, method="none", object_count=0, notes=["low information"]),
+    ]
+    cfg = Config(paths=PathsConfig())
+    write_jsonl(cfg.paths.interim_images / "records.jsonl", [r.model_dump(mode="json") for r in recs])
+    write_jsonl(cfg.paths.measurements / "measurements.jsonl", [m.model_dump(mode="json") for m in meas])
+    return cfg, recs, meas
+
+
+def test_every_answer_is_grounded(project):
+    cfg, recs, meas = project
+    summary = annotate_images(cfg)
+    rows = list(read_jsonl(cfg.paths.annotations / "annotations.jsonl"))
+    assert summary["n_images"] == 4 and len(rows) == 4
+    by_id = {r["id"]: r for r in rows}
+    m_by_id = {m.id: m for m in meas}
+    for row in rows:
+        types = [qa["type"] for qa in row["qa"]]
+        assert len(set(types)) >= cfg.annotate_images.min_questions, types
+        assert {"class", "count", "size", "shape", "coverage", "modality", "reasoning"} <= set(types)
+        assert row["caption"]
+        m = m_by_id[row["id"]]
+        for qa in row["qa"]:
+            g = qa["grounding"]
+            assert g, qa
+            if qa["type"] == "count":
+                assert qa["value"] == g["object_count"] == m.object_count
+                assert qa["answer"] == str(m.object_count)
+            if qa["type"] == "coverage":
+                frac = next(v for k, v in g.items())
+                assert qa["value"] == round(100 * frac)
+            if qa["type"] == "reasoning":
+                # the yes/no answer really follows from the grounded number
+                if "threshold" in g:
+                    measured = next(v for k, v in g.items() if k.endswith("_nm") and v is not None) \
+                        if g["threshold_unit"] == "nm" else next(v for k, v in g.items() if k.endswith("_px"))
+                    assert qa["answer"] == ("yes" if measured > g["threshold"] else "no")
+                else:
+                    frac = next(v for k, v in g.items() if k != "threshold_percent")
+                    assert qa["answer"] == ("yes" if 100 * frac > g["threshold_percent"] else "no")
+    a = by_id[recs[0].id]
+    size = next(qa for qa in a["qa"] if qa["type"] == "size")
+    assert size["answer"] == f"{fmt_number(42.0)} nm" and size["unit"] == "nm"
+    # no pixel size: sizes stay in pixels and say so
+    b = by_id[recs[2].id]
+    size = next(qa for qa in b["qa"] if qa["type"] == "size")
+    assert size["unit"] == "px" and size["answer"].endswith("px")
+    assert "Pixel size unknown" in b["caption"]
+    cls = next(qa for qa in b["qa"] if qa["type"] == "class")
+    assert cls["answer"] == "particles" and cls["grounding"] == {"method": "particles"}
+    wires = by_id[recs[3].id]
+    shape = next(qa for qa in wires["qa"] if qa["type"] == "shape")
+    assert shape["answer"] == "elongated, randomly oriented"
+    assert next(qa for qa in wires["qa"] if qa["type"] == "size")["answer"] == "12 nm"
+    # the blank frame is skipped with its reason, not silently dropped
+    skipped = list(read_jsonl(cfg.paths.annotations / "skipped.jsonl"))
+    assert len(skipped) == 1 and "nearly uniform" in skipped[0]["reason"]
+
+
+def test_annotation_is_deterministic_and_cached(project):
+    cfg, *_ = project
+    first = annotate_images(cfg)
+    out = (cfg.paths.annotations / "annotations.jsonl").read_bytes()
+    second = annotate_images(cfg)
+    assert first["cache"] == {"hits": 0, "misses": 4}
+    assert second["cache"] == {"hits": 4, "misses": 0}
+    assert (cfg.paths.annotations / "annotations.jsonl").read_bytes() == out
+
+
+def test_phrasings_vary_across_images(project):
+    cfg, *_ = project
+    annotate_images(cfg)
+    rows = list(read_jsonl(cfg.paths.annotations / "annotations.jsonl"))
+    questions = {qa["question"] for r in rows for qa in r["qa"] if qa["type"] == "modality"}
+    openings = {r["caption"].split(":")[0].split(" of ")[0] for r in rows}
+    assert len(questions) + len(openings) > 2
+
+
+def test_split_groups_never_straddle_and_are_stable():
+    cfg = SplitDatasetConfig(val_fraction=0.3, test_fraction=0.3)
+    groups = [f"img{i}" for i in range(200)]
+    before = {g: assign_split(g, cfg) for g in groups}
+    counts = {s: list(before.values()).count(s) for s in ("train", "val", "test")}
+    assert all(40 <= c <= 100 for c in counts.values()), counts
+    # adding groups never moves the existing ones
+    after = {g: assign_split(g, cfg) for g in groups + [f"new{i}" for i in range(50)]}
+    assert all(after[g] == before[g] for g in groups)
+    # a different salt reshuffles
+    other = SplitDatasetConfig(val_fraction=0.3, test_fraction=0.3, salt="other")
+    assert any(assign_split(g, other) != before[g] for g in groups)
+
+
+def test_split_writes_trl_vlm_datasets(project):
+    cfg, recs, _ = project
+    annotate_images(cfg)
+    summary = split_dataset(cfg)
+    sizes = read_json(cfg.paths.metrics / "split.json")
+    total_rows = sum(s["rows"] for s in sizes.values())
+    anns = list(read_jsonl(cfg.paths.annotations / "annotations.jsonl"))
+    assert total_rows == sum(1 + len(a["qa"]) for a in anns)
+    assert sum(s["images"] for s in sizes.values()) == 4
+    seen_split: dict[str, str] = {}
+    for split in ("train", "val", "test"):
+        ds = load_split(cfg.paths.vqa, split)
+        assert len(ds) == sizes[split]["rows"] == summary[f"{split}_rows"]
+        for row in ds:
+            # the group decides the split: tiles of "a" are together
+            assert seen_split.setdefault(row["group"], split) == split
+            user, assistant = row["messages"]
+            assert user["role"] == "user" and user["content"][0]["type"] == "image"
+            assert user["content"][1]["text"] == row["question"]
+            assert assistant["content"][0]["text"] == row["answer"]
+            assert len(row["images"]) == 1 and row["images"][0].size == (24, 24)
+            assert json.loads(row["grounding"])
+    assert {r.group for r in recs[:2]} == {"a"}
+
+
+def test_split_is_byte_identical(project, tmp_path):
+    cfg, *_ = project
+    annotate_images(cfg)
+    split_dataset(cfg)
+    first = {p.name: p.read_bytes() for p in cfg.paths.vqa.iterdir()}
+    split_dataset(cfg)
+    assert first == {p.name: p.read_bytes() for p in cfg.paths.vqa.iterdir()}

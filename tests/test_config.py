@@ -1,0 +1,68 @@
+"""The typed config: the shipped params.yaml loads, unknown keys and bad values fail."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from semilens.config import Config, ConfigError, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_load_and_cover_every_section():
+    cfg = load_config(ROOT / "params.yaml")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    # Every section of the typed config is spelled out in params.yaml, so users see it.
+    assert set(raw) == set(Config.model_fields)
+    assert cfg.synth_images.n_per_class >= 1
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["synth_images"]["n_per_clas"] = 3
+    with pytest.raises(ConfigError, match=r"synth_images\.n_per_clas"):
+        load_config(_write(tmp_path, raw))
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="typo_section"):
+        load_config(_write(tmp_path, {"typo_section": {}}))
+
+
+@pytest.mark.parametrize(
+    "section,key,value",
+    [
+        ("split_dataset", "val_fraction", 0.6),  # val + test >= 1
+        ("synth_images", "pixel_size_nm", [5.0, 1.0]),
+        ("synth_images", "classes", ["particles", "unicorns"]),
+        ("annotate_images", "min_questions", 2),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, section, key, value):
+    raw = {section: {key: value}}
+    if section == "split_dataset":
+        raw[section]["test_fraction"] = 0.5
+    with pytest.raises(ConfigError, match=section):
+        load_config(_write(tmp_path, raw))
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_dump_roundtrips():
+    cfg = load_config(ROOT / "params.yaml")
+    again = Config.model_validate(yaml.safe_load(dump_config(cfg)))
+    assert again == cfg
