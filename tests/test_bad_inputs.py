@@ -104,8 +104,8 @@ def raw(tmp_path: Path) -> Path:
     (root / "text.tif").write_text("this is a lab notebook entry, not an image\n")
     (root / "bomb.png").write_bytes(bomb_png(100_000, 100_000))
     (root / "one_pixel.png").write_bytes(png_bytes(np.zeros((1, 1), np.uint8)))
-    (root / "corrupt.dm4").write_bytes(b"\x00\x00\x00\x04" + os.urandom(200))
-    (root / "random.dm3").write_bytes(os.urandom(300))
+    (root / "corrupt.dm4").write_bytes(b"\x00\x00\x00\x04" + np.random.default_rng(1).bytes(200))
+    (root / "random.dm3").write_bytes(np.random.default_rng(2).bytes(300))
     (root / "folder.png").mkdir()
     # Unreadable files: tests run as root, and root ignores chmod 000, so permissions cannot
     # make a file unreadable here. A dangling symlink (the target is gone) and a FIFO (opening
