@@ -73,6 +73,9 @@ def run(
 ) -> None:
     """Run one stage by name (the same entry point dvc.yaml calls)."""
     names = available_stages()
+    # Matrix stages are named like dvc.yaml's: prepare_vlm@qwen2_5_vl runs
+    # `python -m stages.prepare_vlm qwen2_5_vl`.
+    stage, _, item = stage.partition("@")
     if stage not in names:
         err.print(f"[red]unknown stage[/red] {stage!r}; known: {', '.join(names) or 'none (not in the project root?)'}")
         raise typer.Exit(2)
@@ -89,6 +92,7 @@ def run(
         err.print("[red]stages read params.yaml from the project root[/red]; use --dry-run with other files")
         raise typer.Exit(2)
     sys.path.insert(0, str(Path.cwd()))
+    sys.argv = [f"stages.{stage}", *([item] if item else [])]
     runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
 
 

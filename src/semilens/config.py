@@ -45,6 +45,7 @@ class PathsConfig(Section):
     measurements: Path = Path("data/interim/measurements")
     annotations: Path = Path("data/processed/annotations")
     vqa: Path = Path("data/processed/vqa")
+    models: Path = Path("models")
     metrics: Path = Path("metrics")
     # Per-item work cache keyed by content hash; not a DVC output, so it survives the
     # output deletion DVC does before re-running a stage.
@@ -154,6 +155,53 @@ class SplitDatasetConfig(Section):
         return self
 
 
+class TinyVLMConfig(Section):
+    """Sizes of a tiny preset: the family's real classes, shrunk to train on 2 CPU cores."""
+
+    vocab_size: int = Field(1024, ge=300, description="learned BPE merges before special tokens")
+    hidden_size: int = Field(128, ge=16)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1, description="grouped-query attention: fewer KV heads")
+    vision_hidden: int = Field(64, ge=16)
+    vision_depth: int = Field(2, ge=1)
+    min_pixels: int = Field(56 * 56, description="image processor lower bound (pixels)")
+    max_pixels: int = Field(
+        112 * 112, description="upper bound: 112x112 -> 16 image tokens; higher: more detail, slower"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TinyVLMConfig":
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must divide by heads, heads by kv_heads")
+        if (self.hidden_size // self.heads) % 8:
+            raise ValueError("head_dim (hidden_size / heads) must be a multiple of 8 for mRoPE")
+        return self
+
+
+class VLMPretrainConfig(Section):
+    """Generic (non-microscopy) pretraining of a tiny preset."""
+
+    steps: int = Field(300, ge=0, description="0 keeps the random init")
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    image_size: int = Field(112, ge=28)
+    eval_samples: int = Field(60, ge=0)
+
+
+class PrepareVLMConfig(Section):
+    """Base checkpoints per family: ``tiny`` builds the preset, a folder uses a real one."""
+
+    seed: int = 0
+    threads: int = Field(
+        1, ge=1, description="torch CPU threads; 1 is steadier than 2 on a shared 2-core box"
+    )
+    bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny"})
+    tiny: TinyVLMConfig = TinyVLMConfig()
+    pretrain: VLMPretrainConfig = VLMPretrainConfig()
+
+
 class Config(Section):
     """The whole of ``params.yaml``."""
 
@@ -163,6 +211,7 @@ class Config(Section):
     measure_images: MeasureImagesConfig = MeasureImagesConfig()
     annotate_images: AnnotateImagesConfig = AnnotateImagesConfig()
     split_dataset: SplitDatasetConfig = SplitDatasetConfig()
+    prepare_vlm: PrepareVLMConfig = PrepareVLMConfig()
 
 
 class ConfigError(ValueError):

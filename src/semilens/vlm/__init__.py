@@ -1,0 +1,1 @@
+"""Vision-language models: families, base checkpoints, loss masks and evaluation metrics."""
