@@ -59,6 +59,7 @@ def repo(tmp_path_factory) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synth_images"].update(n_per_class=2, size=128)
     params["prepare_vlm"]["pretrain"].update(steps=3, batch_size=2, eval_samples=2)
+    params["finetune_vlm"]["trainer"].update(max_steps=2, batch_size=2, save_steps=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     raw = repo / "data/raw/images"
     raw.mkdir(parents=True)
@@ -93,6 +94,9 @@ def test_repro_builds_everything_then_is_clean(repo):
     for split in ("train", "val", "test"):
         assert (repo / f"data/processed/vqa/{split}.parquet").is_file()
     assert (repo / "models/qwen2_5_vl/base/model.safetensors").is_file()
+    assert (repo / "models/qwen2_5_vl/adapter/adapter_model.safetensors").is_file()
+    report = read_json(repo / "metrics/vlm/qwen2_5_vl.json")
+    assert report["n_test_rows"] == sizes["test"]["rows"]
     out = dvc("repro", cwd=repo)
     assert "Running stage" not in out
     status = dvc("status", cwd=repo)

@@ -202,6 +202,54 @@ class PrepareVLMConfig(Section):
     pretrain: VLMPretrainConfig = VLMPretrainConfig()
 
 
+class LoraConfigSection(Section):
+    """PEFT LoRA adapter settings."""
+
+    r: int = Field(8, ge=1, description="rank; higher: more capacity and memory")
+    alpha: int = Field(16, ge=1, description="scale = alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] | None = Field(
+        None, description="None: the family's language-model projections (regex or names)"
+    )
+    train_vision: bool = Field(False, description="also put LoRA on the vision tower")
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="modules trained in full beside the adapter (PEFT), e.g. lm_head",
+    )
+
+
+class TrainerSection(Section):
+    """How the adapter is trained (TRL SFTTrainer)."""
+
+    backend: Literal["auto", "transformers"] = Field(
+        "auto", description="auto: plain transformers + PEFT (the path every device takes today)"
+    )
+    quantization: Literal["none", "4bit"] = Field(
+        "none", description="4bit: QLoRA with bitsandbytes; CUDA only"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    max_steps: int = Field(150, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    max_length: int = Field(
+        512, ge=32, description="tokens per example; must exceed image tokens + prompt + answer"
+    )
+    save_steps: int = Field(50, ge=1, description="checkpoint every N steps (a killed run resumes)")
+    save_total_limit: int = Field(2, ge=1)
+    logging_steps: int = Field(5, ge=1)
+
+
+class FinetuneVLMConfig(Section):
+    """LoRA SFT of a family's base on the VQA train split."""
+
+    seed: int = 0
+    threads: int = Field(1, ge=1)
+    lora: LoraConfigSection = LoraConfigSection()
+    trainer: TrainerSection = TrainerSection()
+
+
 class Config(Section):
     """The whole of ``params.yaml``."""
 
@@ -212,6 +260,7 @@ class Config(Section):
     annotate_images: AnnotateImagesConfig = AnnotateImagesConfig()
     split_dataset: SplitDatasetConfig = SplitDatasetConfig()
     prepare_vlm: PrepareVLMConfig = PrepareVLMConfig()
+    finetune_vlm: FinetuneVLMConfig = FinetuneVLMConfig()
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,7 @@ the data outputs differ).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,3 +40,11 @@ def run_stage(stage: str, work: Callable[[Config], dict[str, Any]]) -> dict[str,
     summary = work(cfg)
     report(stage, summary, cfg.paths.logs)
     return summary
+
+
+def run_matrix_stage(stage: str, work: Callable[[Config, str], dict[str, Any]]) -> dict[str, Any]:
+    """Main of a dvc.yaml matrix stage: ``python -m stages.<stage> ITEM`` (e.g. a family)."""
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: python -m stages.{stage} ITEM (e.g. qwen2_5_vl)")
+    item = sys.argv[1]
+    return run_stage(f"{stage}@{item}", lambda cfg: work(cfg, item))

@@ -1,0 +1,11 @@
+"""DVC stage finetune_vlm@<family>: LoRA SFT of the family's base on the VQA train split.
+
+Writes paths.models/<family>/{adapter,merged} and paths.metrics/vlm/{train,loss}_<family>.*
+Run: python -m stages.finetune_vlm qwen2_5_vl
+"""
+
+from semilens.runlog import run_matrix_stage
+from semilens.vlm.finetune import finetune_vlm
+
+if __name__ == "__main__":
+    run_matrix_stage("finetune_vlm", finetune_vlm)

@@ -1,0 +1,205 @@
+"""finetune_vlm on the tiny Qwen2.5-VL preset and a tiny VQA split: the real TRL + PEFT path.
+
+Checks what the stage wrote (adapter, merged checkpoint, loss curve), that answer tokens
+alone carry the loss, that image tokens are never truncated, that a killed run resumes
+from its last checkpoint, and that impossible backends are refused with a reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semilens.config import (
+    Config,
+    FinetuneVLMConfig,
+    LoraConfigSection,
+    PathsConfig,
+    PrepareVLMConfig,
+    TinyVLMConfig,
+    TrainerSection,
+    VLMPretrainConfig,
+)
+from semilens.io import read_json
+from semilens.images.split import rows_for_image, write_parquet
+from semilens.vlm.families import get_family
+from semilens.vlm.evaluate import evaluate_vlm
+from semilens.vlm.finetune import BackendError, finetune_vlm, make_collator, select_backend
+from semilens.vlm.labels import IGNORE
+from semilens.vlm.prepare import prepare_vlm
+
+FAMILY = "qwen2_5_vl"
+
+
+def _png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = np.full((96, 96), 40, np.uint8)
+    yy, xx = np.mgrid[:96, :96]
+    for cy, cx in rng.integers(10, 86, (6, 2)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 25] = 220
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _annotation(i: int) -> dict:
+    return {
+        "id": f"img{i}", "group": f"img{i}", "label": "particles", "source": f"raw/img{i}.png",
+        "sha256": f"{i:064x}", "page": 0, "png": "unused",
+        "caption": f"SEM image of particles: {6 + i} particles, median diameter 10 nm.",
+        "qa": [
+            {"type": "class", "question": "What kind of morphology does this micrograph show?",
+             "answer": "particles", "value": "particles", "unit": None, "grounding": {"label": "particles"}},
+            {"type": "count", "question": "How many particles are visible in the image?",
+             "answer": str(6 + i), "value": 6 + i, "unit": None, "grounding": {"object_count": 6 + i}},
+        ],
+    }
+
+
+def _config(tmp, steps=6, save_steps=3, **trainer) -> Config:
+    paths = PathsConfig(
+        models=tmp / "models", metrics=tmp / "metrics", logs=tmp / "logs", vqa=tmp / "vqa", cache=tmp / "cache"
+    )
+    return Config(
+        paths=paths,
+        prepare_vlm=PrepareVLMConfig(
+            tiny=TinyVLMConfig(vocab_size=600), pretrain=VLMPretrainConfig(steps=2, batch_size=2, eval_samples=0)
+        ),
+        finetune_vlm=FinetuneVLMConfig(
+            lora=LoraConfigSection(r=4, alpha=8),
+            trainer=TrainerSection(max_steps=steps, batch_size=2, save_steps=save_steps, logging_steps=1, **trainer),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    cfg = _config(tmp)
+    prepare_vlm(cfg, FAMILY)
+    rows = [r for i in range(4) for r in rows_for_image(_annotation(i), _png(i), "s")]
+    cfg.paths.vqa.mkdir(parents=True)
+    write_parquet(rows, cfg.paths.vqa / "train.parquet")
+    write_parquet(rows[:6], cfg.paths.vqa / "test.parquet")
+    summary = finetune_vlm(cfg, FAMILY)
+    return cfg, summary
+
+
+def test_stage_writes_adapter_merged_and_loss_curve(run):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    cfg, summary = run
+    models = cfg.paths.models / FAMILY
+    assert summary["steps"] == 6 and summary["resumed_from"] is None
+    assert 0 < summary["trainable_parameters"] < summary["total_parameters"]
+    curve = (cfg.paths.metrics / "vlm" / f"loss_{FAMILY}.csv").read_text().splitlines()
+    assert curve[0] == "step,loss" and len(curve) == 7
+    assert read_json(cfg.paths.metrics / "vlm" / f"train_{FAMILY}.json")["steps"] == 6
+    assert (models / "adapter" / "semilens_config.yaml").is_file()
+
+    # Compare in float32: on CUDA the merged checkpoint is saved in bf16 (the training dtype).
+    base = AutoModelForImageTextToText.from_pretrained(models / "base", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, models / "adapter").eval()
+    lora = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
+    assert lora and all("language_model" in n for n in lora)  # vision tower stays frozen
+    merged = AutoModelForImageTextToText.from_pretrained(models / "merged", dtype=torch.float32).eval()
+    saved_bf16 = json.loads((models / "merged" / "config.json").read_text()).get("dtype") == "bfloat16"
+    assert not any("lora" in k for k in merged.state_dict())
+    processor = AutoProcessor.from_pretrained(models / "merged")
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this micrograph."}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[[Image.open(io.BytesIO(_png(9))).convert("RGB")]], return_tensors="pt")
+    with torch.no_grad():
+        a, b = peft_model(**inputs).logits, merged(**inputs).logits
+    assert torch.allclose(a, b, atol=5e-2 if saved_bf16 else 1e-4)
+
+
+def test_answer_tokens_alone_carry_the_loss_and_images_are_never_cut(run):
+    import datasets
+    from transformers import AutoProcessor
+
+    cfg, _ = run
+    processor = AutoProcessor.from_pretrained(cfg.paths.models / FAMILY / "base")
+    ds = datasets.Dataset.from_parquet(str(cfg.paths.vqa / "train.parquet"))
+    examples = [{"messages": ds[i]["messages"], "images": ds[i]["images"]} for i in range(3)]
+    collator = make_collator(processor, get_family(FAMILY), max_length=512)
+    batch = collator([dict(e) for e in examples])
+    tok = processor.tokenizer
+    for i, ex in enumerate(examples):
+        supervised = tok.decode(batch["input_ids"][i][batch["labels"][i] != IGNORE])
+        assert supervised == ex["messages"][1]["content"][0]["text"] + "<|im_end|>\n"
+    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == IGNORE).all()
+    # A max_length that would cut the answer (or the image) is refused, never trained on.
+    with pytest.raises(ValueError, match="truncat|max_length|Mismatch"):
+        make_collator(processor, get_family(FAMILY), max_length=30)([dict(e) for e in examples])
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(run):
+    cfg, _ = run
+    ckpt_root = next((cfg.paths.cache / "finetune_vlm" / FAMILY).iterdir())
+    assert {p.name for p in ckpt_root.iterdir() if p.name.startswith("checkpoint-")} >= {"checkpoint-6"}
+    # Emulate a kill after step 3: the step-6 checkpoint never got written.
+    shutil.rmtree(ckpt_root / "checkpoint-6")
+    summary = finetune_vlm(cfg, FAMILY)
+    assert summary["resumed_from"] == "checkpoint-3" and summary["steps"] == 6
+
+
+def test_changed_params_do_not_resume_foreign_state(run, tmp_path):
+    cfg, _ = run
+    other = cfg.model_copy(
+        update={"finetune_vlm": cfg.finetune_vlm.model_copy(update={"lora": LoraConfigSection(r=2, alpha=4)})}
+    )
+    summary = finetune_vlm(other, FAMILY)
+    assert summary["resumed_from"] is None
+
+
+def test_impossible_backends_are_refused_with_a_reason():
+    with pytest.raises(BackendError, match="QLoRA.*CUDA"):
+        select_backend(TrainerSection(quantization="4bit"), cuda=False)
+    with pytest.raises(BackendError, match="bf16"):
+        select_backend(TrainerSection(precision="bf16"), cuda=False)
+    assert select_backend(TrainerSection(), cuda=False)["bf16"] is False
+    assert select_backend(TrainerSection(), cuda=True)["bf16"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_step_on_cuda(run, tmp_path):
+    cfg, _ = run
+    gpu_cfg = cfg.model_copy(
+        update={
+            "paths": cfg.paths.model_copy(update={"models": tmp_path / "models", "cache": tmp_path / "cache"}),
+            "finetune_vlm": cfg.finetune_vlm.model_copy(
+                update={"trainer": TrainerSection(max_steps=2, batch_size=2, quantization="4bit", save_steps=2)}
+            ),
+        }
+    )
+    shutil.copytree(cfg.paths.models / FAMILY / "base", tmp_path / "models" / FAMILY / "base")
+    summary = finetune_vlm(gpu_cfg, FAMILY)
+    assert summary["quantization"] == "4bit" and summary["bf16"] is True and summary["steps"] == 2
+
+
+def test_evaluate_scores_base_and_finetuned_side_by_side(run):
+    import json
+
+    cfg, _ = run
+    summary = evaluate_vlm(cfg, FAMILY)
+    report = read_json(cfg.paths.metrics / "vlm" / f"{FAMILY}.json")
+    assert summary["n_test_rows"] == report["n_test_rows"] == 6
+    for model in ("base", "finetuned"):
+        m = report[model]
+        assert m["n_captions"] == 2 and m["n_vqa"] == 4
+        assert 0 <= m["vqa_accuracy"] <= 1 and 0 <= m["caption_rouge_l"] <= 1
+        assert set(m["vqa_per_type"]) == {"class", "count"}
+        assert m["caption_bertscore_f1"] is not None
+    preds = [json.loads(line) for line in (cfg.paths.models / FAMILY / "eval" / "predictions.jsonl").open()]
+    assert len(preds) == 6
+    assert all({"reference", "base", "finetuned", "source", "question"} <= set(p) for p in preds)
+    assert set(report["delta"]) >= {"vqa_accuracy", "caption_rouge_l"}
