@@ -203,3 +203,33 @@ def test_evaluate_scores_base_and_finetuned_side_by_side(run):
     assert len(preds) == 6
     assert all({"reference", "base", "finetuned", "source", "question"} <= set(p) for p in preds)
     assert set(report["delta"]) >= {"vqa_accuracy", "caption_rouge_l"}
+
+
+def test_predict_answers_with_merged_adapter_and_base_folders(run, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from semilens.vlm.predict import predict
+
+    cfg, _ = run
+    image = tmp_path / "p.png"
+    image.write_bytes(_png(11))
+    models = cfg.paths.models / FAMILY
+    answers = {kind: predict(models / kind, image, "How many particles are visible in the image?", 8)
+               for kind in ("base", "merged", "adapter")}
+    assert all(isinstance(a, str) for a in answers.values())
+    assert answers["merged"] == answers["adapter"]  # the same weights, merged or not
+    with pytest.raises(ValueError, match="not a readable image"):
+        predict(models / "merged", tmp_path / "missing.png", "q")
+    res = subprocess.run(
+        [sys.executable, "-m", "semilens.cli", "predict", str(image), "Describe this micrograph.",
+         "--checkpoint", str(models / "merged"), "--max-new-tokens", "8"],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 0, res.stderr
+    res = subprocess.run(
+        [sys.executable, "-m", "semilens.cli", "predict", str(image), "q", "--checkpoint", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert res.returncode == 2 and "not a checkpoint folder" in res.stderr

@@ -26,7 +26,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="semilens: run pipeline stages by name and inspect the resolved config (run from the project root).",
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line errors, never wrapped
 
 
 def available_stages(root: Path = Path(".")) -> list[str]:
@@ -94,6 +94,25 @@ def run(
     sys.path.insert(0, str(Path.cwd()))
     sys.argv = [f"stages.{stage}", *([item] if item else [])]
     runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
+
+
+@app.command()
+def predict(
+    image: Path = typer.Argument(..., help="an image file"),
+    question: str = typer.Argument(..., help="what to ask about it"),
+    checkpoint: Path = typer.Option(
+        Path("models/qwen2_5_vl/merged"), help="any semilens VLM folder: base, merged or adapter"
+    ),
+    max_new_tokens: int = typer.Option(64, min=1),
+) -> None:
+    """Answer a question about an image with a VLM checkpoint (greedy)."""
+    from semilens.vlm.predict import predict as run_predict
+
+    try:
+        typer.echo(run_predict(checkpoint, image, question, max_new_tokens))
+    except (ValueError, FileNotFoundError) as exc:
+        err.print(f"[red]error[/red]: {exc}")
+        raise typer.Exit(2) from exc
 
 
 if __name__ == "__main__":

@@ -177,5 +177,8 @@ def prepare_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         "vocab": len(processor.tokenizer),
         **{k: v for k, v in report.items() if k != "loss_curve"},
     }
-    write_json(metrics_path, {**summary, "loss_curve": report["loss_curve"]})
+    # The wall time goes to the run log only: a metric that differs between identical runs
+    # would make the pipeline's outputs differ too.
+    metrics = {k: v for k, v in summary.items() if k != "seconds"}
+    write_json(metrics_path, {**metrics, "loss_curve": report["loss_curve"]})
     return summary

@@ -1,0 +1,52 @@
+"""Answer a question about an image with any semilens VLM checkpoint folder.
+
+The folder may be a base or merged checkpoint (loaded with the Auto classes), a LoRA
+adapter folder (its base is read from ``adapter_config.json`` and the adapter applied with
+PEFT), or a ``base/`` folder that references a real checkpoint through ``source.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from semilens.vlm.prepare import resolve_checkpoint
+
+
+def load_vlm(folder: Path):
+    """(model, processor) for any checkpoint folder semilens writes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = resolve_checkpoint(Path(folder))
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base = Path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+        if not (base / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{folder}: adapter's base {base} is not a local checkpoint folder; use the merged folder"
+            )
+        model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), folder)
+    elif (folder / "config.json").is_file():
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+    else:
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json or adapter_config.json)")
+    return model.eval(), AutoProcessor.from_pretrained(folder)
+
+
+def predict(folder: Path, image: Path, question: str, max_new_tokens: int = 64) -> str:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        picture = Image.open(image).convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError) as exc:
+        raise ValueError(f"{image}: not a readable image ({exc.__class__.__name__})") from exc
+    model, processor = load_vlm(folder)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[[picture]], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
