@@ -15,38 +15,30 @@ from typing import Any
 
 from semilens.config import Config
 from semilens.io import reset_dir, write_json, write_jsonl
+from semilens.vlm.generate import greedy_answers
 from semilens.vlm.metrics import caption_scores, class_accuracy, vqa_accuracy
-from semilens.vlm.prepare import resolve_checkpoint
 
 # Captions are a sentence or two; answers a few words.
 MAX_NEW_TOKENS = {"caption": 64, "vqa": 16}
 
 
-def generate_answers(folder: Path, rows: list[dict[str, Any]], batch_size: int = 16) -> list[str]:
+def generate_answers(folder: Path, rows: list[dict[str, Any]]) -> list[str]:
     """Greedy answers of the checkpoint in ``folder`` to each row's user turn."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from semilens.vlm.predict import load_vlm
 
-    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
-    # Left padding so that every row's answer starts right after its own prompt.
-    processor.tokenizer.padding_side = "left"
+    model, processor = load_vlm(folder)
     answers: list[str] = [""] * len(rows)
     for task, limit in MAX_NEW_TOKENS.items():
         idx = [i for i, r in enumerate(rows) if r["task"] == task]
-        for k in range(0, len(idx), batch_size):
-            chunk = [rows[i] for i in idx[k : k + batch_size]]
-            texts = [
-                processor.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)
-                for r in chunk
-            ]
-            images = [[img.convert("RGB") for img in r["images"]] for r in chunk]
-            inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=limit, do_sample=False)
-            decoded = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            for i, text in zip(idx[k : k + batch_size], decoded):
-                answers[i] = text.strip()
+        preds = greedy_answers(
+            model,
+            processor,
+            [rows[i]["messages"][:1] for i in idx],
+            [[img.convert("RGB") for img in rows[i]["images"]] for i in idx],
+            max_new_tokens=limit,
+        )
+        for i, text in zip(idx, preds):
+            answers[i] = text
     return answers
 
 
@@ -85,7 +77,7 @@ def evaluate_vlm(cfg: Config, family: str) -> dict[str, Any]:
     models = cfg.paths.models / family
     report: dict[str, Any] = {"family": family, "n_test_rows": len(rows)}
     predictions: dict[str, list[str]] = {}
-    for name, folder in (("base", resolve_checkpoint(models / "base")), ("finetuned", models / "merged")):
+    for name, folder in (("base", models / "base"), ("finetuned", models / "merged")):
         predictions[name] = generate_answers(folder, rows)
         report[name] = score(rows, predictions[name])
     report["delta"] = {

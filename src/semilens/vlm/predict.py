@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from semilens.vlm.generate import greedy_answers
 from semilens.vlm.prepare import resolve_checkpoint
 
 
@@ -36,7 +37,6 @@ def load_vlm(folder: Path):
 
 
 def predict(folder: Path, image: Path, question: str, max_new_tokens: int = 64) -> str:
-    import torch
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -45,8 +45,4 @@ def predict(folder: Path, image: Path, question: str, max_new_tokens: int = 64) 
         raise ValueError(f"{image}: not a readable image ({exc.__class__.__name__})") from exc
     model, processor = load_vlm(folder)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], images=[[picture]], return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return greedy_answers(model, processor, [messages], [[picture]], max_new_tokens)[0]

@@ -22,6 +22,7 @@ from semilens.config import Config, PrepareVLMConfig, dump_config
 from semilens.io import atomic_write_text, read_json, reset_dir, sha256_file, write_json
 from semilens.vlm import generic_task
 from semilens.vlm.families import Family, get_family
+from semilens.vlm.generate import greedy_answers
 from semilens.vlm.labels import assistant_labels, check_image_tokens
 from semilens.vlm.tokenizer import general_corpus
 
@@ -69,31 +70,19 @@ def _batch(samples: list[generic_task.Sample], processor: Any, markers: dict[str
 
 def generic_accuracy(model: Any, processor: Any, n: int, seed: int, image_size: int) -> float | None:
     """Greedy exact-match accuracy on held-out generic questions (first turn only)."""
-    import torch
-
     if n == 0:
         return None
     rnd = random.Random(10_000 + seed)
     samples = [generic_task.sample(rnd, image_size) for _ in range(n)]
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    correct = 0
     model.eval()
-    try:
-        for k in range(0, n, 16):
-            chunk = samples[k : k + 16]
-            texts = [
-                processor.apply_chat_template(generic_task.conversation(s, turns=1)[:1], add_generation_prompt=True, tokenize=False)
-                for s in chunk
-            ]
-            inputs = processor(text=texts, images=[[s.image] for s in chunk], padding=True, return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-            preds = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            correct += sum(p.strip() == s.qa[0][1] for p, s in zip(preds, chunk))
-    finally:
-        tok.padding_side = side
-    return round(correct / n, 4)
+    preds = greedy_answers(
+        model,
+        processor,
+        [generic_task.conversation(s, turns=1)[:1] for s in samples],
+        [[s.image] for s in samples],
+        max_new_tokens=8,
+    )
+    return round(sum(p == s.qa[0][1] for p, s in zip(preds, samples)) / n, 4)
 
 
 def pretrain_generic(model: Any, processor: Any, family: Family, pcfg: PrepareVLMConfig) -> dict[str, Any]:
