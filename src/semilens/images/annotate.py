@@ -88,7 +88,7 @@ class QA:
         }
 
 
-def _pick(options: Sequence[str], *key: object) -> str:
+def choose_phrasing(options: Sequence[str], *key: object) -> str:
     """Deterministic choice among phrasings (Python's hash() is salted per process)."""
     digest = hashlib.sha256("|".join(map(str, key)).encode()).digest()
     return options[int.from_bytes(digest[:4], "big") % len(options)]
@@ -158,7 +158,7 @@ def build_qa(rec: ImageRecord, m: Measurement, seed: int) -> list[QA]:
     qas: list[QA] = []
 
     morph, g = _morphology(rec, m)
-    q = _pick(
+    q = choose_phrasing(
         [
             "What kind of morphology does this micrograph show?",
             "Which morphology class best describes this image?",
@@ -169,7 +169,7 @@ def build_qa(rec: ImageRecord, m: Measurement, seed: int) -> list[QA]:
     )
     qas.append(QA("class", q, morph, morph, None, g))
 
-    q = _pick(
+    q = choose_phrasing(
         [
             f"How many {many} are visible in the image?",
             f"Count the {many} in this micrograph.",
@@ -184,7 +184,7 @@ def build_qa(rec: ImageRecord, m: Measurement, seed: int) -> list[QA]:
     if size is not None:
         what, px, nm, fields = size
         text, value, unit = _length(px, nm, rec)
-        q = _pick(
+        q = choose_phrasing(
             [
                 f"What is the median {what} of the {many}?",
                 f"How large is the typical {one} {what}?",
@@ -198,7 +198,7 @@ def build_qa(rec: ImageRecord, m: Measurement, seed: int) -> list[QA]:
 
     if m.pitch_px is not None:
         text, value, unit = _length(m.pitch_px, m.pitch_nm, rec)
-        q = _pick(
+        q = choose_phrasing(
             ["What is the pitch of the pattern?", "What is the period of this periodic structure?"],
             *key,
             "pitch",
@@ -210,7 +210,7 @@ def build_qa(rec: ImageRecord, m: Measurement, seed: int) -> list[QA]:
     shape = _shape(m)
     if shape is not None:
         text, g = shape
-        q = _pick(
+        q = choose_phrasing(
             [
                 f"Describe the shape of the {many}.",
                 f"Are the {many} round, irregular or elongated?",
@@ -225,7 +225,7 @@ def build_qa(rec: ImageRecord, m: Measurement, seed: int) -> list[QA]:
     if cover is not None:
         what, frac, g = cover
         pct = round(100 * frac)
-        q = _pick(
+        q = choose_phrasing(
             [
                 f"What {what} does the image show?",
                 f"Estimate the {what} in percent.",
@@ -278,7 +278,7 @@ def _coverage(m: Measurement) -> tuple[str, float, dict[str, Any]] | None:
 
 
 def _modality_qa(rec: ImageRecord, key: tuple[object, ...]) -> QA:
-    q = _pick(
+    q = choose_phrasing(
         [
             "Which imaging technique was used for this image?",
             "Is this an SEM or a TEM image?",
@@ -307,13 +307,13 @@ def _reasoning_qa(
     cover = _coverage(m)
     size = _size_fields(m)
     use_size = size is not None and (
-        cover is None or _pick(["size", "cover"], *key, "reason-kind") == "size"
+        cover is None or choose_phrasing(["size", "cover"], *key, "reason-kind") == "size"
     )
     if use_size:
         assert size is not None
         what, px, nm, fields = size
         measured, unit = (nm, "nm") if nm is not None else (px, "px")
-        factor = float(_pick(["0.5", "2"], *key, "reason-factor"))
+        factor = float(choose_phrasing(["0.5", "2"], *key, "reason-factor"))
         threshold = float(fmt_number(measured * factor))
         answer = "yes" if measured > threshold else "no"
         q = f"Is the median {what} of the {many} larger than {fmt_number(threshold)} {unit}?"
@@ -328,7 +328,7 @@ def _reasoning_qa(
     if cover is None:
         return None
     what, frac, g = cover
-    threshold = _pick(["10", "25", "50", "75"], *key, "reason-cover")
+    threshold = choose_phrasing(["10", "25", "50", "75"], *key, "reason-cover")
     answer = "yes" if 100 * frac > float(threshold) else "no"
     q = f"Is the {what} above {threshold}%?"
     return QA("reasoning", q, answer, answer, None, {**g, "threshold_percent": float(threshold)})
@@ -340,7 +340,7 @@ def build_caption(rec: ImageRecord, m: Measurement, qas: list[QA], seed: int) ->
     one, many = _nouns(rec, m)
     subject = LABEL_PHRASE.get(rec.label or "", many)
     modality = rec.modality if rec.modality != "unknown" else "Microscopy"
-    opening = _pick(
+    opening = choose_phrasing(
         [
             f"{modality} image of {subject}",
             f"{modality} micrograph showing {subject}",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from semilens.config import Config, SplitDatasetConfig
-from semilens.images.annotate import _pick, load_annotations
+from semilens.images.annotate import choose_phrasing, load_annotations
 from semilens.io import atomic_write_bytes, reset_dir, write_json
 
 SPLITS = ("train", "val", "test")
@@ -64,7 +64,7 @@ def rows_for_image(ann: dict[str, Any], image_bytes: bytes, seed: str) -> list[d
         "page": ann["page"],
         "images": [{"bytes": image_bytes, "path": None}],
     }
-    prompt = _pick(CAPTION_PROMPTS, seed, ann["id"], "caption-prompt")
+    prompt = choose_phrasing(CAPTION_PROMPTS, seed, ann["id"], "caption-prompt")
     rows = [
         {
             **base,
