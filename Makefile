@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft'
+	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow'
 	touch $(STAMP)
 
 run: setup

@@ -200,3 +200,21 @@ def test_split_is_byte_identical(project, tmp_path):
     first = {p.name: p.read_bytes() for p in cfg.paths.vqa.iterdir()}
     split_dataset(cfg)
     assert first == {p.name: p.read_bytes() for p in cfg.paths.vqa.iterdir()}
+
+
+def test_questions_never_repeat_a_word(tmp_path):
+    """Every phrasing of every question type, for each morphology noun (e.g. no 'grain grain size')."""
+    from semilens.images.annotate import build_qa
+
+    cases = [
+        ("grains", Measurement(id="x", method="grains", object_count=20, grain_size_px=30.0, grain_size_nm=60.0,
+                               area_fraction=0.1, pixel_size_nm=2.0)),
+        ("particles", _particles("x")),
+    ]
+    for label, m in cases:
+        rec = _record(tmp_path, f"{label}.png", label, label=label)
+        questions = {qa.question for seed in range(40) for qa in build_qa(rec, m.model_copy(update={"id": rec.id}), seed)}
+        assert len([q for q in questions if "typical" in q]) >= 1
+        for q in questions:
+            words = q.lower().rstrip("?.").split()
+            assert all(a != b for a, b in zip(words, words[1:])), q

@@ -7,7 +7,9 @@ image's per-item work, and a clean re-run gives byte-identical data outputs.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
 
-def sh(cmd: list[str], cwd: Path) -> str:
+def sh(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
     env = {
         **os.environ,
         # the stages run with this interpreter's environment, as `make run` arranges
@@ -33,9 +35,10 @@ def sh(cmd: list[str], cwd: Path) -> str:
         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
+    env.pop("MLFLOW_TRACKING_URI", None)  # the registry goes to the repo's own sqlite store
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout}\n{res.stderr}"
-    return res.stdout + res.stderr
+    return res.stdout if stdout_only else res.stdout + res.stderr
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -130,3 +133,63 @@ def test_clean_rerun_is_byte_identical(repo):
     # --force runs every command again; --no-run-cache stops DVC restoring old outputs.
     dvc("repro", "--force", "--no-run-cache", cwd=repo)
     assert _outs(repo) == before
+
+
+def _lock_md5(repo: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+def test_registered_version_carries_the_lock_hashes(repo):
+    from mlflow import MlflowClient
+
+    dvc("repro", cwd=repo)
+    uri = f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = client.search_model_versions("name = 'semilens-qwen2_5_vl'")
+    assert versions, "register_models registered nothing"
+    latest = max(versions, key=lambda v: int(v.version))
+    tags = latest.tags
+    expected = {
+        "dataset": _lock_md5(repo, "split_dataset", "data/processed/vqa"),
+        "base": _lock_md5(repo, "prepare_vlm@qwen2_5_vl", "models/qwen2_5_vl/base"),
+        "adapter": _lock_md5(repo, "finetune_vlm@qwen2_5_vl", "models/qwen2_5_vl/adapter"),
+    }
+    for role, md5 in expected.items():
+        assert tags[f"dvc.{role}.md5"] == md5, role
+    head = sh(["git", "rev-parse", "HEAD"], repo).strip()
+    assert tags["git.commit"] == head and len(tags["params_hash"]) == 16
+    run = client.get_run(latest.run_id)
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in run.inputs.dataset_inputs}
+    assert inputs["vqa-train"]["mlflow.data.context"] == "training"
+    assert inputs["vqa-train"]["dvc.dataset.md5"] == expected["dataset"]
+    assert run.data.metrics["finetuned.vqa_accuracy"] >= 0
+    # the cards: the family's (lineage + scores) and each checkpoint folder's (lineage)
+    card = (repo / "models/qwen2_5_vl/README.md").read_text()
+    assert all(md5 in card for md5 in expected.values()) and "vqa_accuracy" in card
+    adapter_card = (repo / "models/qwen2_5_vl/adapter/README.md").read_text()
+    assert expected["dataset"] in adapter_card and expected["base"] in adapter_card
+    assert "generic accuracy" in (repo / "models/qwen2_5_vl/base/README.md").read_text()
+    # registering again with nothing changed reuses the version
+    n = len(versions)
+    dvc("repro", "--force", "--single-item", "register_models@qwen2_5_vl", cwd=repo)
+    assert len(client.search_model_versions("name = 'semilens-qwen2_5_vl'")) == n
+
+
+def test_lora_variant_reruns_only_finetune_evaluate_register(repo):
+    """Last in the module: it leaves the workspace on the variant."""
+    dvc("repro", cwd=repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "baseline"], repo)
+    out = dvc("exp", "run", "-S", "finetune_vlm.lora.r=4", "-n", "rank4", cwd=repo)
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"finetune_vlm@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "register_models@qwen2_5_vl"}, out
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, stdout_only=True))
+    ranks = {}
+    for commit in shown:
+        for exp in [commit, *[e for ex in commit.get("experiments") or [] for e in ex.get("revs", [])]]:
+            data = exp.get("data") or {}
+            params = data.get("params", {}).get("params.yaml", {}).get("data", {})
+            if params:
+                ranks[exp.get("name") or data.get("rev") or exp.get("rev")] = params["finetune_vlm"]["lora"]["r"]
+    assert 4 in ranks.values() and len(set(ranks.values())) >= 2, ranks

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from semilens.config import (
@@ -30,7 +36,7 @@ from semilens.io import read_json
 from semilens.images.split import rows_for_image, write_parquet
 from semilens.vlm.families import get_family
 from semilens.vlm.evaluate import evaluate_vlm
-from semilens.vlm.finetune import BackendError, finetune_vlm, make_collator, select_backend
+from semilens.vlm.finetune import BackendError, finetune_vlm, image_conversations, make_collator, select_backend
 from semilens.vlm.labels import IGNORE
 from semilens.vlm.prepare import prepare_vlm
 
@@ -141,6 +147,41 @@ def test_answer_tokens_alone_carry_the_loss_and_images_are_never_cut(run):
         make_collator(processor, get_family(FAMILY), max_length=30)([dict(e) for e in examples])
 
 
+def test_image_conversations_supervise_every_answer_once_per_opening(run):
+    import datasets
+    from transformers import AutoProcessor
+
+    from semilens.images.split import CAPTION_PROMPTS
+
+    cfg, _ = run
+    rows = datasets.Dataset.from_parquet(str(cfg.paths.vqa / "train.parquet"))
+    chats = image_conversations(rows, seed=0)
+    assert len(chats) == len(rows)  # one chat per (image, opening question)
+    by_image: dict[str, set] = {}
+    for r in rows:
+        by_image.setdefault(r["image_id"], set()).add((r["question"], r["answer"]))
+    openers = []
+    for chat in chats:
+        msgs = chat["messages"]
+        users = [m for m in msgs if m["role"] == "user"]
+        assert [c["type"] for c in users[0]["content"]] == ["image", "text"]
+        assert all(c["type"] == "text" for u in users[1:] for c in u["content"])
+        pairs = {(u["content"][-1]["text"], a["content"][0]["text"]) for u, a in zip(msgs[::2], msgs[1::2])}
+        image = next(i for i, qa in by_image.items() if qa == pairs)  # exactly one image's Q&A
+        openers.append((image, users[0]["content"][-1]["text"]))
+        questions = [u["content"][-1]["text"] for u in users]
+        # a caption (restating the measurements) only ever opens or closes a chat
+        assert all(q not in CAPTION_PROMPTS for q in questions[1:-1])
+        assert len(chat["images"]) == 1
+    assert len(set(openers)) == len(rows)  # every question opens exactly one chat
+    # the collator supervises every answer of a multi-turn chat, and only those
+    processor = AutoProcessor.from_pretrained(cfg.paths.models / FAMILY / "base")
+    batch = make_collator(processor, get_family(FAMILY), max_length=1024)([dict(chats[0])])
+    supervised = processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != IGNORE])
+    answers = [m["content"][0]["text"] for m in chats[0]["messages"] if m["role"] == "assistant"]
+    assert supervised == "".join(f"{a}<|im_end|>\n" for a in answers)
+
+
 def test_killed_run_resumes_from_its_last_checkpoint(run):
     cfg, _ = run
     ckpt_root = next((cfg.paths.cache / "finetune_vlm" / FAMILY).iterdir())
@@ -160,12 +201,44 @@ def test_changed_params_do_not_resume_foreign_state(run, tmp_path):
     assert summary["resumed_from"] is None
 
 
+def test_two_processes_through_accelerate_launch(run, tmp_path):
+    """`accelerate launch --num_processes 2` on the CPU: DDP over gloo, one writer."""
+    cfg, _ = run
+    paths = cfg.paths.model_copy(
+        update={"models": tmp_path / "models", "metrics": tmp_path / "metrics", "logs": tmp_path / "logs", "cache": tmp_path / "cache"}
+    )
+    shutil.copytree(cfg.paths.models / FAMILY / "base", paths.models / FAMILY / "base")
+    two = cfg.model_copy(update={"paths": paths})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(two.model_dump(mode="json")))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous (tests run in parallel)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "stages.finetune_vlm", FAMILY,
+    ]
+    done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = read_json(paths.metrics / "vlm" / f"train_{FAMILY}.json")
+    assert summary["processes"] == 2 and summary["steps"] == cfg.finetune_vlm.trainer.max_steps
+    assert (paths.models / FAMILY / "adapter" / "adapter_model.safetensors").is_file()
+    assert (paths.models / FAMILY / "merged" / "model.safetensors").is_file()
+    assert read_json(paths.logs / f"finetune_vlm@{FAMILY}.json")["processes"] == 2
+
+
 def test_impossible_backends_are_refused_with_a_reason():
     with pytest.raises(BackendError, match="QLoRA.*CUDA"):
         select_backend(TrainerSection(quantization="4bit"), cuda=False)
     with pytest.raises(BackendError, match="bf16"):
         select_backend(TrainerSection(precision="bf16"), cuda=False)
     assert select_backend(TrainerSection(), cuda=False)["bf16"] is False
+    assert select_backend(TrainerSection(), cuda=False)["backend"] == "transformers"
+    with pytest.raises(BackendError, match="unsloth needs a CUDA GPU"):
+        select_backend(TrainerSection(backend="unsloth"), cuda=False)
     assert select_backend(TrainerSection(), cuda=True)["bf16"] is True
 
 

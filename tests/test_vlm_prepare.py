@@ -112,8 +112,10 @@ def test_real_base_is_validated_and_referenced(tiny, tmp_path):
     cfg = _cfg(tmp_path / "run", base=str(real))
     summary = prepare_vlm(cfg, FAMILY)
     out = cfg.paths.models / FAMILY / "base"
-    assert sorted(p.name for p in out.iterdir()) == [SOURCE_FILE]  # weights are not copied
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", SOURCE_FILE]  # weights are not copied
     source = read_json(out / SOURCE_FILE)
+    card = (out / "README.md").read_text()
+    assert str(real.resolve()) in card and source["config_sha256"] in card
     assert source["config_sha256"] == summary["config_sha256"] and len(source["config_sha256"]) == 64
     assert resolve_checkpoint(out) == real.resolve()
 
@@ -137,3 +139,26 @@ def test_bad_real_bases_get_a_clear_reason(tiny, tmp_path):
         validate_real_base(nosafe, family)
     with pytest.raises(ValueError, match="unknown VLM family"):
         get_family("gpt")
+
+
+def test_texture_answers_match_what_was_drawn():
+    import numpy as np
+
+    rnd = random.Random(3)
+    seen = set()
+    for _ in range(200):
+        s = generic_task.texture_sample(rnd, 112)
+        answers = dict(s.qa)
+        pattern = answers[generic_task.TEXTURE_QUESTIONS[0]]
+        seen.add(pattern)
+        regular = answers[generic_task.TEXTURE_QUESTIONS[1]]
+        assert regular == ("regular" if generic_task.PATTERNS[pattern] else "irregular")
+        grey = np.asarray(s.image.convert("L"), np.float32)
+        if pattern == "plain":
+            assert grey.std() < 2 and answers[generic_task.TEXTURE_QUESTIONS[2]] == "little"
+        else:
+            assert grey.std() > 5, pattern  # something is drawn
+    assert seen == set(generic_task.PATTERNS)
+    # every word the task answers with is in the tokenizer corpus
+    corpus = " ".join(generic_task.phrasings())
+    assert all(p in corpus for p in generic_task.PATTERNS)

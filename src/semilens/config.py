@@ -51,6 +51,8 @@ class PathsConfig(Section):
     # output deletion DVC does before re-running a stage.
     cache: Path = Path(".semilens_cache")
     logs: Path = Path("logs")
+    # MLflow's default home: sqlite store + artifacts. MLFLOW_TRACKING_URI overrides it.
+    mlflow: Path = Path("mlruns")
 
 
 class SynthImagesConfig(Section):
@@ -221,8 +223,8 @@ class LoraConfigSection(Section):
 class TrainerSection(Section):
     """How the adapter is trained (TRL SFTTrainer)."""
 
-    backend: Literal["auto", "transformers"] = Field(
-        "auto", description="auto: plain transformers + PEFT (the path every device takes today)"
+    backend: Literal["auto", "transformers", "unsloth"] = Field(
+        "auto", description="auto: unsloth on CUDA when the gpu extra is installed, else transformers + PEFT"
     )
     quantization: Literal["none", "4bit"] = Field(
         "none", description="4bit: QLoRA with bitsandbytes; CUDA only"
@@ -246,8 +248,20 @@ class FinetuneVLMConfig(Section):
 
     seed: int = 0
     threads: int = Field(1, ge=1)
+    conversation: Literal["image", "question"] = Field(
+        "image",
+        description="image: every question about an image in one multi-turn chat (each chat "
+        "opens with a different question); question: one chat per dataset row",
+    )
     lora: LoraConfigSection = LoraConfigSection()
     trainer: TrainerSection = TrainerSection()
+
+
+class RegisterModelsConfig(Section):
+    """MLflow registration of each trained model (registry names are ``<prefix><family>``)."""
+
+    experiment: str = Field("semilens", min_length=1)
+    model_prefix: str = Field("semilens-", description="registered model name = prefix + family")
 
 
 class Config(Section):
@@ -261,6 +275,7 @@ class Config(Section):
     split_dataset: SplitDatasetConfig = SplitDatasetConfig()
     prepare_vlm: PrepareVLMConfig = PrepareVLMConfig()
     finetune_vlm: FinetuneVLMConfig = FinetuneVLMConfig()
+    register_models: RegisterModelsConfig = RegisterModelsConfig()
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,7 @@ the data outputs differ).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ console = Console(stderr=True)
 
 
 def report(stage: str, summary: dict[str, Any], logs_dir: Path) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # a secondary process of a multi-process launch: the first one reports
     parts = ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
     console.print(f"[bold]{stage}[/bold]: {parts}")
     write_json(Path(logs_dir) / f"{stage}.json", summary)

@@ -184,11 +184,13 @@ def build_qa(rec: ImageRecord, m: Measurement, seed: int) -> list[QA]:
     if size is not None:
         what, px, nm, fields = size
         text, value, unit = _length(px, nm, rec)
+        # "grain size" already names its object: not "the typical grain grain size"
+        subject = what if what.startswith(one) else f"{one} {what}"
         q = choose_phrasing(
             [
                 f"What is the median {what} of the {many}?",
-                f"How large is the typical {one} {what}?",
-                f"Estimate the median {one} {what}.",
+                f"How large is the typical {subject}?",
+                f"Estimate the median {subject}.",
             ],
             *key,
             "size",

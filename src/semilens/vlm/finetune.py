@@ -18,8 +18,10 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from semilens.cards import lineage_table, table, write_card
 from semilens.config import Config, FinetuneVLMConfig, TrainerSection, dump_config
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
+from semilens.lineage import dvc_md5
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.labels import assistant_labels, check_image_tokens
 from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
@@ -42,7 +44,18 @@ def select_backend(trainer: TrainerSection, cuda: bool) -> dict[str, Any]:
     if trainer.precision == "bf16" and not cuda:
         raise BackendError("finetune_vlm.trainer.precision: bf16 needs CUDA here; use auto or fp32")
     bf16 = trainer.precision == "bf16" or (trainer.precision == "auto" and cuda)
-    return {"backend": "transformers", "bf16": bf16, "quantization": trainer.quantization, "cuda": cuda}
+    has_unsloth = importlib.util.find_spec("unsloth") is not None
+    if trainer.backend == "unsloth":
+        if not cuda:
+            raise BackendError(
+                "finetune_vlm.trainer.backend: unsloth needs a CUDA GPU; use auto or transformers on the CPU"
+            )
+        if not has_unsloth:
+            raise BackendError("finetune_vlm.trainer.backend: unsloth is not installed: pip install -e '.[gpu]'")
+    backend = trainer.backend
+    if backend == "auto":
+        backend = "unsloth" if cuda and has_unsloth else "transformers"
+    return {"backend": backend, "bf16": bf16, "quantization": trainer.quantization, "cuda": cuda}
 
 
 def make_collator(processor: Any, family: Family, max_length: int):
@@ -77,6 +90,49 @@ def make_collator(processor: Any, family: Family, max_length: int):
     return AnswerOnlyCollator(processor, max_length=max_length)
 
 
+def _is_caption(user: dict[str, Any]) -> bool:
+    from semilens.images.split import CAPTION_PROMPTS
+
+    return any(c["type"] == "text" and c["text"] in CAPTION_PROMPTS for c in user["content"])
+
+
+def image_conversations(rows: Any, seed: int) -> Any:
+    """One multi-turn chat per (image, opening question) from the one-question rows.
+
+    An image with k questions gives k chats, each opening with a different question (the
+    position evaluation asks in) followed by the others in a seeded order. Every chat
+    supervises all k answers while the image is encoded once, so a training step carries k
+    times the signal of one-question rows; in particular each step sees every image's
+    class, which one-question rows show in one row in eight.
+    """
+    import random
+
+    import datasets
+
+    raw = rows.cast_column("images", datasets.List(datasets.Image(decode=False)))
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for row in raw.select_columns(["image_id", "messages", "images"]):
+        by_image.setdefault(row["image_id"], []).append(row)
+    rnd = random.Random(seed)
+    out = []
+    for image_id in sorted(by_image):
+        turns = [(r["messages"][0], r["messages"][1]) for r in by_image[image_id]]
+        for first in range(len(turns)):
+            rest = [t for i, t in enumerate(turns) if i != first]
+            rnd.shuffle(rest)
+            # A caption restates the measurements: after it, later answers could be copied
+            # from the text instead of read from the image, so it closes the chat.
+            rest.sort(key=lambda t: _is_caption(t[0]))
+            messages = []
+            for i, (user, assistant) in enumerate([turns[first], *rest]):
+                text = [c for c in user["content"] if c["type"] == "text"]
+                content = ([{"type": "image", "text": None}] if i == 0 else []) + text
+                messages += [{"role": "user", "content": content}, assistant]
+            out.append({"messages": messages, "images": by_image[image_id][0]["images"]})
+    features = datasets.Features({"messages": rows.features["messages"], "images": datasets.List(datasets.Image())})
+    return datasets.Dataset.from_list(out, features=features)
+
+
 def lora_config(fcfg: FinetuneVLMConfig, family: Family):
     from peft import LoraConfig
 
@@ -94,6 +150,38 @@ def lora_config(fcfg: FinetuneVLMConfig, family: Family):
         target_modules=targets,
         modules_to_save=list(fcfg.lora.modules_to_save) or None,
     )
+
+
+def load_unsloth(path: Path, setup: dict[str, Any], fcfg: FinetuneVLMConfig, family: Family):
+    """Unsloth's fused kernels for the same LoRA: the model comes back already wrapped by PEFT."""
+    import torch
+    from transformers import AutoProcessor
+    from unsloth import FastVisionModel
+
+    model, _ = FastVisionModel.from_pretrained(
+        str(path),
+        load_in_4bit=setup["quantization"] == "4bit",
+        dtype=torch.bfloat16 if setup["bf16"] else None,
+        use_gradient_checkpointing="unsloth",
+    )
+    lora = lora_config(fcfg, family)
+    model = FastVisionModel.get_peft_model(
+        model,
+        finetune_vision_layers=fcfg.lora.train_vision,
+        finetune_language_layers=True,
+        finetune_attention_modules=True,
+        finetune_mlp_modules=True,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        bias="none",
+        random_state=fcfg.seed,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+    )
+    FastVisionModel.for_training(model)
+    # the processor is loaded the usual way: our collator needs the HF processor object
+    return model, AutoProcessor.from_pretrained(path)
 
 
 def load_base(path: Path, setup: dict[str, Any]):
@@ -152,11 +240,19 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     train = datasets.Dataset.from_parquet(str(train_file))
     if len(train) == 0:
         raise ValueError(f"{train_file}: the training split is empty; add images or change split_dataset")
-    train = train.select_columns(["messages", "images"])
+    if fcfg.conversation == "image":
+        train = image_conversations(train, fcfg.seed)
+    else:
+        train = train.select_columns(["messages", "images"])
 
     ckpt_dir = cfg.paths.cache / "finetune_vlm" / family_name / run_key(base_dir, train_file, fcfg)
     resume = last_checkpoint(ckpt_dir)
-    model, processor = load_base(resolve_checkpoint(base_dir), setup)
+    if setup["backend"] == "unsloth":
+        model, processor = load_unsloth(resolve_checkpoint(base_dir), setup, fcfg, family)
+        peft_config = None  # already applied by unsloth
+    else:
+        model, processor = load_base(resolve_checkpoint(base_dir), setup)
+        peft_config = lora_config(fcfg, family)
     t = fcfg.trainer
     args = SFTConfig(
         output_dir=str(ckpt_dir),
@@ -190,7 +286,7 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         train_dataset=train,
         processing_class=processor,
         data_collator=make_collator(processor, family, t.max_length),
-        peft_config=lora_config(fcfg, family),
+        peft_config=peft_config,
     )
     lora_names = [n for n, _ in trainer.model.named_parameters() if "lora_" in n]
     if not lora_names:
@@ -203,6 +299,10 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     result = trainer.train(resume_from_checkpoint=resume)
+    if not trainer.is_world_process_zero():
+        # `accelerate launch --num_processes N`: every process trains (gradients are
+        # all-reduced), the first one alone writes the folders and metrics.
+        return {"family": family_name, "process": trainer.args.process_index}
 
     adapter_dir = reset_dir(cfg.paths.models / family_name / "adapter")
     trainer.model.save_pretrained(adapter_dir)
@@ -230,6 +330,7 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         "steps": int(trainer.state.global_step),
         "resumed_from": None if resume is None else Path(resume).name,
         "train_rows": len(train),
+        "processes": trainer.args.world_size,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "train_loss": round(float(result.training_loss), 4),
@@ -238,4 +339,64 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         **{k: v for k, v in setup.items() if k != "cuda"},
     }
     write_json(metrics_dir / f"train_{family_name}.json", summary)
+    lineage = {
+        "base": {"path": base_dir.as_posix(), "md5": dvc_md5(base_dir)},
+        "dataset": {"path": cfg.paths.vqa.as_posix(), "md5": dvc_md5(cfg.paths.vqa)},
+    }
+    for folder, kind in ((adapter_dir, "adapter"), (merged_dir, "merged")):
+        write_training_card(folder, kind, family_name, fcfg, lineage, summary)
     return summary
+
+
+def write_training_card(
+    folder: Path,
+    kind: str,
+    family: str,
+    fcfg: FinetuneVLMConfig,
+    lineage: dict[str, dict[str, str]],
+    summary: dict[str, Any],
+) -> None:
+    """adapter/ and merged/ README.md: what they were trained from and how."""
+    what = (
+        "A PEFT LoRA adapter; load it with `PeftModel.from_pretrained(base, this_folder)`."
+        if kind == "adapter"
+        else "The adapter merged into its base: an ordinary checkpoint for `AutoModelForImageTextToText`."
+    )
+    lora = fcfg.lora
+    training = table(
+        [
+            {"": "LoRA rank / alpha / dropout", "value": f"{lora.r} / {lora.alpha} / {lora.dropout}"},
+            {"": "vision tower", "value": "LoRA" if lora.train_vision else "frozen"},
+            {"": "trained in full", "value": ", ".join(lora.modules_to_save) or "nothing"},
+            {"": "steps", "value": summary["steps"]},
+            {"": "training rows", "value": summary["train_rows"]},
+            {"": "loss first / last", "value": f"{summary['first_loss']} / {summary['last_loss']}"},
+            {"": "trainable / total parameters", "value": f"{summary['trainable_parameters']} / {summary['total_parameters']}"},
+            {"": "finetune_vlm params hash", "value": hash_json(fcfg.model_dump(mode="json"))[:16]},
+        ],
+        ["", "value"],
+    )
+    front = {
+        "library_name": "peft" if kind == "adapter" else "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": ["semilens", family, "lora"],
+    }
+    write_card(
+        folder,
+        f"semilens {family} ({kind})",
+        front,
+        [
+            ("What this is", what),
+            (
+                "Lineage",
+                "Trained on the VQA train split from the artifacts below (md5 as DVC records "
+                "them in dvc.lock).\n\n" + lineage_table(lineage),
+            ),
+            ("Training", training + f"\n\nThe resolved params are in `{CONFIG_FILE}`."),
+            (
+                "Scores",
+                "Test-split scores against the base are written by evaluate_vlm and "
+                f"recorded, with this lineage, in the family card `../README.md` and in MLflow.",
+            ),
+        ],
+    )

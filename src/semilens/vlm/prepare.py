@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from semilens.cards import table, write_card
 from semilens.config import Config, PrepareVLMConfig, dump_config
-from semilens.io import atomic_write_text, read_json, reset_dir, sha256_file, write_json
+from semilens.io import atomic_write_text, hash_json, read_json, reset_dir, sha256_file, write_json
 from semilens.vlm import generic_task
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.generate import greedy_answers
@@ -73,7 +74,7 @@ def generic_accuracy(model: Any, processor: Any, n: int, seed: int, image_size: 
     if n == 0:
         return None
     rnd = random.Random(10_000 + seed)
-    samples = [generic_task.sample(rnd, image_size) for _ in range(n)]
+    samples = [generic_task.any_sample(rnd, image_size) for _ in range(n)]
     model.eval()
     preds = greedy_answers(
         model,
@@ -110,7 +111,7 @@ def pretrain_generic(model: Any, processor: Any, family: Family, pcfg: PrepareVL
     losses: list[dict[str, float]] = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        samples = [generic_task.sample(rnd, pre.image_size) for _ in range(pre.batch_size)]
+        samples = [generic_task.any_sample(rnd, pre.image_size) for _ in range(pre.batch_size)]
         batch = _batch(samples, processor, markers, model.config.image_token_id, merge)
         loss = model(**batch).loss
         loss.backward()
@@ -148,6 +149,7 @@ def prepare_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         write_json(out / SOURCE_FILE, source)
         summary = {"family": family_name, "base": "real", **source}
         write_json(metrics_path, summary)
+        write_base_card(out, family, summary)
         return summary
 
     torch.manual_seed(pcfg.seed)
@@ -170,4 +172,41 @@ def prepare_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     # would make the pipeline's outputs differ too.
     metrics = {k: v for k, v in summary.items() if k != "seconds"}
     write_json(metrics_path, {**metrics, "loss_curve": report["loss_curve"]})
+    write_base_card(out, family, {**metrics, "params_hash": hash_json(pcfg.model_dump(mode="json"))[:16]})
     return summary
+
+
+def write_base_card(out: Path, family: Family, summary: dict[str, Any]) -> None:
+    """base/README.md: where the base came from and how the generic pretraining went."""
+    if summary["base"] == "real":
+        origin = (
+            f"A real checkpoint, referenced in place (weights not copied): `{summary['path']}`, "
+            f"model_type `{summary['model_type']}`, config.json sha256 `{summary['config_sha256']}`."
+        )
+        sections = [("Source", origin)]
+    else:
+        origin = (
+            f"The tiny {family.name} preset: the real model and processor classes, shrunk, with a "
+            f"byte-level BPE tokenizer trained locally. prepare_vlm params hash `{summary['params_hash']}` "
+            f"(the full params are in `{CONFIG_FILE}`)."
+        )
+        pretrain = table(
+            [
+                {"": "parameters", "value": summary["parameters"]},
+                {"": "vocabulary", "value": summary["vocab"]},
+                {"": "generic pretraining steps", "value": summary["steps"]},
+                {"": "generic accuracy before", "value": summary["generic_accuracy_before"]},
+                {"": "generic accuracy after", "value": summary["generic_accuracy_after"]},
+            ],
+            ["", "value"],
+        )
+        sections = [
+            ("Source", origin),
+            ("Generic pretraining", "Shapes, colours, counts and positions; no microscopy.\n\n" + pretrain),
+        ]
+    write_card(
+        out,
+        f"semilens base: {family.name}",
+        {"library_name": "transformers", "pipeline_tag": "image-text-to-text", "tags": ["semilens", family.name]},
+        sections,
+    )

@@ -1,0 +1,125 @@
+"""Lineage from DVC's own bookkeeping: dvc.lock hashes, recomputed and compared.
+
+DVC records an md5 for every stage output in ``dvc.lock``. Anything that tags a model
+with "made from these artifacts" (MLflow versions, model cards) takes those hashes, but
+only after recomputing them from the files present: a tag copied from a stale lock would
+vouch for data the model was not trained on. The hashing follows DVC 3 exactly (plain
+md5 of a file; for a directory, the md5 of the JSON list of its files' md5 and relative
+paths, suffixed ``.dir``), so the values compare equal to ``dvc.lock``'s.
+
+DVC commands cannot run inside a stage (``dvc repro`` holds the repository lock), which
+is why this reads ``dvc.lock`` as YAML instead of asking DVC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOCK_FILE = "dvc.lock"
+
+
+class LineageError(RuntimeError):
+    """An artifact and dvc.lock disagree (or the lock does not know it); the message says which."""
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC records for ``path`` (a file, or a directory as ``<md5>.dir``)."""
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    # DVC sorts the listing by the joined relative path string ("a-b" before "a/x"),
+    # not by path components; the test with such names pins this down.
+    files = sorted((p.relative_to(path).as_posix(), p) for p in path.rglob("*") if p.is_file())
+    entries = [{"md5": file_md5(p), "relpath": rel} for rel, p in files]
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
+@dataclass(frozen=True)
+class LockedOutput:
+    path: str  # as written in dvc.lock (relative to the repository root)
+    stage: str  # the stage that produces it, e.g. finetune_vlm@qwen2_5_vl
+    md5: str
+
+
+def lock_outputs(root: Path = Path(".")) -> dict[str, LockedOutput]:
+    """Every stage output recorded in ``dvc.lock``, by path."""
+    lock_file = Path(root) / LOCK_FILE
+    if not lock_file.is_file():
+        raise LineageError(f"{lock_file}: no dvc.lock; run the pipeline with `dvc repro`")
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    outputs: dict[str, LockedOutput] = {}
+    for stage, entry in (lock.get("stages") or {}).items():
+        for out in entry.get("outs") or []:
+            path = str(Path(out["path"]).as_posix())
+            outputs[path] = LockedOutput(path=path, stage=stage, md5=out.get("md5", ""))
+    return outputs
+
+
+def _relative(path: Path, root: Path) -> str:
+    path, root = Path(path), Path(root)
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        raise LineageError(f"{path} is outside the DVC repository at {root.resolve()}") from None
+
+
+def verified_hashes(paths: dict[str, Path], root: Path = Path(".")) -> dict[str, dict[str, str]]:
+    """``{role: {"path", "stage", "md5"}}`` for each artifact, checked against dvc.lock.
+
+    Raises LineageError naming every artifact that is missing from the lock or whose
+    contents differ from it (a stage re-run outside DVC, or a file edited by hand).
+    """
+    locked = lock_outputs(root)
+    result: dict[str, dict[str, str]] = {}
+    problems: list[str] = []
+    for role, path in paths.items():
+        rel = _relative(path, root)
+        entry = locked.get(rel)
+        if entry is None:
+            problems.append(f"{rel} ({role}) is not an output in dvc.lock")
+            continue
+        actual = dvc_md5(Path(root) / rel)
+        if actual != entry.md5:
+            problems.append(f"{rel} ({role}) has md5 {actual} but dvc.lock says {entry.md5}")
+            continue
+        result[role] = {"path": rel, "stage": entry.stage, "md5": actual}
+    if problems:
+        raise LineageError(
+            "artifacts do not match dvc.lock: "
+            + "; ".join(problems)
+            + ". Rebuild them with `dvc repro` (or `dvc commit` if the change is intended)."
+        )
+    return result
+
+
+def git_state(root: Path = Path(".")) -> dict[str, Any]:
+    """The commit the working tree is on, and whether tracked files differ from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit or "unknown", "dirty": bool(dirty) if dirty is not None else None}

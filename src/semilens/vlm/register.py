@@ -1,0 +1,170 @@
+"""register_models@<family>: record a fine-tuned VLM in MLflow with its whole lineage.
+
+Reads the family's base, adapter, merged and eval folders, the VQA dataset and
+``<paths.metrics>/vlm/<family>.json``; checks every artifact's hash against ``dvc.lock``
+(refusing to register anything DVC did not produce); logs params, metrics, the training
+and test datasets (``mlflow.log_input``, digest = the dataset's DVC md5) and the adapter;
+registers a model version ``<prefix><family>`` tagged with the git commit, each
+artifact's dvc.lock md5 and a params hash. Writes the family's model card
+``<paths.models>/<family>/README.md`` (lineage and scores). The MLflow run id and version
+go to the run log only: they differ between runs, the card must not.
+Run: ``python -m stages.register_models <family>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from semilens.cards import lineage_table, table, write_card
+from semilens.config import Config
+from semilens.io import hash_json, read_json
+from semilens.lineage import file_md5, git_state, verified_hashes
+from semilens.registry import Registration, describe_uri, flatten, register, tracking_uri
+from semilens.vlm.families import get_family
+from semilens.vlm.prepare import SOURCE_FILE
+
+SCORE_KEYS = ("vqa_accuracy", "class_accuracy", "caption_rouge_l", "caption_bleu", "caption_bertscore_f1")
+
+
+def params_hash(cfg: Config) -> str:
+    """Hash of every param that shapes the model (all sections but paths and registration)."""
+    return hash_json(cfg.model_dump(mode="json", exclude={"paths", "register_models"}))[:16]
+
+
+def numeric_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics from the evaluation report: scores per model, deltas, per-type accuracy."""
+    out: dict[str, float] = {}
+    for model in ("base", "finetuned"):
+        for key, value in report[model].items():
+            if key == "vqa_per_type":
+                for qtype, stats in value.items():
+                    if stats.get("accuracy") is not None:
+                        out[f"{model}.vqa.{qtype}"] = stats["accuracy"]
+            elif isinstance(value, (int, float)) and value is not None:
+                out[f"{model}.{key}"] = value
+    out.update({f"delta.{k}": v for k, v in report.get("delta", {}).items()})
+    return out
+
+
+def _dataset(path: Path, name: str):
+    import warnings
+
+    import mlflow
+    import pandas as pd
+
+    # The image bytes and chat layout stay out of MLflow: the split file's md5 (the digest),
+    # the dataset's DVC md5 (a tag) and each row's source sha256 identify them.
+    df = pd.read_parquet(path, columns=["id", "image_id", "source", "sha256", "page", "question_type", "question", "answer"])
+    with warnings.catch_warnings():
+        # "source can be interpreted in multiple ways" (it is a local file either way) and a
+        # hint about integer columns in a schema nobody enforces here
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(
+            df, source=str(path), name=name, targets="answer", digest=file_md5(path)
+        )
+
+
+def write_family_card(
+    folder: Path, family: str, name: str, lineage: dict[str, dict[str, str]], report: dict[str, Any], phash: str, base_source: str
+) -> Path:
+    scores = table(
+        [
+            {"metric": k, "base": report["base"][k], "fine-tuned": report["finetuned"][k], "delta": report.get("delta", {}).get(k)}
+            for k in SCORE_KEYS
+        ],
+        ["metric", "base", "fine-tuned", "delta"],
+    )
+    per_type = table(
+        [
+            {
+                "question type": qtype,
+                "n": stats["n"],
+                "base": report["base"]["vqa_per_type"].get(qtype, {}).get("accuracy"),
+                "fine-tuned": stats["accuracy"],
+            }
+            for qtype, stats in sorted(report["finetuned"]["vqa_per_type"].items())
+        ],
+        ["question type", "n", "base", "fine-tuned"],
+    )
+    return write_card(
+        folder,
+        f"semilens {family}",
+        {
+            "library_name": "peft",
+            "pipeline_tag": "image-text-to-text",
+            "tags": ["semilens", family, "lora"],
+            "model-index": [{"name": name}],
+        },
+        [
+            (
+                "What this is",
+                f"A {family} vision-language model fine-tuned with LoRA on semilens' SEM/TEM "
+                f"question-answer data. Base: {base_source}. Folders: `base/`, `adapter/` (PEFT), "
+                f"`merged/` (ordinary checkpoint), `eval/` (test predictions beside references). "
+                f"Registered in MLflow as `{name}`; its version carries the md5s below as tags.",
+            ),
+            ("Lineage", "md5 as recorded in dvc.lock, recomputed when registered.\n\n" + lineage_table(lineage)),
+            ("Scores", f"Test split: {report['n_test_rows']} rows, greedy decoding.\n\n" + scores),
+            ("VQA accuracy per question type", per_type),
+            ("Params", f"Hash of every model-shaping param in params.yaml: `{phash}`."),
+        ],
+    )
+
+
+def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
+    get_family(family_name)
+    models = cfg.paths.models / family_name
+    report_path = cfg.paths.metrics / "vlm" / f"{family_name}.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{report_path}: no evaluation report; run evaluate_vlm@{family_name} first")
+    report = read_json(report_path)
+    lineage = verified_hashes(
+        {
+            "dataset": cfg.paths.vqa,
+            "base": models / "base",
+            "adapter": models / "adapter",
+            "merged": models / "merged",
+            "evaluation": models / "eval",
+        }
+    )
+    base_setting = cfg.prepare_vlm.bases.get(family_name, "tiny")
+    real = models / "base" / SOURCE_FILE
+    base_source = "the tiny preset" if not real.is_file() else f"`{read_json(real)['path']}`"
+    phash = params_hash(cfg)
+    name = f"{cfg.register_models.model_prefix}{family_name}"
+    git = git_state()
+    tags = {
+        "family": family_name,
+        "base": base_setting,
+        "params_hash": phash,
+        **{f"dvc.{role}.md5": entry["md5"] for role, entry in lineage.items()},
+        **{f"dvc.{role}.path": entry["path"] for role, entry in lineage.items()},
+        **{f"dvc.{role}.stage": entry["stage"] for role, entry in lineage.items()},
+        "git.commit": git["commit"],
+        "git.dirty": str(git["dirty"]).lower(),
+    }
+    if real.is_file():
+        tags["base.config_sha256"] = read_json(real)["config_sha256"]
+    card = write_family_card(models, family_name, name, lineage, report, phash, base_source)
+    params = {
+        **flatten("finetune_vlm", cfg.finetune_vlm.model_dump(mode="json")),
+        "prepare_vlm.base": base_setting,
+        "split_dataset.salt": cfg.split_dataset.salt,
+    }
+    reg = Registration(
+        name=name,
+        params=params,
+        metrics=numeric_metrics(report),
+        tags=tags,
+        artifacts={"adapter": models / "adapter", "card": card},
+        model_artifact="adapter",
+        datasets=[
+            (_dataset(cfg.paths.vqa / f"{split}.parquet", f"vqa-{split}"), context, {"dvc.dataset.md5": lineage["dataset"]["md5"]})
+            for split, context in (("train", "training"), ("test", "evaluation"))
+        ],
+        description=card.read_text(),
+    )
+    uri = tracking_uri(cfg.paths.mlflow)
+    done = register(reg, uri, cfg.register_models.experiment, cfg.paths.mlflow / "artifacts")
+    return {"family": family_name, "tracking": describe_uri(uri), **done, "params_hash": phash, "git_commit": git["commit"]}
