@@ -65,3 +65,20 @@ def test_cache_hits_misses_and_corrupt_entry(tmp_path):
     atomic_write_bytes(cache._entry(k), b"{torn")
     assert cache.get(k) is None
     assert cache.stats() == {"hits": 1, "misses": 3}
+
+
+def test_code_version_follows_the_source(tmp_path, monkeypatch):
+    """Editing a stage's code changes its cache version (no hand-bumped number to forget)."""
+    import importlib
+
+    from semilens.cache import code_version
+
+    (tmp_path / "rules_mod.py").write_text("RULE = 'typical grain size'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    before = code_version("rules_mod", "semilens.records")
+    assert before == code_version("semilens.records", "rules_mod")  # order does not matter
+    (tmp_path / "rules_mod.py").write_text("RULE = 'typical grain grain size'\n")
+    assert code_version("rules_mod", "semilens.records") != before
+    with pytest.raises(ModuleNotFoundError):
+        code_version("no_such_module_here")

@@ -3,19 +3,38 @@
 DVC deletes a stage's outputs before re-running it, so per-item results cannot be kept in
 the outputs themselves. They live here instead, under ``paths.cache/<stage>/``: the key is
 a hash of the item's content plus everything that changes the result (the stage's params
-and a code version that is bumped when the algorithm changes). Adding one image to a
+and ``code_version``, a hash of the source files that compute an item, so an edited rule
+can never be served from entries the old rule wrote). Adding one image to a
 thousand therefore redoes one image's work. Entries are written atomically, so a killed
 run leaves no torn entry, and a corrupt entry is treated as a miss.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from semilens.io import atomic_write_bytes, canonical_json, hash_json
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the named modules' source files (e.g. ``"semilens.images.annotate"``).
+
+    A hand-bumped version number is forgotten sooner or later (it was, once: a phrasing fix
+    kept being served from old entries); a hash of the source cannot be. Any edit, comments
+    included, recomputes the items, which costs time but never correctness.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.origin is None:
+            raise ModuleNotFoundError(f"code_version: no source for module {name!r}")
+        digest.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from semilens.cache import ItemCache
+from semilens.cache import ItemCache, code_version
 from semilens.config import Config
 from semilens.io import read_jsonl, reset_dir, write_jsonl
 from semilens.records import ImageRecord, Measurement, QuarantineEntry
 
-# Bump when templates or answer rules change: it invalidates the per-image cache.
-VERSION = "2"
+# The per-image cache is keyed by this code (templates, answer rules, record schema).
+VERSION = code_version(__name__, "semilens.records")
 
 # What the measure stage's method means for a person reading the answer.
 METHOD_NOUN = {

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from semilens.cache import ItemCache
+from semilens.cache import ItemCache, code_version
 from semilens.config import Config, IngestImagesConfig
 from semilens.images.databar import Databar, detect_databar, low_information
 from semilens.images.metadata import (
@@ -47,8 +47,14 @@ from semilens.io import atomic_write_bytes, display_path, sha256_bytes, write_js
 from semilens.records import ImageRecord, QuarantineEntry, Sidecar
 
 STAGE = "ingest_images"
-# Bump when the per-item algorithm changes: every cached record is then recomputed.
-VERSION = "1"
+# The per-item cache is keyed by this code: any change recomputes every cached record.
+VERSION = code_version(
+    __name__,
+    "semilens.images.readers",
+    "semilens.images.metadata",
+    "semilens.images.databar",
+    "semilens.records",
+)
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,8 +22,8 @@ skeletons (count = ends / 2, width from area = w L + pi w^2 e / 8); gratings by 
 zero-padded spectrum; cracks and grain boundaries by a Sato ridge filter.
 
 Results are cached per image under ``paths.cache/measure_images`` keyed by the PNG's
-content hash, its label, pixel size and modality, and the measure params; bump ``VERSION``
-whenever an algorithm changes.
+content hash, its label, pixel size and modality, the measure params and a hash of this
+module's source (``VERSION``), so a changed algorithm never reuses old results.
 """
 
 from __future__ import annotations
@@ -41,12 +41,13 @@ from rich.progress import track
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from semilens.cache import ItemCache
+from semilens.cache import ItemCache, code_version
 from semilens.config import Config, MeasureImagesConfig
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
 from semilens.records import GroundTruth, ImageRecord, Measurement
 
-VERSION = "1"
+# The per-image cache is keyed by this code: any change re-measures every image.
+VERSION = code_version(__name__, "semilens.records")
 # Acceptance target: median relative count and size error for these synthetic classes.
 TARGET_ERROR = 0.10
 TARGET_CLASSES = ("particles", "nanowires", "lines", "holes")
