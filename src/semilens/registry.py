@@ -10,6 +10,7 @@ after the store was restored, or pointed somewhere new, gives one version per mo
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,10 @@ def register(reg: Registration, uri: str, experiment: str, artifact_root: Path) 
         mlflow.log_params({k: _param(v) for k, v in reg.params.items()})
         mlflow.log_metrics({k: float(v) for k, v in reg.metrics.items()})
         for dataset, context, dtags in reg.datasets:
-            mlflow.log_input(dataset, context=context, tags=dtags)
+            with warnings.catch_warnings():
+                # a hint about integer columns in an inferred schema nobody enforces here
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.log_input(dataset, context=context, tags=dtags)
         for name, local in reg.artifacts.items():
             local = Path(local)
             if local.is_dir():
