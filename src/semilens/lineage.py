@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from semilens.io import file_digest
+
 LOCK_FILE = "dvc.lock"
 
 
@@ -30,11 +32,7 @@ class LineageError(RuntimeError):
 
 
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def dvc_md5(path: Path) -> str:

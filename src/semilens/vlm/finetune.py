@@ -20,6 +20,7 @@ from typing import Any
 
 from semilens.cards import lineage_table, table, write_card
 from semilens.config import Config, FinetuneVLMConfig, TrainerSection, dump_config
+from semilens.images.split import CAPTION_PROMPTS
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
 from semilens.lineage import dvc_md5
 from semilens.vlm.families import Family, get_family
@@ -91,8 +92,6 @@ def make_collator(processor: Any, family: Family, max_length: int):
 
 
 def _is_caption(user: dict[str, Any]) -> bool:
-    from semilens.images.split import CAPTION_PROMPTS
-
     return any(c["type"] == "text" and c["text"] in CAPTION_PROMPTS for c in user["content"])
 
 

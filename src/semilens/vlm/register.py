@@ -41,7 +41,7 @@ def numeric_metrics(report: dict[str, Any]) -> dict[str, float]:
                 for qtype, stats in value.items():
                     if stats.get("accuracy") is not None:
                         out[f"{model}.vqa.{qtype}"] = stats["accuracy"]
-            elif isinstance(value, (int, float)) and value is not None:
+            elif isinstance(value, (int, float)):
                 out[f"{model}.{key}"] = value
     out.update({f"delta.{k}": v for k, v in report.get("delta", {}).items()})
     return out
@@ -129,8 +129,9 @@ def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         }
     )
     base_setting = cfg.prepare_vlm.bases.get(family_name, "tiny")
-    real = models / "base" / SOURCE_FILE
-    base_source = "the tiny preset" if not real.is_file() else f"`{read_json(real)['path']}`"
+    source_file = models / "base" / SOURCE_FILE
+    real = read_json(source_file) if source_file.is_file() else None  # a referenced real base
+    base_source = "the tiny preset" if real is None else f"`{real['path']}`"
     phash = params_hash(cfg)
     name = f"{cfg.register_models.model_prefix}{family_name}"
     git = git_state()
@@ -144,8 +145,8 @@ def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         "git.commit": git["commit"],
         "git.dirty": str(git["dirty"]).lower(),
     }
-    if real.is_file():
-        tags["base.config_sha256"] = read_json(real)["config_sha256"]
+    if real is not None:
+        tags["base.config_sha256"] = real["config_sha256"]
     card = write_family_card(models, family_name, name, lineage, report, phash, base_source)
     params = {
         **flatten("finetune_vlm", cfg.finetune_vlm.model_dump(mode="json")),
