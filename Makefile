@@ -3,8 +3,9 @@
 
 VENV        ?= .venv
 PYTHON      ?= python3
-# Debian packages the project needs (git for DVC; OCR and the browser come with later stages).
-APT_PACKAGES ?= git
+# Debian packages the project needs: git for DVC, tesseract (with its English data) for
+# PDF pages that have no text layer.
+APT_PACKAGES ?= git tesseract-ocr tesseract-ocr-eng
 # Tests and stages must never reach a model hub.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -32,7 +33,7 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow'
+	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz'
 	touch $(STAMP)
 
 run: setup

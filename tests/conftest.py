@@ -49,3 +49,14 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
         )
 
     return make
+
+
+KNOWLEDGE = Path(__file__).parents[1] / "knowledge"
+
+
+def text_config(tmp: Path, **sections: Any) -> Config:
+    """A Config for the text path: the project's knowledge base, everything else under ``tmp``."""
+    names = ("raw_pdfs", "synthetic_pdfs", "pages", "markdown", "tags", "instructions", "metrics", "cache", "logs")
+    return Config.model_validate(
+        {"paths": {"knowledge": str(KNOWLEDGE), **{n: str(tmp / n) for n in names}}, **sections}
+    )

@@ -49,7 +49,7 @@ def dvc(*args: str, cwd: Path) -> str:
 def repo(tmp_path_factory) -> Path:
     """A copy of the project (code + pipeline) as a fresh git repo with tiny params."""
     repo = tmp_path_factory.mktemp("repo")
-    for name in ("dvc.yaml", "stages", "src", ".dvc/config", ".dvcignore", ".gitignore"):
+    for name in ("dvc.yaml", "stages", "src", "knowledge", ".dvc/config", ".dvcignore", ".gitignore"):
         src = ROOT / name
         if not src.exists():
             continue
@@ -63,10 +63,12 @@ def repo(tmp_path_factory) -> Path:
     params["synth_images"].update(n_per_class=2, size=128)
     params["prepare_vlm"]["pretrain"].update(steps=3, batch_size=2, eval_samples=2)
     params["finetune_vlm"]["trainer"].update(max_steps=2, batch_size=2, save_steps=2)
+    params["synth_corpus"].update(n_docs=2, max_units_per_doc=3)
+    params["synth_instructions"].update(n_math=16)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    raw = repo / "data/raw/images"
-    raw.mkdir(parents=True)
-    (raw / ".gitkeep").write_text("")
+    for raw in (repo / "data/raw/images", repo / "data/raw/pdfs"):
+        raw.mkdir(parents=True)
+        (raw / ".gitkeep").write_text("")
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "init"], repo)
@@ -100,6 +102,11 @@ def test_repro_builds_everything_then_is_clean(repo):
     assert (repo / "models/qwen2_5_vl/adapter/adapter_model.safetensors").is_file()
     report = read_json(repo / "metrics/vlm/qwen2_5_vl.json")
     assert report["n_test_rows"] == sizes["test"]["rows"]
+    # text path: PDFs -> pages -> Markdown -> tags -> instructions
+    assert len(list(read_jsonl(repo / "data/interim/pages/pages.jsonl"))) >= 2
+    assert read_json(repo / "metrics/clean.json")["similarity_min"] >= 0.97
+    assert read_json(repo / "metrics/ontology.json")["chunks"] > 0
+    assert read_json(repo / "metrics/instructions.json")["by_category"].keys() == {"concepts", "etch_math", "process_control"}
     out = dvc("repro", cwd=repo)
     assert "Running stage" not in out
     status = dvc("status", cwd=repo)
@@ -124,6 +131,22 @@ def test_adding_one_image_redoes_only_that_image(repo):
         assert log["cache"]["hits"] >= 1, (stage, log)
     records = list(read_jsonl(repo / "data/interim/images/records.jsonl"))
     assert any(r["source"].endswith("new_particles.png") and r["label"] == "particles" for r in records)
+
+
+def test_adding_one_pdf_redoes_only_that_pdf(repo):
+    from reportlab.pdfgen.canvas import Canvas
+
+    dvc("repro", cwd=repo)
+    docs = read_json(repo / "logs/synth_corpus.json")["documents"]
+    c = Canvas(str(repo / "data/raw/pdfs/notes.pdf"), invariant=1)
+    c.drawString(72, 700, "Reactive ion etching of SiO2 in CHF3 gives a vertical profile.")
+    c.save()
+    out = dvc("repro", cwd=repo)
+    assert "Running stage 'synth_corpus'" not in out and "Running stage 'extract_pdfs'" in out
+    for stage in ("extract_pdfs", "clean_markdown"):
+        assert read_json(repo / "logs" / f"{stage}.json")["cache"] == {"hits": docs, "misses": 1}, stage
+    pages = list(read_jsonl(repo / "data/interim/pages/pages.jsonl"))
+    assert any(p["source"] == "data/raw/pdfs/notes.pdf" and "CHF3" in p["text"] for p in pages)
 
 
 def test_clean_rerun_is_byte_identical(repo):

@@ -53,6 +53,14 @@ class PathsConfig(Section):
     logs: Path = Path("logs")
     # MLflow's default home: sqlite store + artifacts. MLFLOW_TRACKING_URI overrides it.
     mlflow: Path = Path("mlruns")
+    # Text path
+    knowledge: Path = Path("knowledge")  # the ontology + knowledge base YAML (versioned in git)
+    raw_pdfs: Path = Path("data/raw/pdfs")
+    synthetic_pdfs: Path = Path("data/synthetic/pdfs")
+    pages: Path = Path("data/interim/pages")
+    markdown: Path = Path("data/interim/markdown")
+    tags: Path = Path("data/interim/tags")
+    instructions: Path = Path("data/processed/instructions")
 
 
 class SynthImagesConfig(Section):
@@ -264,6 +272,65 @@ class RegisterModelsConfig(Section):
     model_prefix: str = Field("semilens-", description="registered model name = prefix + family")
 
 
+class SynthCorpusConfig(Section):
+    """Sample PDFs rendered from the knowledge base (one process group per document)."""
+
+    seed: int = 0
+    n_docs: int = Field(10, ge=0, description="0 disables synthetic PDFs")
+    columns: list[Literal[1, 2]] = Field(default_factory=lambda: [2, 1], min_length=1)  # cycled over documents
+    max_units_per_doc: int = Field(12, ge=1)
+    body_size: float = Field(9.0, ge=6, le=14)
+    hyphenate: bool = True
+
+
+class ExtractPdfsConfig(Section):
+    """pypdf text per page; OCR (tesseract) for pages without a text layer."""
+
+    ocr: bool = True
+    ocr_min_chars: int = Field(20, ge=0, description="fewer text-layer characters: the page is OCRed")
+    ocr_dpi: int = Field(300, ge=72, le=1200)
+    ocr_lang: str = "eng"
+    ocr_timeout_s: int = Field(300, ge=1)
+    max_garbled: float = Field(0.01, ge=0, le=1, description="pages above: counted as garbled")
+
+
+class CleanMarkdownConfig(Section):
+    """Rule-based PDF text -> Markdown (see semilens.text.clean for the rules)."""
+
+    margin_band: float = Field(0.08, gt=0, lt=0.5, description="top/bottom share of a page searched for running lines")
+    repeat_fraction: float = Field(0.5, gt=0, le=1, description="a band line on this share of pages is running")
+    heading_ratio: float = Field(1.15, ge=1, description="font size / body size from which a line is a heading")
+    max_heading_chars: int = Field(120, ge=10)
+    chunk_chars: int = Field(1500, ge=200, description="chunks are cut at headings and at this length")
+
+
+class TagOntologyConfig(Section):
+    """Chunk -> ontology units by keyword rules plus MiniLM similarity."""
+
+    min_similarity: float = Field(0.55, ge=-1, le=1, description="tag on similarity alone from here")
+    min_similarity_with_keyword: float = Field(0.25, ge=-1, le=1, description="a keyword hit needs this much")
+    keyword_weight: float = Field(0.1, ge=0, description="score bonus per distinct term hit (up to 3)")
+    top_k: int = Field(3, ge=1)
+
+
+class SynthInstructionsConfig(Section):
+    """Instruction-response pairs: concepts, etching maths, process control / diagnosis."""
+
+    seed: int = 0
+    n_math: int = Field(400, ge=0, description="generated etching-maths problems")
+    max_response_chars: int = Field(1200, ge=100, description="corpus-grounded answers are cut here")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    benchmark_fraction: float = Field(0.1, ge=0, lt=1)
+    salt: str = "semilens"
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthInstructionsConfig":
+        if self.val_fraction + self.test_fraction + self.benchmark_fraction >= 0.9:
+            raise ValueError("val + test + benchmark fractions must leave at least 10% for train")
+        return self
+
+
 class Config(Section):
     """The whole of ``params.yaml``."""
 
@@ -276,6 +343,11 @@ class Config(Section):
     prepare_vlm: PrepareVLMConfig = PrepareVLMConfig()
     finetune_vlm: FinetuneVLMConfig = FinetuneVLMConfig()
     register_models: RegisterModelsConfig = RegisterModelsConfig()
+    synth_corpus: SynthCorpusConfig = SynthCorpusConfig()
+    extract_pdfs: ExtractPdfsConfig = ExtractPdfsConfig()
+    clean_markdown: CleanMarkdownConfig = CleanMarkdownConfig()
+    tag_ontology: TagOntologyConfig = TagOntologyConfig()
+    synth_instructions: SynthInstructionsConfig = SynthInstructionsConfig()
 
 
 class ConfigError(ValueError):

