@@ -56,7 +56,7 @@ KNOWLEDGE = Path(__file__).parents[1] / "knowledge"
 
 def text_config(tmp: Path, **sections: Any) -> Config:
     """A Config for the text path: the project's knowledge base, everything else under ``tmp``."""
-    names = ("raw_pdfs", "synthetic_pdfs", "pages", "markdown", "tags", "instructions", "metrics", "cache", "logs")
+    names = ("raw_pdfs", "synthetic_pdfs", "pages", "markdown", "tags", "instructions", "models", "metrics", "cache", "logs")
     return Config.model_validate(
         {"paths": {"knowledge": str(KNOWLEDGE), **{n: str(tmp / n) for n in names}}, **sections}
     )

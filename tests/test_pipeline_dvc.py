@@ -65,6 +65,10 @@ def repo(tmp_path_factory) -> Path:
     params["finetune_vlm"]["trainer"].update(max_steps=2, batch_size=2, save_steps=2)
     params["synth_corpus"].update(n_docs=2, max_units_per_doc=3)
     params["synth_instructions"].update(n_math=16)
+    params["prepare_llm"]["tiny"].update(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1)
+    params["pretrain_llm"].update(max_steps=3, batch_size=2, block_size=32, heldout_fraction=0.3, save_steps=3)
+    params["sft_llm"].update(max_steps=2, batch_size=2, max_length=128, save_steps=2)
+    params["evaluate_llm"].update(max_rows=4, max_new_tokens=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for raw in (repo / "data/raw/images", repo / "data/raw/pdfs"):
         raw.mkdir(parents=True)
@@ -107,6 +111,8 @@ def test_repro_builds_everything_then_is_clean(repo):
     assert read_json(repo / "metrics/clean.json")["similarity_min"] >= 0.97
     assert read_json(repo / "metrics/ontology.json")["chunks"] > 0
     assert read_json(repo / "metrics/instructions.json")["by_category"].keys() == {"concepts", "etch_math", "process_control"}
+    llm = read_json(repo / "metrics/llm.json")
+    assert {r["model"] for r in llm["rows"]} == {"base", "pretrained", "sft"}
     out = dvc("repro", cwd=repo)
     assert "Running stage" not in out
     status = dvc("status", cwd=repo)

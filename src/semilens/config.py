@@ -331,6 +331,75 @@ class SynthInstructionsConfig(Section):
         return self
 
 
+class TinyLLMConfig(Section):
+    """The tiny Llama-3-architecture preset's sizes."""
+
+    vocab_size: int = Field(2048, ge=300, description="learned BPE vocabulary (special tokens come on top)")
+    hidden_size: int = Field(128, ge=16)
+    intermediate_size: int = Field(352, ge=16)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    kv_heads: int = Field(2, ge=1, description="grouped-query attention: heads share key/value heads")
+    max_position_embeddings: int = Field(1024, ge=64)
+    rope_theta: float = Field(500000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TinyLLMConfig":
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError("hidden_size must divide by heads, and heads by kv_heads")
+        return self
+
+
+class PrepareLLMConfig(Section):
+    """The text model's base: `tiny` or a local Llama-3 checkpoint folder."""
+
+    seed: int = 0
+    base: str = Field("tiny", description="tiny, or a local checkpoint folder (nothing is downloaded)")
+    tiny: TinyLLMConfig = TinyLLMConfig()
+
+
+class PretrainLLMConfig(Section):
+    """Continued causal-LM pretraining on the cleaned corpus (stage 1)."""
+
+    seed: int = 0
+    threads: int = Field(1, ge=1)
+    method: Literal["full", "lora"] = Field("full", description="full for the tiny preset; lora for a large base")
+    lora: LoraConfigSection = LoraConfigSection(r=16, alpha=32)
+    heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of chunks kept out for perplexity")
+    block_size: int = Field(256, ge=16, description="packed sequence length (tokens)")
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    save_steps: int = Field(100, ge=1)
+    logging_steps: int = Field(10, ge=1)
+
+
+class SftLLMConfig(Section):
+    """LoRA SFT on the instruction train split (stage 2); loss on the answers only."""
+
+    seed: int = 0
+    threads: int = Field(1, ge=1)
+    lora: LoraConfigSection = LoraConfigSection(r=16, alpha=32)
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_length: int = Field(512, ge=32)
+    save_steps: int = Field(100, ge=1)
+    logging_steps: int = Field(10, ge=1)
+
+
+class EvaluateLLMConfig(Section):
+    """Benchmark scoring of base, pretrained and SFT text models."""
+
+    threads: int = Field(1, ge=1)
+    max_rows: int = Field(0, ge=0, description="0: the whole benchmark split")
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(16, ge=1)
+    math_rel_tol: float = Field(0.02, gt=0, lt=1, description="relative tolerance of a maths answer")
+
+
 class Config(Section):
     """The whole of ``params.yaml``."""
 
@@ -348,6 +417,10 @@ class Config(Section):
     clean_markdown: CleanMarkdownConfig = CleanMarkdownConfig()
     tag_ontology: TagOntologyConfig = TagOntologyConfig()
     synth_instructions: SynthInstructionsConfig = SynthInstructionsConfig()
+    prepare_llm: PrepareLLMConfig = PrepareLLMConfig()
+    pretrain_llm: PretrainLLMConfig = PretrainLLMConfig()
+    sft_llm: SftLLMConfig = SftLLMConfig()
+    evaluate_llm: EvaluateLLMConfig = EvaluateLLMConfig()
 
 
 class ConfigError(ValueError):

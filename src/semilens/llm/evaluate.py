@@ -1,0 +1,159 @@
+"""evaluate_llm: every stage's text model on the benchmark split, per difficulty.
+
+Reads the checkpoints ``<paths.models>/llm/{base,pretrained,sft}``, the benchmark split
+and the held-out corpus; writes ``metrics/llm.json`` (one row per model and difficulty)
+and ``<paths.models>/llm/eval/predictions.jsonl`` (every answer beside its reference).
+Run: ``python -m stages.evaluate_llm``.
+
+Scores: etching-maths exactness (the final number of the answer within a relative
+tolerance, in the expected unit after conversion: 0.5 min equals 30 s), ROUGE-L and
+BERTScore (the local MiniLM) against the reference answers, and held-out corpus
+perplexity per model. Generation is greedy and batched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from semilens.config import Config
+from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
+from semilens.llm.pretrain import pack, perplexity, split_corpus
+from semilens.vlm.metrics import caption_scores
+from semilens.vlm.prepare import resolve_checkpoint
+
+MODELS = ("base", "pretrained", "sft")
+DIFFICULTIES = ("easy", "medium", "hard")
+
+# unit spelling -> (canonical unit, factor): what etching answers are quoted in
+MATH_UNITS: dict[str, tuple[str, float]] = {
+    **{u: ("nm/min", 1.0) for u in ("nm/min", "nm min-1", "nm per minute")},
+    **{u: ("nm/min", 60.0) for u in ("nm/s", "nm/sec", "nm per second")},
+    **{u: ("nm/min", 0.1) for u in ("Å/min", "A/min", "angstrom/min")},
+    **{u: ("nm/min", 1000.0) for u in ("µm/min", "um/min")},
+    **{u: ("nm", 1.0) for u in ("nm", "nanometers", "nanometres")},
+    **{u: ("nm", 1000.0) for u in ("µm", "um")},
+    **{u: ("nm", 0.1) for u in ("Å", "angstrom", "angstroms")},
+    **{u: ("s", 1.0) for u in ("s", "sec", "secs", "second", "seconds")},
+    **{u: ("s", 60.0) for u in ("min", "mins", "minute", "minutes")},
+    **{u: ("s", 3600.0) for u in ("h", "hour", "hours")},
+    **{u: ("%", 1.0) for u in ("%", "percent")},
+}
+_UNIT_RE = "|".join(re.escape(u) for u in sorted(MATH_UNITS, key=len, reverse=True))
+_NUM_UNIT = re.compile(rf"(?<![\w.])(-?\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*(?:({_UNIT_RE})(?![\w/]))?")
+
+
+def final_quantity(text: str) -> tuple[float, str | None] | None:
+    """The answer a worked response ends on: the first quantity after its last ``=``, or
+    its last number if there is no ``=``; unit converted to the canonical one."""
+    tail = text.rsplit("=", 1)[-1] if "=" in text else text
+    found = list(_NUM_UNIT.finditer(tail))
+    if not found:
+        return None
+    m = found[0] if "=" in text else found[-1]
+    value, unit = float(m.group(1)), m.group(2)
+    if unit is None:
+        return value, None
+    canonical, factor = MATH_UNITS[unit]
+    return value * factor, canonical
+
+
+def math_correct(prediction: str, answer: dict[str, Any], rel_tol: float) -> bool:
+    got = final_quantity(prediction)
+    if got is None:
+        return False
+    expected_unit = MATH_UNITS[answer["unit"]][0] if answer["unit"] else None
+    value, unit = got
+    ref = float(answer["value"]) * (MATH_UNITS[answer["unit"]][1] if answer["unit"] else 1.0)
+    if expected_unit is not None and unit not in (expected_unit, None):
+        return False  # a number in the wrong dimension
+    return abs(value - ref) <= rel_tol * max(abs(ref), 1e-12)
+
+
+def generate(folder: Path, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers to single-turn prompts through the model's own chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"  # generation continues at the right edge
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    outs: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts[i : i + batch_size]
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+            )
+        outs += [t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+    return outs
+
+
+def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
+    """Maths exactness, ROUGE-L and BERTScore of one model's answers on some rows."""
+    math = [r for r in rows if r["category"] == "etch_math"]
+    exact = [math_correct(r["prediction"], json.loads(r["answer"]), rel_tol) for r in math]
+    text = caption_scores([r["prediction"] for r in rows], [r["response"] for r in rows]) if rows else {}
+    return {
+        "n": len(rows),
+        "math_n": len(math),
+        "math_exact": round(sum(exact) / len(math), 4) if math else None,
+        "rouge_l": None if not rows else round(text["rouge_l"], 4),
+        "bertscore_f1": None if not rows else round(text["bertscore_f1"], 4),
+    }
+
+
+def evaluate_llm(cfg: Config) -> dict[str, Any]:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ecfg = cfg.evaluate_llm
+    torch.set_num_threads(ecfg.threads)
+    bench = datasets.Dataset.from_parquet(str(Path(cfg.paths.instructions) / "benchmark.parquet"))
+    if ecfg.max_rows:
+        bench = bench.select(range(min(ecfg.max_rows, len(bench))))
+    rows = [dict(r) for r in bench]
+    _, held = split_corpus(list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")), cfg.pretrain_llm.heldout_fraction)
+    models_dir = Path(cfg.paths.models) / "llm"
+    table: list[dict[str, Any]] = []
+    predictions: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    for name in MODELS:
+        folder = resolve_checkpoint(models_dir / name)
+        answers = generate(folder, [r["instruction"] for r in rows], ecfg.max_new_tokens, ecfg.batch_size)
+        scored = [{**r, "prediction": a} for r, a in zip(rows, answers)]
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        ppl = perplexity(model, pack(held, tokenizer, cfg.pretrain_llm.block_size))
+        for difficulty in (*DIFFICULTIES, "all"):
+            subset = [r for r in scored if difficulty == "all" or r["difficulty"] == difficulty]
+            table.append({"model": name, "difficulty": difficulty, **score_rows(subset, ecfg.math_rel_tol), "heldout_perplexity": ppl})
+        predictions += [
+            {"model": name, "id": r["id"], "difficulty": r["difficulty"], "category": r["category"], "instruction": r["instruction"], "reference": r["response"], "prediction": r["prediction"]}
+            for r in scored
+        ]
+        overall = table[-1]
+        summary[name] = {"math_exact": overall["math_exact"], "rouge_l": overall["rouge_l"], "heldout_perplexity": ppl}
+    out = reset_dir(models_dir / "eval")
+    write_jsonl(out / "predictions.jsonl", predictions)
+    report = {
+        "benchmark_rows": len(rows),
+        "math_rel_tol": ecfg.math_rel_tol,
+        # The six expert criteria need a judge model. None is configured, so they are not
+        # scored, and the report says so rather than showing numbers nobody measured.
+        "judge": {"configured": False, "scores": None, "note": "no judge endpoint configured: expert criteria not scored"},
+        "rows": table,
+    }
+    write_json(Path(cfg.paths.metrics) / "llm.json", report)
+    return summary

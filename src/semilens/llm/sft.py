@@ -1,0 +1,106 @@
+"""sft_llm: LoRA supervised fine-tuning on the instruction train split (stage 2).
+
+Reads ``<paths.models>/llm/pretrained`` and ``<paths.instructions>/train.parquet``; writes
+``<paths.models>/llm/adapter`` (PEFT adapter + resolved config), ``<paths.models>/llm/sft``
+(the adapter merged: an ordinary checkpoint) and ``metrics/llm/sft.json`` +
+``metrics/llm/sft_loss.csv`` (a DVC plot). Run: ``python -m stages.sft_llm``.
+
+The pairs go to TRL's ``SFTTrainer`` as conversational prompt/completion records, so the
+chat template formats them exactly as at inference and the loss covers the answer tokens
+only (TRL's completion-only loss). Checkpoints are kept in the work cache under a key of
+model, data and params, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from semilens.config import Config, dump_config
+from semilens.io import atomic_write_text, reset_dir, sha256_file, write_json
+from semilens.llm.pretrain import LLAMA_TARGETS, run_key, trainer_kwargs, weights_digest
+from semilens.vlm.prepare import CONFIG_FILE
+
+STAGE = "sft_llm"
+
+
+def prompt_completion(rows: Any) -> Any:
+    """Instruction rows -> TRL's conversational prompt/completion format."""
+    return rows.map(
+        lambda r: {
+            "prompt": [{"role": "user", "content": r["instruction"]}],
+            "completion": [{"role": "assistant", "content": r["response"]}],
+        },
+        remove_columns=rows.column_names,
+    )
+
+
+def sft_llm(cfg: Config) -> dict[str, Any]:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    scfg = cfg.sft_llm
+    torch.set_num_threads(scfg.threads)
+    src = Path(cfg.paths.models) / "llm" / "pretrained"
+    train_file = Path(cfg.paths.instructions) / "train.parquet"
+    rows = datasets.Dataset.from_parquet(str(train_file))
+    if len(rows) == 0:
+        raise ValueError(f"{train_file}: no training pairs; run synth_instructions first")
+    train = prompt_completion(rows)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ckpt_dir = Path(cfg.paths.cache) / STAGE / run_key(weights_digest(src), sha256_file(train_file), scfg.model_dump(mode="json"))
+    lora = scfg.lora
+    args = SFTConfig(
+        **trainer_kwargs(scfg, ckpt_dir),
+        max_length=scfg.max_length,
+        completion_only_loss=True,
+        gradient_checkpointing=False,  # TRL turns it on by default; it only slows small models
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules or LLAMA_TARGETS,
+            modules_to_save=list(lora.modules_to_save) or None,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    models = Path(cfg.paths.models) / "llm"
+    adapter = reset_dir(models / "adapter")
+    trainer.model.save_pretrained(adapter)
+    tokenizer.save_pretrained(adapter)
+    atomic_write_text(adapter / CONFIG_FILE, dump_config(scfg))
+    merged_dir = reset_dir(models / "sft")
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    atomic_write_text(merged_dir / CONFIG_FILE, dump_config(scfg))
+
+    curve = [{"step": int(h["step"]), "loss": round(float(h["loss"]), 4)} for h in trainer.state.log_history if "loss" in h]
+    metrics_dir = Path(cfg.paths.metrics) / "llm"
+    atomic_write_text(metrics_dir / "sft_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve))
+    summary = {
+        "steps": int(trainer.state.global_step),
+        "resumed_from": None if resume is None else Path(resume).name,
+        "train_pairs": len(rows),
+        "trainable_parameters": trainable,
+        "train_loss": round(float(result.training_loss), 4),
+        "first_loss": curve[0]["loss"] if curve else None,
+        "last_loss": curve[-1]["loss"] if curve else None,
+    }
+    write_json(metrics_dir / "sft.json", summary)
+    return summary

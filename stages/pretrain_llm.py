@@ -1,0 +1,14 @@
+"""DVC stage pretrain_llm (see semilens.llm.pretrain for what it reads and writes).
+Run: python -m stages.pretrain_llm
+"""
+
+from semilens.llm.pretrain import pretrain_llm
+from semilens.runlog import run_stage
+
+
+def main() -> dict:
+    return run_stage("pretrain_llm", pretrain_llm)
+
+
+if __name__ == "__main__":
+    main()
