@@ -13,9 +13,10 @@ writes ``paths.instructions/{train,val,test,benchmark}.parquet`` (loadable with
 
 Every pair keeps its ``source`` (``kb:<group/module/unit>``, ``chunk:<id>`` or
 ``generator:<kind>``) and a ``difficulty`` (easy / medium / hard). Splits are drawn by a
-salted hash of a group key (the unit, or the maths problem), so the questions about one
-unit's defects never straddle train and test; ``benchmark`` is a fourth, held-out split
-that keeps all three difficulty levels. The output is deterministic for given inputs.
+salted hash of a group key: the module for knowledge-base and corpus pairs (a comparison
+quotes its sibling units, so a whole module goes to one split and no benchmark answer
+appears inside a training answer), the problem for maths. ``benchmark`` is a fourth,
+held-out split that keeps all three difficulty levels. The output is deterministic for given inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ from semilens.text.knowledge import Knowledge, UnitRef, load_knowledge
 
 STAGE = "synth_instructions"
 SPLITS = ("train", "val", "test", "benchmark")
+
+
+def module_key(ref: UnitRef) -> str:
+    """The split group of knowledge-base pairs: the module. A comparison quotes a sibling's
+    description, so siblings must share a split or one split's answers leak into another's."""
+    return f"{ref.group.id}/{ref.module.id}"
 
 
 def _pair(category: str, kind: str, difficulty: str, instruction: str, response: str, source: str, group: str, **extra: Any) -> dict[str, Any]:
@@ -74,7 +81,7 @@ PLACEMENT_WORDS = {
 def concept_pairs(kb: Knowledge, rng: random.Random) -> list[dict[str, Any]]:
     out = []
     for ref in kb.units():
-        u, key, src = ref.unit, ref.unit.id, f"kb:{ref.path}"
+        u, key, src = ref.unit, module_key(ref), f"kb:{ref.path}"
         name = u.name + (f" ({u.aliases[0]})" if u.aliases else "")
         ask = rng.choice(["What is {n} and what is it used for?", "Explain {n} to a process engineer.", "Describe {n}: mechanism, use and trade-offs."])
         out.append(_pair("concepts", "definition", "easy", ask.format(n=name), u.description, src, key))
@@ -101,15 +108,34 @@ def concept_pairs(kb: Knowledge, rng: random.Random) -> list[dict[str, Any]]:
     return out
 
 
-def chunk_pairs(chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any]]], kb: Knowledge, rng: random.Random, max_chars: int) -> list[dict[str, Any]]:
-    """Explanations grounded in the corpus: the chunk's text answers a question about its top unit."""
+def chunk_pairs(
+    chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any]]], kb: Knowledge, rng: random.Random, max_chars: int, cfg: SynthInstructionsConfig
+) -> list[dict[str, Any]]:
+    """Explanations grounded in the corpus: the chunk's prose answers a question about its top unit.
+
+    Table rows are left out of the answer (a model should not learn to recite pipes), and a
+    chunk whose tagged units sit in modules of different splits is skipped: its text would
+    put one split's answers into another's.
+    """
     out = []
     for c in chunks:
         units = tags.get(c["chunk_id"], [])
-        text = c["text"].strip()
-        if not units or len(text) < 200 or "|" in text.splitlines()[0]:
+        if not units:
             continue
-        ref = kb.unit(units[0]["unit"])
+        refs = [kb.unit(u["unit"]) for u in units]
+        if len({assign_split(module_key(r), cfg) for r in refs}) > 1:
+            continue
+        prose = [
+            p
+            for p in c["text"].strip().split("\n\n")
+            if not p.startswith("#") and not any(line.lstrip().startswith("|") for line in p.splitlines())
+        ]
+        body = "\n\n".join(prose)
+        if len(body) < 200:
+            continue
+        if len(body) > max_chars:  # cut at a word boundary, only when it has to be cut
+            body = body[:max_chars].rsplit(" ", 1)[0]
+        ref = refs[0]
         heading = c["headings"][-1] if c["headings"] else ref.unit.name
         ask = rng.choice(
             [
@@ -118,15 +144,14 @@ def chunk_pairs(chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any
                 "What do the notes say about {h}?",
             ]
         )
-        body = "\n\n".join(p for p in text.split("\n\n") if not p.startswith("#"))[:max_chars].rsplit(" ", 1)[0]
-        out.append(_pair("concepts", "corpus", "medium", ask.format(h=heading), body, f"chunk:{c['chunk_id']}", ref.unit.id))
+        out.append(_pair("concepts", "corpus", "medium", ask.format(h=heading), body, f"chunk:{c['chunk_id']}", module_key(ref)))
     return out
 
 
 def control_pairs(kb: Knowledge, rng: random.Random) -> list[dict[str, Any]]:
     out = []
     for ref in kb.units():
-        u, key, src = ref.unit, ref.unit.id, f"kb:{ref.path}"
+        u, key, src = ref.unit, module_key(ref), f"kb:{ref.path}"
         for p in u.parameters:
             way = rng.choice(["drifts above", "is pushed above", "runs high, above"])
             out.append(
@@ -204,7 +229,7 @@ def assign_split(group_key: str, cfg: SynthInstructionsConfig) -> str:
 
 def build_pairs(kb: Knowledge, chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any]]], cfg: SynthInstructionsConfig) -> list[dict[str, Any]]:
     rng = random.Random(cfg.seed)
-    pairs = concept_pairs(kb, rng) + chunk_pairs(chunks, tags, kb, rng, cfg.max_response_chars) + control_pairs(kb, rng) + math_pairs(cfg.n_math, cfg.seed)
+    pairs = concept_pairs(kb, rng) + chunk_pairs(chunks, tags, kb, rng, cfg.max_response_chars, cfg) + control_pairs(kb, rng) + math_pairs(cfg.n_math, cfg.seed)
     seen: set[str] = set()
     unique = []
     for p in pairs:  # the same question twice (two chunks with one heading) would leak across splits
@@ -228,10 +253,14 @@ def synth_instructions(cfg: Config) -> dict[str, Any]:
     pairs = build_pairs(kb, chunks, tags, icfg)
     out = Path(cfg.paths.instructions)
     out.mkdir(parents=True, exist_ok=True)
+    if not pairs:
+        raise ValueError("no instruction pairs: the knowledge base and corpus gave nothing to ask about")
+    # One schema for every split, an empty one included: split files load together.
+    full = datasets.Dataset.from_list(sorted(pairs, key=lambda p: p["id"]))
     counts: dict[str, Any] = {}
     for split in SPLITS:
-        rows = sorted((p for p in pairs if p["split"] == split), key=lambda p: p["id"])
-        ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({k: [] for k in pairs[0]})
+        rows = [p for p in sorted(pairs, key=lambda p: p["id"]) if p["split"] == split]
+        ds = full.filter(lambda r: r["split"] == split)
         tmp = out / f".{split}.parquet.tmp"
         ds.to_parquet(str(tmp))
         tmp.replace(out / f"{split}.parquet")
