@@ -270,3 +270,31 @@ def test_process_spec_extracts_without_garbled_glyphs(real_pages):
     md = clean_document(pages, Config().clean_markdown)["markdown"]
     assert "Page 3 of 26" not in md and "SG13G2 Process Specification Rev. 1.2" not in md
     assert "- Shallow trench isolation (STI)\n\n- NWell formation" in md
+
+
+def test_a_machine_problem_is_not_cached_and_an_unforeseen_error_is_quarantined(tmp_path, monkeypatch):
+    """No tesseract: the scan is quarantined with that reason but retried once it is there;
+    an exception no rule foresaw quarantines its file and the others still go through."""
+    from semilens.text import extract
+
+    cfg = text_config(tmp_path, synth_corpus={"n_docs": 0})
+    raw = Path(cfg.paths.raw_pdfs)
+    raw.mkdir()
+    (raw / "scan.pdf").write_bytes(_image_pdf("Megasonic cleaning removes particles."))
+    (raw / "good.pdf").write_bytes(_one_page_pdf("Copper CMP with a barrier slurry."))
+    monkeypatch.setattr(extract, "tesseract_available", lambda: False)
+    first = extract_pdfs(cfg)
+    reasons = {Path(q["source"]).name: q["reason"] for q in read_jsonl(Path(cfg.paths.pages) / "quarantine.jsonl")}
+    assert "tesseract is not installed" in reasons["scan.pdf"] and first["pages"] == 1
+    monkeypatch.undo()
+    second = extract_pdfs(cfg)
+    assert second["pages"] == 2 and second["quarantined"] == 0 and second["cache"] == {"hits": 1, "misses": 1}
+
+    def boom(*_a, **_k):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(extract, "text_lines", boom)
+    (raw / "other.pdf").write_bytes(_one_page_pdf("Another file."))
+    third = extract_pdfs(cfg)
+    reasons = {Path(q["source"]).name: q["reason"] for q in read_jsonl(Path(cfg.paths.pages) / "quarantine.jsonl")}
+    assert reasons["other.pdf"].startswith(("unreadable: RecursionError", "corrupt PDF: page 1: RecursionError")) and third["pages"] == 2

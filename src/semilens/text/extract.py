@@ -62,7 +62,16 @@ def repair_glyphs(text: str) -> str:
 
 
 class PdfProblem(ValueError):
-    """A file that cannot be extracted; the message is the quarantine reason."""
+    """A file that cannot be extracted; the message is the quarantine reason.
+
+    ``machine=True`` marks a problem of this machine rather than of the file (no
+    tesseract, an OCR timeout): it is reported but not cached, so installing tesseract
+    or re-running on a quieter machine retries the file.
+    """
+
+    def __init__(self, reason: str, machine: bool = False):
+        super().__init__(reason)
+        self.machine = machine
 
 
 @dataclass
@@ -214,7 +223,7 @@ def ocr_lines(pdf: Any, index: int, height_pt: float, cfg: ExtractPdfsConfig) ->
     columns and small skew; positions are converted from pixels to PDF points.
     """
     if not tesseract_available():
-        raise PdfProblem("page has no text layer and tesseract is not installed (apt-get install tesseract-ocr)")
+        raise PdfProblem("page has no text layer and tesseract is not installed (apt-get install tesseract-ocr)", machine=True)
     page = pdf[index]
     image = page.render(scale=cfg.ocr_dpi / 72).to_pil().convert("L")
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,13 +368,17 @@ def extract_pdfs(cfg: Config) -> dict[str, Any]:
         key = cache.key(sha, params)
         hit = cache.get(key)
         if hit is None:
+            cacheable = True
             try:
                 hit = {"pages": extract_pdf(data, ecfg)}
             except PdfProblem as exc:
-                hit = {"problem": str(exc)}
+                hit, cacheable = {"problem": str(exc)}, not exc.machine
             except subprocess.TimeoutExpired:
-                hit = {"problem": f"OCR took longer than extract_pdfs.ocr_timeout_s={ecfg.ocr_timeout_s}"}
-            cache.put(key, hit)
+                hit, cacheable = {"problem": f"OCR took longer than extract_pdfs.ocr_timeout_s={ecfg.ocr_timeout_s}"}, False
+            except Exception as exc:  # a file no rule foresaw must not stop the other files
+                hit = {"problem": f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"}
+            if cacheable:
+                cache.put(key, hit)
         if "problem" in hit:
             quarantine.append({"source": source, "sha256": sha, "reason": hit["problem"]})
             continue
