@@ -68,20 +68,24 @@ def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> floa
     return round(math.exp(total / count), 3)
 
 
-def lora_model(model: Any, lora: Any) -> Any:
-    from peft import LoraConfig, get_peft_model
+def lora_config(lora: Any) -> Any:
+    """PEFT LoraConfig from a params ``lora`` section (Llama projections by default)."""
+    from peft import LoraConfig
 
-    return get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules or LLAMA_TARGETS,
-            modules_to_save=list(lora.modules_to_save) or None,
-            task_type="CAUSAL_LM",
-        ),
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or LLAMA_TARGETS,
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
     )
+
+
+def lora_model(model: Any, lora: Any) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora))
 
 
 def run_key(*parts: Any) -> str:

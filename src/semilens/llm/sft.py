@@ -18,7 +18,7 @@ from typing import Any
 
 from semilens.config import Config, dump_config
 from semilens.io import atomic_write_text, reset_dir, sha256_file, write_json
-from semilens.llm.pretrain import LLAMA_TARGETS, run_key, trainer_kwargs, weights_digest
+from semilens.llm.pretrain import lora_config, run_key, trainer_kwargs, weights_digest
 from semilens.vlm.prepare import CONFIG_FILE
 
 STAGE = "sft_llm"
@@ -38,7 +38,6 @@ def prompt_completion(rows: Any) -> Any:
 def sft_llm(cfg: Config) -> dict[str, Any]:
     import datasets
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
@@ -54,7 +53,6 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     ckpt_dir = Path(cfg.paths.cache) / STAGE / run_key(weights_digest(src), sha256_file(train_file), scfg.model_dump(mode="json"))
-    lora = scfg.lora
     args = SFTConfig(
         **trainer_kwargs(scfg, ckpt_dir),
         max_length=scfg.max_length,
@@ -66,14 +64,7 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
-        peft_config=LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules or LLAMA_TARGETS,
-            modules_to_save=list(lora.modules_to_save) or None,
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=lora_config(scfg.lora),
     )
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
