@@ -1,14 +1,44 @@
-"""Shared test fixtures: the real-data folder, and a Config whose paths point into tmp_path."""
+"""Shared test fixtures: the real-data folder, a Config whose paths point into tmp_path,
+and a stub OpenAI-compatible chat server on loopback."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from semilens.config import Config
+
+# One torch thread per core between the xdist workers (`make test` runs two on a 2-core
+# box). Two threads per worker there made MiniLM embedding 2x slower, not faster, as the
+# workers' OpenMP threads fight over the cores. Set before torch is imported; the stages
+# and CLIs the tests start inherit it. An explicit OMP_NUM_THREADS wins.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # xdist's --dist loadfile hands out the files with the most tests first. The DVC pipeline
+    # file has six tests yet runs longest, so it started last while the other worker sat
+    # idle for minutes. Keep the collection order instead, set below.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with end-to-end tests (marked `e2e`: real stages, a minute or more per file)
+    start first, so the quick files fill in around them on the other worker."""
+    e2e_files = {item.path for item in items if item.get_closest_marker("e2e")}
+    items.sort(key=lambda item: item.path not in e2e_files)  # stable: keeps each file's order
+
 
 REALDATA = (Path(__file__).parents[1] / ".." / "shared" / "realdata").resolve()
 
@@ -60,3 +90,76 @@ def text_config(tmp: Path, **sections: Any) -> Config:
     return Config.model_validate(
         {"paths": {"knowledge": str(KNOWLEDGE), **{n: str(tmp / n) for n in names}}, **sections}
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_judge_from_the_shell() -> Iterator[None]:
+    """A judge exported in the developer's shell must not be called by the tests (nor turn
+    the report's ``configured: false`` into true); tests that want one set it themselves."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("SEMILENS_JUDGE_URL", "SEMILENS_JUDGE_MODEL", "SEMILENS_JUDGE_API_KEY"):
+            mp.delenv(name, raising=False)
+        yield
+
+
+class ChatStub:
+    """``POST /v1/chat/completions`` on 127.0.0.1 (``url`` ends in ``/v1``), in a thread.
+
+    ``script`` maps a marker that appears in the prompt to the replies for successive
+    requests about it: a string (the assistant's content), an int (that HTTP status), or
+    ``("sleep", seconds, reply)``. A prompt with no marker gets ``default``; a marker whose
+    replies are used up gets HTTP 418. Every request is kept in ``requests``."""
+
+    def __init__(self, script: dict[str, list[Any]] | None = None, default: Any = 418):
+        self.script = {k: list(v) for k, v in (script or {}).items()}
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/chat/completions":
+                    return self.send(404, {"error": "not found"})
+                with stub.lock:
+                    stub.requests.append({"body": body, "authorization": self.headers.get("Authorization")})
+                    user = body["messages"][-1]["content"]
+                    marker = next((k for k in stub.script if k in user), None)
+                    replies = stub.script.get(marker, [default])
+                    reply = replies.pop(0) if replies else 418
+                if isinstance(reply, tuple):
+                    time.sleep(reply[1])
+                    reply = reply[2]
+                if isinstance(reply, int):
+                    return self.send(reply, {"error": {"message": "scripted failure"}})
+                self.send(200, {
+                    "id": f"chatcmpl-{len(stub.requests)}", "object": "chat.completion", "created": 0,
+                    "model": body["model"],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                })
+
+            def send(self, status: int, payload: dict[str, Any]) -> None:
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (the timeout case)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> ChatStub:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -7,15 +7,19 @@ tests read what they wrote.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import text_config
+from conftest import ChatStub, text_config
 
+from semilens.config import JudgeConfig
 from semilens.io import read_json, read_jsonl
-from semilens.llm.evaluate import evaluate_llm, final_quantity, math_correct
+from semilens.llm.evaluate import DIFFICULTIES, MODELS, evaluate_llm, final_quantity, math_correct
+from semilens.llm.judge import CRITERIA
 from semilens.llm.prepare import prepare_llm
 from semilens.llm.pretrain import pack, pretrain_llm, split_corpus
+from semilens.llm.quantize import quantize_llm
 from semilens.llm.sft import sft_llm
 from semilens.text.clean import clean_markdown
 from semilens.text.corpus import synth_corpus
@@ -41,6 +45,9 @@ def test_maths_scoring_converts_units_and_refuses_wrong_ones():
     assert not math_correct("I cannot say.", answer, 0.02)
     assert final_quantity("ER = 975 nm / 2.5 min = 390 nm/min.") == (390.0, "nm/min")
     assert final_quantity("rate 6.5 nm/s") == (390.0, "nm/min")
+    assert final_quantity("loss = 1,250 nm.") == (1250.0, "nm")  # thousands grouped
+    assert final_quantity("rate = 1.2 μm/min") == final_quantity("rate = 1.2 µm/min") == (1200.0, "nm/min")  # Greek mu, micro sign
+    assert final_quantity("t = 250 ms") == (0.25, "s")
 
 
 def test_packing_makes_full_blocks_with_document_boundaries():
@@ -67,6 +74,8 @@ def llm_run(tmp_path_factory):
         prepare_llm={"tiny": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "heads": 2, "kv_heads": 1}},
         pretrain_llm={"max_steps": 30, "batch_size": 4, "block_size": 64, "heldout_fraction": 0.3, "learning_rate": 0.01, "save_steps": 15, "warmup_steps": 2},
         sft_llm={"max_steps": 6, "batch_size": 4, "max_length": 256, "save_steps": 3, "warmup_steps": 1},
+        # the tiny test model is 32 wide, so GPTQ groups of 32 (the default 128 is refused: tested below)
+        quantize_llm={"group_size": 32, "calibration_samples": 8, "max_seq_length": 64},
         evaluate_llm={"max_rows": 12, "max_new_tokens": 24},
     )
     synth_corpus(cfg)
@@ -77,10 +86,12 @@ def llm_run(tmp_path_factory):
     prep = prepare_llm(cfg)
     pre = pretrain_llm(cfg)
     sft = sft_llm(cfg)
+    quantize_llm(cfg)
     ev = evaluate_llm(cfg)
     return cfg, prep, pre, sft, ev
 
 
+@pytest.mark.e2e
 def test_prepare_builds_a_llama3_checkpoint_the_auto_classes_load(llm_run):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -95,17 +106,29 @@ def test_prepare_builds_a_llama3_checkpoint_the_auto_classes_load(llm_run):
     assert "randomly initialised" in (base / "README.md").read_text()
 
 
+@pytest.mark.e2e
 def test_pretraining_lowers_heldout_perplexity_and_resumes(llm_run):
     cfg, _, pre, *_ = llm_run
     assert pre["steps"] == 30 and pre["heldout_tokens"] > 0
     assert pre["heldout_perplexity_after"] < 0.5 * pre["heldout_perplexity_before"]
     curve = (Path(cfg.paths.metrics) / "llm" / "pretrain_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and len(curve) >= 3
-    # a second run with the same inputs resumes from the last checkpoint instead of starting over
+    fresh = read_json(Path(cfg.paths.metrics) / "llm" / "pretrain.json")
+    # A kill after step 15: the step-30 checkpoint never got written. The re-run resumes
+    # from step 15 instead of starting over, and ends where the uninterrupted run ended.
+    run_dir = next((Path(cfg.paths.cache) / "pretrain_llm").iterdir())
+    shutil.rmtree(run_dir / "checkpoint-30")
     again = pretrain_llm(cfg)
-    assert again["resumed_from"] == "checkpoint-30" and again["heldout_perplexity_after"] == pytest.approx(pre["heldout_perplexity_after"], rel=1e-3)
+    assert again["resumed_from"] == "checkpoint-15" and again["steps"] == 30
+    assert again["heldout_perplexity_after"] == pytest.approx(pre["heldout_perplexity_after"], rel=1e-2)
+    # the metrics file DVC tracks holds no fact of the run itself, so a resumed run and a
+    # fresh one record the same things
+    metrics = read_json(Path(cfg.paths.metrics) / "llm" / "pretrain.json")
+    assert "resumed_from" not in metrics and "train_loss" not in metrics
+    assert metrics.keys() == fresh.keys() and metrics["steps"] == fresh["steps"] == 30
 
 
+@pytest.mark.e2e
 def test_sft_writes_an_adapter_and_a_merged_model(llm_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -119,15 +142,89 @@ def test_sft_writes_an_adapter_and_a_merged_model(llm_run):
     assert AutoModelForCausalLM.from_pretrained(models / "sft").config.model_type == "llama"
 
 
+@pytest.mark.e2e
+def test_gptq_packs_the_linear_layers_and_the_folder_loads_and_generates(llm_run):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, *_ = llm_run
+    q = read_json(Path(cfg.paths.metrics) / "quantize.json")
+    gptq = Path(cfg.paths.models) / "llm" / "gptq"
+    conf = json.loads((gptq / "config.json").read_text())["quantization_config"]
+    assert conf["quant_method"] == "compressed-tensors" and conf["format"] == "pack-quantized"
+    # 2 layers x 7 projections; lm_head stays in float
+    assert q["quantized_layers"] == 14 and q["bits"] == 4
+    with safe_open(str(gptq / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.down_proj.weight_packed" in keys and "lm_head.weight" in keys
+    assert "model.layers.0.mlp.down_proj.weight" not in keys
+    # 4-bit codes plus one fp32 scale per 32 weights: 5/32 of fp32
+    assert q["linear_size_ratio"] == pytest.approx(5 / 32, rel=0.02)
+    assert q["linear_bytes_quantized"] < 0.35 * q["linear_bytes_fp32"]
+    assert q["folder_bytes_quantized"] < q["folder_bytes_unquantized"]
+    assert q["heldout_perplexity_quantized"] > 0 and q["reloads_and_generates"] is True
+    model = AutoModelForCausalLM.from_pretrained(gptq)
+    tok = AutoTokenizer.from_pretrained(gptq)
+    enc = tok("Etch rate", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > enc["input_ids"].shape[1]
+    sft = AutoModelForCausalLM.from_pretrained(Path(cfg.paths.models) / "llm" / "sft")
+    w_sft = sft.model.layers[0].self_attn.q_proj.weight
+    w_q = model.model.layers[0].self_attn.q_proj.weight.float()
+    # dequantised weights stay close to the originals, but are not them
+    assert not torch.equal(w_sft, w_q) and (w_sft - w_q).abs().max() < 0.25 * w_sft.abs().max()
+
+
+@pytest.mark.e2e
+def test_gptq_refuses_a_group_size_that_does_not_divide_a_layer(llm_run, tmp_path):
+    cfg, *_ = llm_run
+    bad = cfg.model_copy(update={
+        "quantize_llm": cfg.quantize_llm.model_copy(update={"group_size": 128}),
+        "paths": cfg.paths.model_copy(update={"metrics": tmp_path / "metrics"}),
+    })
+    with pytest.raises(ValueError, match=r"group_size 128 does not divide the input width of 14 layer\(s\).*e\.g\. 32"):
+        quantize_llm(bad)
+    assert not (tmp_path / "metrics" / "quantize.json").exists()
+
+
+@pytest.mark.e2e
 def test_evaluation_has_one_row_per_model_and_difficulty(llm_run):
     cfg, *_, ev = llm_run
     report = read_json(Path(cfg.paths.metrics) / "llm.json")
     seen = {(r["model"], r["difficulty"]) for r in report["rows"]}
-    assert seen == {(m, d) for m in ("base", "pretrained", "sft") for d in ("easy", "medium", "hard", "all")}
+    assert seen == {(m, d) for m in ("base", "pretrained", "sft", "gptq") for d in ("easy", "medium", "hard", "all")}
     assert report["judge"]["configured"] is False and report["judge"]["scores"] is None
     preds = list(read_jsonl(Path(cfg.paths.models) / "llm" / "eval" / "predictions.jsonl"))
-    assert len(preds) == 3 * report["benchmark_rows"]
+    assert len(preds) == 4 * report["benchmark_rows"]
     assert ev["pretrained"]["heldout_perplexity"] < ev["base"]["heldout_perplexity"]
     for r in report["rows"]:
         assert r["rouge_l"] is None or 0 <= r["rouge_l"] <= 1
         assert json.dumps(r)  # plain numbers only
+
+
+@pytest.mark.e2e
+def test_evaluation_with_a_judge_scores_each_model_and_difficulty(llm_run, tmp_path, monkeypatch):
+    """The judge wired into the real stage: set through the environment, as a user would
+    point at a server without editing params; every reply the same, so the means are known."""
+    cfg, *_ = llm_run
+    ecfg = cfg.evaluate_llm.model_copy(update={"judge": JudgeConfig(max_items=2)})
+    cfg = cfg.model_copy(update={"evaluate_llm": ecfg, "paths": cfg.paths.model_copy(update={"metrics": tmp_path})})
+    with ChatStub(default=json.dumps({**dict.fromkeys(CRITERIA, 3), "specificity": 2})) as stub:
+        monkeypatch.setenv("SEMILENS_JUDGE_URL", stub.url)
+        monkeypatch.setenv("SEMILENS_JUDGE_MODEL", "stub-judge")
+        evaluate_llm(cfg)
+    judge = read_json(tmp_path / "llm.json")["judge"]
+    assert judge["configured"] is True and judge["model"] == "stub-judge" and judge["items_per_model"] == 2
+    rows = {(r["model"], r["difficulty"]): r for r in judge["scores"]}
+    assert set(rows) == {(m, d) for m in MODELS for d in (*DIFFICULTIES, "all")}
+    for m in MODELS:
+        assert (rows[m, "all"]["n_judged"], rows[m, "all"]["n_failed"]) == (2, 0)
+        assert (rows[m, "all"]["clarity"], rows[m, "all"]["specificity"]) == (3.0, 2.0)
+    records = list(read_jsonl(Path(cfg.paths.models) / "llm" / "eval" / "judge.jsonl"))
+    preds = list(read_jsonl(Path(cfg.paths.models) / "llm" / "eval" / "predictions.jsonl"))
+    assert [(r["model"], r["id"]) for r in records] == [(p["model"], p["id"]) for p in preds if p["id"] in {q["id"] for q in preds[:2]}]
+    assert len(stub.requests) == 2 * len(MODELS) and all(r["reply"] for r in records)
+    for req, rec in zip(stub.requests, records):
+        pred = next(p for p in preds if (p["model"], p["id"]) == (rec["model"], rec["id"]))
+        assert pred["prediction"] in req["body"]["messages"][1]["content"]

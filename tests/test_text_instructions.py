@@ -132,6 +132,7 @@ def text_run(tmp_path_factory):
     return cfg, tagged, made
 
 
+@pytest.mark.e2e
 def test_tag_ontology_writes_tags_and_a_coverage_report(text_run):
     cfg, tagged, _ = text_run
     tags = list(read_jsonl(Path(cfg.paths.tags) / "tags.jsonl"))
@@ -156,6 +157,7 @@ def test_tag_ontology_writes_tags_and_a_coverage_report(text_run):
     assert tag_ontology(cfg)["cache"]["misses"] == 0
 
 
+@pytest.mark.e2e
 def test_instruction_dataset_has_sources_splits_and_difficulties(text_run, kb):
     import datasets
 

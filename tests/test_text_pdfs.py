@@ -57,6 +57,12 @@ def test_knowledge_errors_name_the_file_and_key(tmp_path):
     victim.write_text(yaml.safe_dump(group))
     with pytest.raises(KnowledgeError, match="colour"):
         load_knowledge(tmp_path)
+    group["modules"][0]["units"][0].pop("colour")
+    text = yaml.safe_dump(group, sort_keys=False)
+    assert text.startswith("id: ")
+    victim.write_text(text.replace("id: ", "id: twice\nid: ", 1))  # a key given twice, as a hand edit might
+    with pytest.raises(KnowledgeError, match=rf"(?s){victim.name}.*duplicate key 'id'"):
+        load_knowledge(tmp_path)
     victim.unlink()
     with pytest.raises(KnowledgeError, match="missing"):
         load_knowledge(tmp_path)
@@ -76,6 +82,7 @@ def corpus_run(tmp_path_factory):
     return cfg, made, extracted, cleaned
 
 
+@pytest.mark.e2e
 def test_synthetic_pdfs_clean_back_to_their_source(corpus_run):
     cfg, made, extracted, cleaned = corpus_run
     assert made["documents"] == 2 and made["pages"] >= 4
@@ -95,6 +102,7 @@ def test_synthetic_pdfs_clean_back_to_their_source(corpus_run):
     assert md.startswith("# ") and "\n| Parameter | Unit | Typical |\n|---|---|---|\n" in md
 
 
+@pytest.mark.e2e
 def test_cleaning_rules_are_what_the_score_rests_on(corpus_run):
     """Turn rules off one at a time: the fidelity must drop, or the score proves nothing."""
     cfg, *_ = corpus_run
@@ -111,6 +119,7 @@ def test_cleaning_rules_are_what_the_score_rests_on(corpus_run):
     assert similarity(raw, truth) < similarity(good["markdown"], truth)
 
 
+@pytest.mark.e2e
 def test_adding_a_pdf_redoes_only_that_pdf(corpus_run):
     cfg, made, *_ = corpus_run
     again = extract_pdfs(cfg)
@@ -239,6 +248,7 @@ def real_pages(realdata):
     }
 
 
+@pytest.mark.e2e
 def test_scanned_pages_come_out_through_ocr(real_pages, realdata):
     truth = (realdata / "pdfs" / "ocrmypdf_scanned" / "linn.txt").read_text()
     for name, floor in (("ocrmypdf_scanned/linn.pdf", 0.97), ("ocrmypdf_scanned/skew.pdf", 0.93)):
@@ -248,6 +258,7 @@ def test_scanned_pages_come_out_through_ocr(real_pages, realdata):
         assert similarity(md, truth) >= floor, name
 
 
+@pytest.mark.e2e
 def test_two_column_paper_reads_in_column_order(real_pages):
     pages = real_pages["nist_mist/Blattner_etal_Hybrid_CPU-GPU_Stitching_Microscopy_Images.pdf"]
     md = " ".join(clean_document(pages, Config().clean_markdown)["markdown"].split())
@@ -260,6 +271,7 @@ def test_two_column_paper_reads_in_column_order(real_pages):
     assert md.index("The second challenge is algorithmic") < md.index("bookkeeping). Each stage")
 
 
+@pytest.mark.e2e
 def test_process_spec_extracts_without_garbled_glyphs(real_pages):
     pages = real_pages["ihp_open_pdk/SG13G2_os_process_spec.pdf"]
     assert len(pages) == 26 and all(p["method"] == "text" for p in pages)

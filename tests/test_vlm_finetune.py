@@ -97,6 +97,7 @@ def run(tmp_path_factory):
     return cfg, summary
 
 
+@pytest.mark.e2e
 def test_stage_writes_adapter_merged_and_loss_curve(run):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -127,6 +128,7 @@ def test_stage_writes_adapter_merged_and_loss_curve(run):
     assert torch.allclose(a, b, atol=5e-2 if saved_bf16 else 1e-4)
 
 
+@pytest.mark.e2e
 def test_answer_tokens_alone_carry_the_loss_and_images_are_never_cut(run):
     import datasets
     from transformers import AutoProcessor
@@ -147,6 +149,7 @@ def test_answer_tokens_alone_carry_the_loss_and_images_are_never_cut(run):
         make_collator(processor, get_family(FAMILY), max_length=30)([dict(e) for e in examples])
 
 
+@pytest.mark.e2e
 def test_image_conversations_supervise_every_answer_once_per_opening(run):
     import datasets
     from transformers import AutoProcessor
@@ -182,6 +185,7 @@ def test_image_conversations_supervise_every_answer_once_per_opening(run):
     assert supervised == "".join(f"{a}<|im_end|>\n" for a in answers)
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_from_its_last_checkpoint(run):
     cfg, _ = run
     ckpt_root = next((cfg.paths.cache / "finetune_vlm" / FAMILY).iterdir())
@@ -192,6 +196,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(run):
     assert summary["resumed_from"] == "checkpoint-3" and summary["steps"] == 6
 
 
+@pytest.mark.e2e
 def test_changed_params_do_not_resume_foreign_state(run, tmp_path):
     cfg, _ = run
     other = cfg.model_copy(
@@ -201,6 +206,7 @@ def test_changed_params_do_not_resume_foreign_state(run, tmp_path):
     assert summary["resumed_from"] is None
 
 
+@pytest.mark.e2e
 def test_two_processes_through_accelerate_launch(run, tmp_path):
     """`accelerate launch --num_processes 2` on the CPU: DDP over gloo, one writer."""
     cfg, _ = run
@@ -242,6 +248,7 @@ def test_impossible_backends_are_refused_with_a_reason():
     assert select_backend(TrainerSection(), cuda=True)["bf16"] is True
 
 
+@pytest.mark.e2e
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_step_on_cuda(run, tmp_path):
@@ -259,6 +266,7 @@ def test_qlora_step_on_cuda(run, tmp_path):
     assert summary["quantization"] == "4bit" and summary["bf16"] is True and summary["steps"] == 2
 
 
+@pytest.mark.e2e
 def test_evaluate_scores_base_and_finetuned_side_by_side(run):
     import json
 
@@ -278,6 +286,7 @@ def test_evaluate_scores_base_and_finetuned_side_by_side(run):
     assert set(report["delta"]) >= {"vqa_accuracy", "caption_rouge_l"}
 
 
+@pytest.mark.e2e
 def test_predict_answers_with_merged_adapter_and_base_folders(run, tmp_path):
     import os
     import subprocess

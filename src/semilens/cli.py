@@ -3,6 +3,8 @@
     semilens stages                      list the stages
     semilens run STAGE [--dry-run]       run one stage (what `dvc repro` calls is the same code)
     semilens config [SECTION]            print the resolved, validated params.yaml
+    semilens predict IMAGE QUESTION      answer with a VLM checkpoint
+    semilens ask QUESTION                answer with a text-model checkpoint
 
 Run it from the project root (where params.yaml and stages/ live). Heavy libraries are
 imported by the stage itself, so ``--help`` stays fast.
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import runpy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from semilens.config import DEFAULT_PARAMS, ConfigError, dump_config, load_config
 
@@ -32,6 +36,18 @@ err = Console(stderr=True, soft_wrap=True)  # one-line errors, never wrapped
 def available_stages(root: Path = Path(".")) -> list[str]:
     folder = root / "stages"
     return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _answer(run: Callable[[], str]) -> None:
+    """Print a model's answer (predict, ask). A bad input ends with one line on stderr and
+    exit code 2, no traceback: ValueError, or OSError for transformers' "no weights / no
+    tokenizer in this folder", whose text may span lines (joined here) and hold brackets
+    (escaped, or rich would read them as markup)."""
+    try:
+        typer.echo(run())
+    except (ValueError, OSError) as exc:
+        err.print(f"[red]error[/red]: {escape(' '.join(str(exc).split()))}")
+        raise typer.Exit(2) from exc
 
 
 def _load(params: Path):
@@ -108,11 +124,21 @@ def predict(
     """Answer a question about an image with a VLM checkpoint (greedy)."""
     from semilens.vlm.predict import predict as run_predict
 
-    try:
-        typer.echo(run_predict(checkpoint, image, question, max_new_tokens))
-    except (ValueError, FileNotFoundError) as exc:
-        err.print(f"[red]error[/red]: {exc}")
-        raise typer.Exit(2) from exc
+    _answer(lambda: run_predict(checkpoint, image, question, max_new_tokens))
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="what to ask the text model"),
+    checkpoint: Path = typer.Option(
+        Path("models/llm/sft"), help="any semilens text folder: base, pretrained, sft, gptq or adapter"
+    ),
+    max_new_tokens: int = typer.Option(128, min=1),
+) -> None:
+    """Answer a question with a text-model checkpoint (greedy, through its chat template)."""
+    from semilens.llm.ask import ask as run_ask
+
+    _answer(lambda: run_ask(checkpoint, question, max_new_tokens))
 
 
 if __name__ == "__main__":

@@ -336,7 +336,7 @@ class TinyLLMConfig(Section):
 
     vocab_size: int = Field(2048, ge=300, description="learned BPE vocabulary (special tokens come on top)")
     hidden_size: int = Field(128, ge=16)
-    intermediate_size: int = Field(352, ge=16)
+    intermediate_size: int = Field(384, ge=16)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
     kv_heads: int = Field(2, ge=1, description="grouped-query attention: heads share key/value heads")
@@ -390,6 +390,46 @@ class SftLLMConfig(Section):
     logging_steps: int = Field(10, ge=1)
 
 
+class QuantizeLLMConfig(Section):
+    """GPTQ weight-only quantisation of the SFT model (llmcompressor, compressed-tensors)."""
+
+    seed: int = 0
+    threads: int = Field(1, ge=1)
+    bits: Literal[4, 8] = Field(4, description="4 with group_size 128 is the W4A16 preset")
+    group_size: int = Field(128, ge=16, description="input columns sharing one scale; must divide every layer's width")
+    ignore: list[str] = Field(["lm_head"], description="Linear layers left unquantised (by name or name suffix)")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening")
+    calibration_samples: int = Field(128, ge=1, description="packed corpus blocks (training chunks only)")
+    max_seq_length: int = Field(256, ge=16, description="tokens per calibration block")
+    smoke_prompt: str = Field("What controls the etch rate in reactive ion etching?", min_length=1, description="generated once after reloading")
+
+
+class JudgeConfig(Section):
+    """An LLM judge on an OpenAI-compatible server that scores answers on six expert criteria.
+
+    The environment variables SEMILENS_JUDGE_URL and SEMILENS_JUDGE_MODEL override
+    ``base_url`` and ``model``, so a server can be tried without editing params.yaml; the
+    report records the URL and model actually used.
+    """
+
+    base_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="e.g. http://127.0.0.1:8000/v1 (POSTs to <base_url>/chat/completions); None: no judge",
+    )
+    model: str | None = Field(None, description="the model name the server serves; required with a URL")
+    api_key_env: str = Field(
+        "SEMILENS_JUDGE_API_KEY", min_length=1, description="environment variable holding a bearer key (unset: no key)"
+    )
+    timeout_s: float = Field(120.0, gt=0, description="per request; a reply slower than this fails as a timeout")
+    max_retries: int = Field(2, ge=0, le=5, description="extra tries after a connection error or HTTP 5xx/429")
+    retry_backoff_s: float = Field(1.0, ge=0, description="wait before retry n is backoff * 2**(n-1)")
+    max_tokens: int = Field(512, ge=16, description="reply budget: six scores and a short rationale")
+    max_items: int = Field(
+        0, ge=0, description="0: every benchmark row; N: the first N rows, the same rows for every model"
+    )
+
+
 class EvaluateLLMConfig(Section):
     """Benchmark scoring of base, pretrained and SFT text models."""
 
@@ -398,6 +438,10 @@ class EvaluateLLMConfig(Section):
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(16, ge=1)
     math_rel_tol: float = Field(0.02, gt=0, lt=1, description="relative tolerance of a maths answer")
+    calculator: bool = Field(
+        True, description="also score maths with calculator-assisted decoding (the model writes the arithmetic, a calculator the digits)"
+    )
+    judge: JudgeConfig = JudgeConfig()
 
 
 class Config(Section):
@@ -420,6 +464,7 @@ class Config(Section):
     prepare_llm: PrepareLLMConfig = PrepareLLMConfig()
     pretrain_llm: PretrainLLMConfig = PretrainLLMConfig()
     sft_llm: SftLLMConfig = SftLLMConfig()
+    quantize_llm: QuantizeLLMConfig = QuantizeLLMConfig()
     evaluate_llm: EvaluateLLMConfig = EvaluateLLMConfig()
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from semilens.io import hash_json
+from semilens.lineage import file_md5
 
 IDENTITY_TAG = "semilens.identity"
 
@@ -52,6 +53,45 @@ class Registration:
     model_artifact: str  # which of ``artifacts`` the model version points at
     datasets: list[tuple[Any, str, dict[str, str]]] = field(default_factory=list)  # (dataset, context, tags)
     description: str = ""
+
+
+def params_hash(cfg: Any, sections: Iterable[str] | None = None) -> str:
+    """Hash of the config sections that shape a model (default: all but paths and registration).
+
+    A family passes its own sections so that tuning another family's params neither
+    changes its hash nor leaves it stale (DVC re-runs a register stage only for the
+    params it declares).
+    """
+    data = cfg.model_dump(mode="json", exclude={"paths", "register_models"})
+    if sections is not None:
+        data = {name: data[name] for name in sections}
+    return hash_json(data)[:16]
+
+
+def lineage_tags(lineage: Mapping[str, Mapping[str, str]], git: Mapping[str, Any]) -> dict[str, str]:
+    """Model-version tags from ``verified_hashes`` and ``git_state``: each artifact's dvc.lock
+    md5, path and producing stage, and the commit the pipeline ran on."""
+    return {
+        **{f"dvc.{role}.md5": entry["md5"] for role, entry in lineage.items()},
+        **{f"dvc.{role}.path": entry["path"] for role, entry in lineage.items()},
+        **{f"dvc.{role}.stage": entry["stage"] for role, entry in lineage.items()},
+        "git.commit": git["commit"],
+        "git.dirty": str(git["dirty"]).lower(),
+    }
+
+
+def parquet_dataset(path: Path, name: str, columns: list[str], targets: str) -> Any:
+    """An MLflow dataset of some columns of a parquet split; digest = the file's md5, so the
+    dataset MLflow shows is the file DVC tracks."""
+    import mlflow
+    import pandas as pd
+
+    df = pd.read_parquet(path, columns=columns)
+    with warnings.catch_warnings():
+        # "source can be interpreted in multiple ways" (it is a local file either way) and a
+        # hint about integer columns in a schema nobody enforces here
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(df, source=str(path), name=name, targets=targets, digest=file_md5(path))
 
 
 def identity(tags: Mapping[str, str]) -> str:

@@ -2,13 +2,16 @@
 
 Reads the checkpoints ``<paths.models>/llm/{base,pretrained,sft}``, the benchmark split
 and the held-out corpus; writes ``metrics/llm.json`` (one row per model and difficulty)
-and ``<paths.models>/llm/eval/predictions.jsonl`` (every answer beside its reference).
+and ``<paths.models>/llm/eval/predictions.jsonl`` (every answer beside its reference);
+with a judge configured, also ``<paths.models>/llm/eval/judge.jsonl`` (every judge reply).
 Run: ``python -m stages.evaluate_llm``.
 
 Scores: etching-maths exactness (the final number of the answer within a relative
 tolerance, in the expected unit after conversion: 0.5 min equals 30 s), ROUGE-L and
 BERTScore (the local MiniLM) against the reference answers, and held-out corpus
-perplexity per model. Generation is greedy and batched.
+perplexity per model. Generation is greedy and batched. With ``evaluate_llm.judge`` set
+(or SEMILENS_JUDGE_URL / SEMILENS_JUDGE_MODEL), an LLM judge on an OpenAI-compatible
+server scores every answer on six expert criteria (see semilens.llm.judge).
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from typing import Any
 
 from semilens.config import Config
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
-from semilens.llm.pretrain import pack, perplexity, split_corpus
+from semilens.llm.calculator import generate_with_calculator
+from semilens.llm.judge import judge_report, resolve_judge
+from semilens.llm.pretrain import load_causal, pack, perplexity, split_corpus
 from semilens.vlm.metrics import caption_scores
 from semilens.vlm.prepare import resolve_checkpoint
 
-MODELS = ("base", "pretrained", "sft")
+MODELS = ("base", "pretrained", "sft", "gptq")
 DIFFICULTIES = ("easy", "medium", "hard")
 
 # unit spelling -> (canonical unit, factor): what etching answers are quoted in
@@ -32,17 +37,20 @@ MATH_UNITS: dict[str, tuple[str, float]] = {
     **{u: ("nm/min", 1.0) for u in ("nm/min", "nm min-1", "nm per minute")},
     **{u: ("nm/min", 60.0) for u in ("nm/s", "nm/sec", "nm per second")},
     **{u: ("nm/min", 0.1) for u in ("Å/min", "A/min", "angstrom/min")},
-    **{u: ("nm/min", 1000.0) for u in ("µm/min", "um/min")},
+    # µ is written as the micro sign (U+00B5) or the Greek mu (U+03BC); both are seen
+    **{u: ("nm/min", 1000.0) for u in ("µm/min", "μm/min", "um/min")},
     **{u: ("nm", 1.0) for u in ("nm", "nanometers", "nanometres")},
-    **{u: ("nm", 1000.0) for u in ("µm", "um")},
+    **{u: ("nm", 1000.0) for u in ("µm", "μm", "um")},
     **{u: ("nm", 0.1) for u in ("Å", "angstrom", "angstroms")},
     **{u: ("s", 1.0) for u in ("s", "sec", "secs", "second", "seconds")},
+    **{u: ("s", 0.001) for u in ("ms", "msec")},
     **{u: ("s", 60.0) for u in ("min", "mins", "minute", "minutes")},
     **{u: ("s", 3600.0) for u in ("h", "hour", "hours")},
     **{u: ("%", 1.0) for u in ("%", "percent")},
 }
 _UNIT_RE = "|".join(re.escape(u) for u in sorted(MATH_UNITS, key=len, reverse=True))
-_NUM_UNIT = re.compile(rf"(?<![\w.])(-?\d+(?:\.\d+)?(?:e[+-]?\d+)?)\s*(?:({_UNIT_RE})(?![\w/]))?")
+# a number may group thousands with commas ("1,250 nm"); "3,4" is two numbers, not one
+_NUM_UNIT = re.compile(rf"(?<![\w.,])(-?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?(?:e[+-]?\d+)?)\s*(?:({_UNIT_RE})(?![\w/]))?")
 
 
 def final_quantity(text: str) -> tuple[float, str | None] | None:
@@ -53,7 +61,7 @@ def final_quantity(text: str) -> tuple[float, str | None] | None:
     if not found:
         return None
     m = found[0] if "=" in text else found[-1]
-    value, unit = float(m.group(1)), m.group(2)
+    value, unit = float(m.group(1).replace(",", "")), m.group(2)
     if unit is None:
         return value, None
     canonical, factor = MATH_UNITS[unit]
@@ -75,18 +83,18 @@ def math_correct(prediction: str, answer: dict[str, Any], rel_tol: float) -> boo
 def generate(folder: Path, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers to single-turn prompts through the model's own chat template."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"  # generation continues at the right edge
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = load_causal(folder)
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
         texts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts[i : i + batch_size]
         ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             gen = model.generate(
                 **enc,
@@ -103,11 +111,13 @@ def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
     """Maths exactness, ROUGE-L and BERTScore of one model's answers on some rows."""
     math = [r for r in rows if r["category"] == "etch_math"]
     exact = [math_correct(r["prediction"], json.loads(r["answer"]), rel_tol) for r in math]
+    with_calc = [math_correct(r["prediction_calc"], json.loads(r["answer"]), rel_tol) for r in math if "prediction_calc" in r]
     text = caption_scores([r["prediction"] for r in rows], [r["response"] for r in rows]) if rows else {}
     return {
         "n": len(rows),
         "math_n": len(math),
         "math_exact": round(sum(exact) / len(math), 4) if math else None,
+        "math_exact_calculator": round(sum(with_calc) / len(with_calc), 4) if with_calc else None,
         "rouge_l": None if not rows else round(text["rouge_l"], 4),
         "bertscore_f1": None if not rows else round(text["bertscore_f1"], 4),
     }
@@ -116,9 +126,10 @@ def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
 def evaluate_llm(cfg: Config) -> dict[str, Any]:
     import datasets
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     ecfg = cfg.evaluate_llm
+    judge_cfg = resolve_judge(ecfg.judge)  # a URL without a model fails here, before generating
     torch.set_num_threads(ecfg.threads)
     bench = datasets.Dataset.from_parquet(str(Path(cfg.paths.instructions) / "benchmark.parquet"))
     if ecfg.max_rows:
@@ -134,26 +145,30 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
         answers = generate(folder, [r["instruction"] for r in rows], ecfg.max_new_tokens, ecfg.batch_size)
         scored = [{**r, "prediction": a} for r, a in zip(rows, answers)]
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = load_causal(folder)
+        if ecfg.calculator:
+            for r in scored:
+                if r["category"] == "etch_math":
+                    prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]}], tokenize=False, add_generation_prompt=True)
+                    r["prediction_calc"] = generate_with_calculator(model, tokenizer, prompt, ecfg.max_new_tokens)
         ppl = perplexity(model, pack(held, tokenizer, cfg.pretrain_llm.block_size))
         for difficulty in (*DIFFICULTIES, "all"):
             subset = [r for r in scored if difficulty == "all" or r["difficulty"] == difficulty]
             table.append({"model": name, "difficulty": difficulty, **score_rows(subset, ecfg.math_rel_tol), "heldout_perplexity": ppl})
         predictions += [
-            {"model": name, "id": r["id"], "difficulty": r["difficulty"], "category": r["category"], "instruction": r["instruction"], "reference": r["response"], "prediction": r["prediction"]}
+            {"model": name, "id": r["id"], "difficulty": r["difficulty"], "category": r["category"], "instruction": r["instruction"], "reference": r["response"], "prediction": r["prediction"],
+             **({"prediction_calculator": r["prediction_calc"]} if "prediction_calc" in r else {})}
             for r in scored
         ]
         overall = table[-1]
-        summary[name] = {"math_exact": overall["math_exact"], "rouge_l": overall["rouge_l"], "heldout_perplexity": ppl}
+        summary[name] = {"math_exact": overall["math_exact"], "math_exact_calculator": overall["math_exact_calculator"], "rouge_l": overall["rouge_l"], "heldout_perplexity": ppl}
     out = reset_dir(models_dir / "eval")
     write_jsonl(out / "predictions.jsonl", predictions)
-    report = {
-        "benchmark_rows": len(rows),
-        "math_rel_tol": ecfg.math_rel_tol,
-        # The six expert criteria need a judge model. None is configured, so they are not
-        # scored, and the report says so rather than showing numbers nobody measured.
-        "judge": {"configured": False, "scores": None, "note": "no judge endpoint configured: expert criteria not scored"},
-        "rows": table,
-    }
+    # Without a judge the block says "configured": false rather than showing numbers
+    # nobody measured; with one, the raw replies sit beside the predictions for audit.
+    judge, judged = judge_report(predictions, judge_cfg, DIFFICULTIES)
+    if judged:
+        write_jsonl(out / "judge.jsonl", judged)
+    report = {"benchmark_rows": len(rows), "math_rel_tol": ecfg.math_rel_tol, "judge": judge, "rows": table}
     write_json(Path(cfg.paths.metrics) / "llm.json", report)
     return summary

@@ -56,7 +56,7 @@ def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> floa
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
-            ids = torch.tensor(blocks[i : i + batch_size])
+            ids = torch.tensor(blocks[i : i + batch_size], device=model.device)
             logits = model(input_ids=ids).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
@@ -66,6 +66,30 @@ def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> floa
     if count == 0:
         raise ValueError("no held-out block to measure perplexity on: the corpus is too small for block_size")
     return round(math.exp(total / count), 3)
+
+
+# Facts about this run rather than the model: a resumed run reports the checkpoint it
+# resumed from and a loss averaged over its own steps only. They go to the run log; the
+# DVC metrics file keeps what is the same however the model was reached.
+RUN_ONLY = ("resumed_from", "train_loss")
+
+
+def model_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k not in RUN_ONLY}
+
+
+def load_causal(folder: Path) -> Any:
+    """A causal LM for scoring or generating: fp32 on the CPU, bf16 on the GPU when there is one.
+
+    Training stages load their own way (the Trainer places the model); this is for the
+    stages that only run the model, where a real 8B base would crawl on the CPU.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if torch.cuda.is_available():
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def lora_config(lora: Any) -> Any:
@@ -190,5 +214,5 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
         "first_loss": curve[0]["loss"] if curve else None,
         "last_loss": curve[-1]["loss"] if curve else None,
     }
-    write_json(metrics_dir / "pretrain.json", summary)
+    write_json(metrics_dir / "pretrain.json", model_metrics(summary))
     return summary

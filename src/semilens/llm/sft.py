@@ -18,7 +18,7 @@ from typing import Any
 
 from semilens.config import Config, dump_config
 from semilens.io import atomic_write_text, reset_dir, sha256_file, write_json
-from semilens.llm.pretrain import lora_config, run_key, trainer_kwargs, weights_digest
+from semilens.llm.pretrain import lora_config, model_metrics, run_key, trainer_kwargs, weights_digest
 from semilens.vlm.prepare import CONFIG_FILE
 
 STAGE = "sft_llm"
@@ -93,5 +93,5 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
         "first_loss": curve[0]["loss"] if curve else None,
         "last_loss": curve[-1]["loss"] if curve else None,
     }
-    write_json(metrics_dir / "sft.json", summary)
+    write_json(metrics_dir / "sft.json", model_metrics(summary))
     return summary

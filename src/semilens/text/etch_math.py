@@ -61,8 +61,10 @@ def etch_rate(rng: random.Random) -> Problem:
         f"{t} s. What is the etch rate in nm/min?"
     )
     resp = (
-        f"Etch rate = removed thickness / time = ({before} - {before - removed}) nm / ({t} s / 60 s/min) "
-        f"= {removed} nm / {_s(t / 60)} min = {_s(rate)} nm/min."
+        # One "=" per computed value, so a calculator reading the model's arithmetic at each
+        # "=" (semilens.llm.calculator) computes exactly the next number written here.
+        f"Etch rate = removed thickness / time. Removed = {before} - {before - removed} = {removed} nm; "
+        f"time = {t} s / 60 s/min = {_s(t / 60)} min; etch rate = {removed} nm / {_s(t / 60)} min = {_s(rate)} nm/min."
     )
     return Problem("etch_rate", "easy", q, resp, _r(rate), "nm/min", {"before_nm": before, "after_nm": before - removed, "time_s": t}, "ER = (d_before - d_after) / t")
 
@@ -158,7 +160,9 @@ def arde(rng: random.Random) -> Problem:
     depth_target = rng.randrange(1000, 5000, 100)
     ar = depth_target / width
     er_at = er0 * (1 - k * ar)
-    if er_at <= 0:
+    if 1 - k * ar < 0.3:
+        # Near 1 - k AR = 0 the time runs away (ln of a tiny number): an answer that swings
+        # with the third digit of AR is no test of method, so such trenches are redrawn.
         return arde(rng)
     # the rate falls as the trench deepens: dt = dh / (ER0 (1 - k h / w)), integrated over the depth
     t = width / (k * er0) * math.log(1 / (1 - k * ar))
@@ -187,7 +191,8 @@ def loading(rng: random.Random) -> Problem:
     )
     resp = (
         f"ER({a1:.0%}) = {er0} / (1 + {phi} x {a1}) = {_s(er1)} nm/min; ER({a2:.0%}) = {er0} / (1 + {phi} x {a2}) = {_s(er2)} nm/min. "
-        f"Drop = (1 - {_s(er2)} / {_s(er1)}) x 100% = {_s(drop)}%."
+        # From the unrounded ratio: ER0 cancels, so no rounded intermediate feeds the answer.
+        f"ER0 cancels in the ratio: drop = (1 - (1 + {phi} x {a1}) / (1 + {phi} x {a2})) x 100% = {_s(drop)}%."
     )
     return Problem("loading", "hard", q, resp, _r(drop), "%", {"er0_nm_min": er0, "phi": phi, "area_1": a1, "area_2": a2}, "ER = ER0 / (1 + phi A)")
 

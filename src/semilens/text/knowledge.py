@@ -192,6 +192,26 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors())
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML keeps the last silently,
+    which would drop half of a hand-edited unit without a word."""
+
+
+def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
 def load_knowledge(folder: Path) -> Knowledge:
     """Every ``*.yaml`` in ``folder`` is one group; sorted by name so loading is stable."""
     files = sorted(Path(folder).glob("*.yaml"))
@@ -200,7 +220,7 @@ def load_knowledge(folder: Path) -> Knowledge:
     groups = []
     for f in files:
         try:
-            raw = yaml.safe_load(f.read_text(encoding="utf-8"))
+            raw = yaml.load(f.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
             groups.append(Group.model_validate(raw))
         except yaml.YAMLError as e:
             raise KnowledgeError(f"{f}: not valid YAML: {e}") from None

@@ -1,4 +1,4 @@
-"""Answer a question about an image with any semilens VLM checkpoint folder.
+"""Answer a question about an image with any semilens VLM checkpoint folder (``semilens predict``).
 
 The folder may be a base or merged checkpoint (loaded with the Auto classes), a LoRA
 adapter folder (its base is read from ``adapter_config.json`` and the adapter applied with
@@ -14,25 +14,41 @@ from semilens.vlm.generate import greedy_answers
 from semilens.vlm.prepare import resolve_checkpoint
 
 
-def load_vlm(folder: Path):
-    """(model, processor) for any checkpoint folder semilens writes."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def locate_checkpoint(folder: Path) -> tuple[Path, Path | None]:
+    """(the folder to load, the adapter's base folder or None) for any checkpoint folder
+    semilens writes, VLM or text; raises FileNotFoundError naming what is missing.
 
+    An adapter's base is the path PEFT recorded at training time, relative to the project
+    root when the pipeline wrote it, so adapters load from the project root.
+    """
     folder = resolve_checkpoint(Path(folder))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
     adapter_config = folder / "adapter_config.json"
     if adapter_config.is_file():
-        from peft import PeftModel
-
         base = Path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
         if not (base / "config.json").is_file():
             raise FileNotFoundError(
-                f"{folder}: adapter's base {base} is not a local checkpoint folder; use the merged folder"
+                f"{folder}: adapter's base {base} is not a local checkpoint folder "
+                "(run from the project root, or use the merged folder)"
             )
+        return folder, base
+    if (folder / "config.json").is_file():
+        return folder, None
+    raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json or adapter_config.json)")
+
+
+def load_vlm(folder: Path):
+    """(model, processor) for any VLM checkpoint folder semilens writes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder, base = locate_checkpoint(folder)
+    if base is not None:
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), folder)
-    elif (folder / "config.json").is_file():
-        model = AutoModelForImageTextToText.from_pretrained(folder)
     else:
-        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json or adapter_config.json)")
+        model = AutoModelForImageTextToText.from_pretrained(folder)
     return model.eval(), AutoProcessor.from_pretrained(folder)
 
 

@@ -18,18 +18,16 @@ from typing import Any
 
 from semilens.cards import lineage_table, table, write_card
 from semilens.config import Config
-from semilens.io import hash_json, read_json
-from semilens.lineage import file_md5, git_state, verified_hashes
-from semilens.registry import Registration, describe_uri, flatten, register, tracking_uri
+from semilens.io import read_json
+from semilens.lineage import git_state, verified_hashes
+from semilens.registry import Registration, describe_uri, flatten, lineage_tags, params_hash, parquet_dataset, register, tracking_uri
 from semilens.vlm.families import get_family
 from semilens.vlm.prepare import SOURCE_FILE
 
 SCORE_KEYS = ("vqa_accuracy", "class_accuracy", "caption_rouge_l", "caption_bleu", "caption_bertscore_f1")
-
-
-def params_hash(cfg: Config) -> str:
-    """Hash of every param that shapes the model (all sections but paths and registration)."""
-    return hash_json(cfg.model_dump(mode="json", exclude={"paths", "register_models"}))[:16]
+# The image bytes and chat layout stay out of MLflow: the split file's md5 (the digest),
+# the dataset's DVC md5 (a tag) and each row's source sha256 identify them.
+DATASET_COLUMNS = ["id", "image_id", "source", "sha256", "page", "question_type", "question", "answer"]
 
 
 def numeric_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -45,24 +43,6 @@ def numeric_metrics(report: dict[str, Any]) -> dict[str, float]:
                 out[f"{model}.{key}"] = value
     out.update({f"delta.{k}": v for k, v in report.get("delta", {}).items()})
     return out
-
-
-def _dataset(path: Path, name: str):
-    import warnings
-
-    import mlflow
-    import pandas as pd
-
-    # The image bytes and chat layout stay out of MLflow: the split file's md5 (the digest),
-    # the dataset's DVC md5 (a tag) and each row's source sha256 identify them.
-    df = pd.read_parquet(path, columns=["id", "image_id", "source", "sha256", "page", "question_type", "question", "answer"])
-    with warnings.catch_warnings():
-        # "source can be interpreted in multiple ways" (it is a local file either way) and a
-        # hint about integer columns in a schema nobody enforces here
-        warnings.simplefilter("ignore", UserWarning)
-        return mlflow.data.from_pandas(
-            df, source=str(path), name=name, targets="answer", digest=file_md5(path)
-        )
 
 
 def write_family_card(
@@ -139,11 +119,7 @@ def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         "family": family_name,
         "base": base_setting,
         "params_hash": phash,
-        **{f"dvc.{role}.md5": entry["md5"] for role, entry in lineage.items()},
-        **{f"dvc.{role}.path": entry["path"] for role, entry in lineage.items()},
-        **{f"dvc.{role}.stage": entry["stage"] for role, entry in lineage.items()},
-        "git.commit": git["commit"],
-        "git.dirty": str(git["dirty"]).lower(),
+        **lineage_tags(lineage, git),
     }
     if real is not None:
         tags["base.config_sha256"] = real["config_sha256"]
@@ -161,7 +137,7 @@ def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         artifacts={"adapter": models / "adapter", "card": card},
         model_artifact="adapter",
         datasets=[
-            (_dataset(cfg.paths.vqa / f"{split}.parquet", f"vqa-{split}"), context, {"dvc.dataset.md5": lineage["dataset"]["md5"]})
+            (parquet_dataset(cfg.paths.vqa / f"{split}.parquet", f"vqa-{split}", DATASET_COLUMNS, "answer"), context, {"dvc.dataset.md5": lineage["dataset"]["md5"]})
             for split, context in (("train", "training"), ("test", "evaluation"))
         ],
         description=card.read_text(),

@@ -1,0 +1,90 @@
+"""Calculator-assisted decoding: the arithmetic of the worked answers, and the decoding loop."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from semilens.llm.calculator import evaluate, expression_before_equals, fill_in, fmt, generate_with_calculator
+from semilens.llm.evaluate import math_correct
+from semilens.text.etch_math import GENERATORS, problems
+
+
+def _replay(response: str) -> tuple[str, int, list[tuple[str, str, float]]]:
+    """Rewrite a worked answer as calculator decoding would: after each '=', the calculator's
+    value replaces the number written there. Returns (text, values filled, mismatches)."""
+    parts = response.split("=")
+    text, filled, wrong = parts[0], 0, []
+    for part in parts[1:]:
+        text += "="
+        value = fill_in(text)
+        written = re.match(r"\s*(-?\d+(?:\.\d+)?)", part)
+        if value is not None and written:
+            filled += 1
+            ref = float(written.group(1))
+            if abs(float(value) - ref) > 0.02 * max(abs(ref), 1e-9):
+                wrong.append((expression_before_equals(text), value, ref))
+            text += " " + value + part[written.end() :]
+        else:
+            text += part
+    return text, filled, wrong
+
+
+def test_the_calculator_reproduces_every_step_of_every_worked_answer():
+    """Each '=' of the generated answers closes arithmetic whose value is the next number
+    written (one '=' per computed value), so calculator decoding of a model that writes the
+    reference's arithmetic ends on the reference's answer, for every kind of problem."""
+    kinds = set()
+    for p in problems(320, seed=11):
+        text, filled, wrong = _replay(p.response)
+        assert not wrong, (p.kind, wrong)
+        assert filled >= 1, (p.kind, p.response)
+        assert math_correct(text, {"value": p.answer, "unit": p.unit}, 0.02), (p.kind, text)
+        kinds.add(p.kind)
+    assert kinds == set(GENERATORS)
+
+
+def test_only_arithmetic_is_evaluated():
+    assert evaluate("(1660 - 1455) nm / (30 s / 60 s/min)") == pytest.approx(410.0)
+    assert evaluate(" 200 / (0.03 x 980) x ln(1 / (1 - 0.03 x 19.5))") == pytest.approx(5.9826, rel=1e-4)
+    assert evaluate("(562.5 - 511.4) / (2 x 539.4) x 100%") == pytest.approx(4.737, rel=1e-3)
+    assert evaluate("removed thickness / time") is None  # words, no numbers
+    assert evaluate("ER(10%)") is None  # a lone number is a value, not a sum
+    assert evaluate("__import__('os').system('true')") is None
+    assert evaluate("(2 + 3") is None and evaluate("1 / 0") is None
+    assert expression_before_equals("Removed = 520 - 205 = 315 nm; time = 30 s / 60 s/min =").strip() == "30 s / 60 s/min"
+    assert [fmt(v) for v in (630.0, 0.5, 7.0930, 0.99166, 1234.6, 0.0123456)] == ["630", "0.5", "7.09", "0.992", "1235", "0.0123"]
+
+
+class _Scripted:
+    """A causal LM stand-in that writes a fixed answer, honouring stop_strings=['='] the way
+    transformers does (it stops after the token that completes '='). It proves the loop's
+    bookkeeping: where the calculator writes, and that the model goes on after it."""
+
+    def __init__(self, tokenizer, script: list[str]):
+        self.tok, self.script = tokenizer, list(script)
+        self.device = torch.device("cpu")
+        self.generation_config = type("G", (), {"eos_token_id": tokenizer.eos_token_id})()
+        self.prompts: list[str] = []
+
+    def generate(self, input_ids, max_new_tokens, stop_strings, tokenizer, **_):
+        self.prompts.append(tokenizer.decode(input_ids[0]))
+        piece = self.script.pop(0) if self.script else ""
+        ids = tokenizer(piece, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        if not piece.endswith("=") or not self.script:
+            ids = ids + [tokenizer.eos_token_id]
+        return torch.cat([input_ids, torch.tensor([ids], dtype=input_ids.dtype)], dim=1)
+
+
+def test_the_decoding_loop_writes_the_value_after_each_equals_and_continues():
+    from semilens.llm.prepare import build_tokenizer
+
+    tok = build_tokenizer(400)
+    model = _Scripted(tok, ["Selectivity = ER_film / ER_mask =", " 630 / 214 =", " :1."])
+    answer = generate_with_calculator(model, tok, "Q: ", max_new_tokens=64)
+    assert answer == "Selectivity = ER_film / ER_mask = 630 / 214 = 2.94 :1."
+    # the model was called again after the calculator wrote, with the value in its context
+    assert model.prompts[-1].endswith("630 / 214 = 2.94")
+    assert math_correct(answer, {"value": 2.94, "unit": ""}, 0.02)
