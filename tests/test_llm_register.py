@@ -155,6 +155,7 @@ def _versions(repo: Path, name: str) -> list:
     return _client(repo).search_model_versions(f"name = '{name}'")
 
 
+@pytest.mark.e2e
 def test_registered_versions_carry_the_lock_hashes(in_repo):
     repo, cfg = in_repo
     done = register_llm(cfg)
@@ -184,6 +185,7 @@ def test_registered_versions_carry_the_lock_hashes(in_repo):
     assert _versions(repo, f"{PREFIX}llm_gptq")[0].tags["quantization"] == "gptq w4a16 group 32"
 
 
+@pytest.mark.e2e
 def test_the_card_has_the_lineage_and_scores_and_no_run_ids(in_repo):
     repo, cfg = in_repo
     first = register_llm(cfg)  # reuses the versions registered above, or registers them
@@ -201,6 +203,7 @@ def test_the_card_has_the_lineage_and_scores_and_no_run_ids(in_repo):
     assert len(_versions(repo, f"{PREFIX}llm")) == len(_versions(repo, f"{PREFIX}llm_gptq")) == 1
 
 
+@pytest.mark.e2e
 def test_weights_that_differ_from_dvc_lock_are_refused(in_repo):
     repo, cfg = in_repo
     weights = repo / "models/llm/gptq/model.safetensors"
@@ -255,6 +258,7 @@ def _ask(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_ask_answers_alike_with_the_merged_and_the_adapter_folder(repo):
     root, cfg = repo
     models = Path(cfg.paths.models) / "llm"
@@ -270,6 +274,7 @@ def test_ask_answers_alike_with_the_merged_and_the_adapter_folder(repo):
     assert ask(models / "gptq", question, 12)
 
 
+@pytest.mark.e2e
 def test_ask_fails_cleanly_on_bad_input(repo, tmp_path):
     root, cfg = repo
     not_causal = tmp_path / "vit"
