@@ -80,20 +80,26 @@ def math_correct(prediction: str, answer: dict[str, Any], rel_tol: float) -> boo
     return abs(value - ref) <= rel_tol * max(abs(ref), 1e-12)
 
 
+def chat_prompt(tokenizer: Any, question: str) -> str:
+    """A single-turn question in the model's own chat template, ready for the answer."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
 def generate(folder: Path, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers to single-turn prompts through the model's own chat template."""
-    import torch
+    """Greedy answers to single-turn prompts with the checkpoint in ``folder``."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"  # generation continues at the right edge
-    model = load_causal(folder)
+    return answer_batch(load_causal(folder), AutoTokenizer.from_pretrained(folder), prompts, max_new_tokens, batch_size)
+
+
+def answer_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers, batched; left padding so every answer continues at the right edge."""
+    import torch
+
+    tokenizer.padding_side = "left"
     outs: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts[i : i + batch_size]
-        ]
+        texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.no_grad():
             gen = model.generate(
@@ -142,15 +148,15 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name in MODELS:
         folder = resolve_checkpoint(models_dir / name)
-        answers = generate(folder, [r["instruction"] for r in rows], ecfg.max_new_tokens, ecfg.batch_size)
-        scored = [{**r, "prediction": a} for r, a in zip(rows, answers)]
+        # one load per model serves the answers, the calculator runs and the perplexity
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = load_causal(folder)
+        answers = answer_batch(model, tokenizer, [r["instruction"] for r in rows], ecfg.max_new_tokens, ecfg.batch_size)
+        scored = [{**r, "prediction": a} for r, a in zip(rows, answers)]
         if ecfg.calculator:
             for r in scored:
                 if r["category"] == "etch_math":
-                    prompt = tokenizer.apply_chat_template([{"role": "user", "content": r["instruction"]}], tokenize=False, add_generation_prompt=True)
-                    r["prediction_calc"] = generate_with_calculator(model, tokenizer, prompt, ecfg.max_new_tokens)
+                    r["prediction_calc"] = generate_with_calculator(model, tokenizer, chat_prompt(tokenizer, r["instruction"]), ecfg.max_new_tokens)
         ppl = perplexity(model, pack(held, tokenizer, cfg.pretrain_llm.block_size))
         for difficulty in (*DIFFICULTIES, "all"):
             subset = [r for r in scored if difficulty == "all" or r["difficulty"] == difficulty]
