@@ -57,27 +57,42 @@ def test_text_model_trains_in_bf16_and_its_gptq_folder_runs_on_the_gpu(tmp_path)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs the gpu extra (unsloth)")
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
-def test_unsloth_backend_fine_tunes_the_vlm(tmp_path, quantization):
+@pytest.fixture(scope="module")
+def vlm_base(tmp_path_factory):
+    """The tiny base and its VQA rows, built once and before unsloth is imported: importing
+    unsloth swaps Qwen2.5-VL's loss for a Triton kernel process-wide, and prepare_vlm's
+    generic pretraining runs on the CPU (in the pipeline the two stages are separate
+    processes, so the patch never meets it there)."""
     from test_vlm_finetune import FAMILY, _annotation, _config, _png
 
-    import unsloth  # noqa: F401  (unsloth patches transformers when imported first)
-    from semilens.config import TrainerSection
     from semilens.images.split import rows_for_image, write_parquet
-    from semilens.vlm.finetune import finetune_vlm, select_backend
     from semilens.vlm.prepare import prepare_vlm
 
-    assert select_backend(TrainerSection(), cuda=True)["backend"] == "unsloth"  # what auto picks here
-    cfg = _config(tmp_path)
+    cfg = _config(tmp_path_factory.mktemp("unsloth"))
     prepare_vlm(cfg, FAMILY)
     cfg.paths.vqa.mkdir(parents=True)
     write_parquet([r for i in range(4) for r in rows_for_image(_annotation(i), _png(i), "s")], cfg.paths.vqa / "train.parquet")
-    cfg = cfg.model_copy(update={"finetune_vlm": cfg.finetune_vlm.model_copy(update={"trainer": TrainerSection(
-        max_steps=3, batch_size=2, save_steps=3, logging_steps=1, backend="unsloth", quantization=quantization)})})
+    return cfg
+
+
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs the gpu extra (unsloth)")
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_unsloth_backend_fine_tunes_the_vlm(vlm_base, quantization):
+    from test_vlm_finetune import FAMILY
+
+    import unsloth  # noqa: F401  (unsloth patches transformers when imported first)
+    from semilens.config import TrainerSection
+    from semilens.vlm.finetune import finetune_vlm, select_backend
+
+    assert select_backend(TrainerSection(), cuda=True)["backend"] == "unsloth"  # what auto picks here
+    cfg = vlm_base.model_copy(update={
+        "paths": vlm_base.paths.model_copy(update={"cache": vlm_base.paths.cache / quantization}),
+        "finetune_vlm": vlm_base.finetune_vlm.model_copy(update={"trainer": TrainerSection(
+            max_steps=3, batch_size=2, save_steps=3, logging_steps=1, backend="unsloth", quantization=quantization)}),
+    })
     summary = finetune_vlm(cfg, FAMILY)
     assert summary["backend"] == "unsloth" and summary["bf16"] is True and summary["steps"] == 3
     assert summary["quantization"] == quantization
     merged = cfg.paths.models / FAMILY / "merged"
     assert json.loads((merged / "config.json").read_text())["model_type"] == "qwen2_5_vl"
-    assert read_json(cfg.paths.metrics / "vlm" / f"train_{FAMILY}.json")["backend"] == "unsloth"
+    assert read_json(cfg.paths.metrics / "vlm" / f"train_{FAMILY}.json")["quantization"] == quantization
