@@ -205,7 +205,7 @@ class PrepareVLMConfig(Section):
 
     seed: int = 0
     threads: int = Field(
-        1, ge=1, description="torch CPU threads; 1 is steadier than 2 on a shared 2-core box"
+        1, ge=1, description="torch CPU threads; params.yaml gives the pipeline 2 (stages run one at a time)"
     )
     bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny"})
     tiny: TinyVLMConfig = TinyVLMConfig()
