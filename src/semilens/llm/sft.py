@@ -57,10 +57,9 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
         **trainer_kwargs(scfg, ckpt_dir),
         max_length=scfg.max_length,
         completion_only_loss=True,
-        # batches of similar length: maths pairs are short, prose answers long, and mixed
-        # batches padded every maths pair out to the longest answer (measured over 60
-        # steps: 0.95 s a step instead of 1.29 s on 1 thread, 0.66 s instead of 0.82 s on 2)
-        train_sampling_strategy="group_by_length",
+        # Random order, not length-grouped batches: grouping made a step 20% faster (0.66 s
+        # against 0.82 s on 2 threads) but lowered the SFT model's ROUGE-L on the medium
+        # benchmark pairs below the pretrained model's (0.060 against 0.072).
         gradient_checkpointing=False,  # TRL turns it on by default; it only slows small models
     )
     trainer = SFTTrainer(
