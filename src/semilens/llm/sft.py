@@ -52,7 +52,11 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     train = prompt_completion(rows)
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    ckpt_dir = Path(cfg.paths.cache) / STAGE / run_key(weights_digest(src), sha256_file(train_file), scfg.model_dump(mode="json"))
+    # this module's own hash is in the key too: a change to how training runs (batch order,
+    # say) must not resume from a checkpoint the old code wrote
+    ckpt_dir = Path(cfg.paths.cache) / STAGE / run_key(
+        weights_digest(src), sha256_file(train_file), scfg.model_dump(mode="json"), sha256_file(Path(__file__))
+    )
     args = SFTConfig(
         **trainer_kwargs(scfg, ckpt_dir),
         max_length=scfg.max_length,
