@@ -177,7 +177,11 @@ class TinyVLMConfig(Section):
     vision_depth: int = Field(2, ge=1)
     min_pixels: int = Field(56 * 56, description="image processor lower bound (pixels)")
     max_pixels: int = Field(
-        112 * 112, description="upper bound: 112x112 -> 16 image tokens; higher: more detail, slower"
+        112 * 112,
+        description=(
+            "upper bound; the processor rounds sides down to multiples of 28, so 112*112 takes a 384-px "
+            "square in at 84 px (9 image tokens) and 224*224 at 196 px (49); higher: more detail, slower"
+        ),
     )
 
     @model_validator(mode="after")
