@@ -107,7 +107,9 @@ class ChatStub:
 
     ``script`` maps a marker that appears in the prompt to the replies for successive
     requests about it: a string (the assistant's content), an int (that HTTP status), or
-    ``("sleep", seconds, reply)``. A prompt with no marker gets ``default``; a marker whose
+    ``("sleep", seconds, reply)`` or a function of the request body returning the
+    content. Markers are looked for in every user turn. A prompt
+    with no marker gets ``default``; a marker whose
     replies are used up gets HTTP 418. Every request is kept in ``requests``."""
 
     def __init__(self, script: dict[str, list[Any]] | None = None, default: Any = 418):
@@ -126,13 +128,16 @@ class ChatStub:
                     return self.send(404, {"error": "not found"})
                 with stub.lock:
                     stub.requests.append({"body": body, "authorization": self.headers.get("Authorization")})
-                    user = body["messages"][-1]["content"]
+                    # every user turn: a re-ask appends one, the marker stays in the first
+                    user = " ".join(str(m["content"]) for m in body["messages"] if m["role"] == "user")
                     marker = next((k for k in stub.script if k in user), None)
                     replies = stub.script.get(marker, [default])
                     reply = replies.pop(0) if replies else 418
                 if isinstance(reply, tuple):
                     time.sleep(reply[1])
                     reply = reply[2]
+                if callable(reply):
+                    reply = reply(body)
                 if isinstance(reply, int):
                     return self.send(reply, {"error": {"message": "scripted failure"}})
                 self.send(200, {
@@ -153,7 +158,13 @@ class ChatStub:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up waiting (the timeout case)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            # the default backlog of 5 overflows when a concurrent client opens more
+            # connections than that while the machine is busy: a connect then times out
+            # without the stub ever seeing the request
+            request_queue_size = 128
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
     def __enter__(self) -> ChatStub:

@@ -218,3 +218,136 @@ def test_questions_never_repeat_a_word(tmp_path):
         for q in questions:
             words = q.lower().rstrip("?.").split()
             assert all(a != b for a, b in zip(words, words[1:])), q
+
+
+# ---------------------------------------------------------------------------- backend: vlm
+
+
+def _vlm_cfg(cfg: Config, url: str) -> Config:
+    from semilens.config import AnnotateImagesConfig, EndpointConfig
+
+    endpoint = EndpointConfig(base_url=url, model="annotator", backoff_s=0, max_reasks=1)
+    return cfg.model_copy(update={"annotate_images": AnnotateImagesConfig(backend="vlm", vlm=endpoint)})
+
+
+def test_the_vlm_backend_keeps_only_what_the_measurements_back_and_fills_the_rest(project):
+    from conftest import ChatStub
+
+    cfg, recs, meas = project
+    annotate_images(cfg)
+    grounded = {r["id"]: r for r in read_jsonl(cfg.paths.annotations / "annotations.jsonl")}
+    careless = {"caption": "SEM image of particles: 99 particles.", "qa": [
+        {"type": "class", "question": "What is shown in this frame?", "answer": "Particles."},
+        {"type": "class", "question": "What is shown once more?", "answer": "particles"},
+        {"type": "count", "question": "How many particles are there?", "answer": "About 500."},
+        {"type": "pitch", "question": "What is the pitch?", "answer": "50 nm"},
+        {"type": "modality", "question": "Which microscope was used?", "answer": "TEM"},
+        {"type": "reasoning", "question": "Are they big ones?", "answer": "yes"},
+    ]}
+    a1 = grounded[recs[1].id]
+    careful = {"caption": "SEM image of 12 particles, median diameter 80 nm, 23% area coverage. Pixel size 2.0 nm.", "qa": [
+        {"type": "count", "question": "How many particles can you count?", "answer": "I count 12 particles."},
+        {"type": "size", "question": "How wide is a typical particle?", "answer": "about 78 nm"},
+        {"type": "reasoning", "question": next(q["question"] for q in a1["qa"] if q["type"] == "reasoning"),
+         "answer": next(q["answer"] for q in a1["qa"] if q["type"] == "reasoning")},
+    ]}
+    with ChatStub({"- count: 12": [json.dumps(careful)]}, default=json.dumps(careless)) as stub:
+        summary = annotate_images(_vlm_cfg(cfg, stub.url))
+        assert len(stub.requests) == 4  # one per annotated image (the blank frame is skipped)
+        body = stub.requests[0]["body"]
+        parts = body["messages"][0]["content"]
+        assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert body["response_format"]["json_schema"]["name"] == "VLMAnnotation"
+
+        rows = {r["id"]: r for r in read_jsonl(cfg.paths.annotations / "annotations.jsonl")}
+        assert set(rows) == set(grounded)  # nothing lost
+        for rid, row in rows.items():  # every measured type is still there, once
+            assert [q["type"] for q in row["qa"]] == [q["type"] for q in grounded[rid]["qa"]]
+        counts = read_json(cfg.paths.metrics / "annotate.json")["counts"]
+        assert counts == {
+            "caption_from_vlm": 1, "dropped_contradicts_caption": 3,
+            # both class answers are wrong for the nanowire image; the second one only
+            # counts as a duplicate where the first was kept
+            "dropped_contradicts_class": 2, "dropped_duplicate": 2,
+            "dropped_contradicts_count": 3, "dropped_contradicts_modality": 3, "dropped_unsupported": 3, "dropped_unverifiable": 3,
+            "qa_from_vlm": 2 + 3,  # class on two particle images (a0, b); count, size, reasoning on a1
+            "qa_filled_from_grounded": sum(len(r["qa"]) for r in grounded.values()) - 5,
+        }
+        kept = next(q for q in rows[recs[1].id]["qa"] if q["type"] == "size")
+        truth = next(q for q in a1["qa"] if q["type"] == "size")
+        # the model's words, the measurement's value
+        assert (kept["answer"], kept["written_by"], kept["value"], kept["grounding"]) == ("about 78 nm", "vlm", truth["value"], truth["grounding"])
+        assert rows[recs[1].id]["caption"] == careful["caption"] and rows[recs[1].id]["caption_written_by"] == "vlm"
+        assert rows[recs[0].id]["caption"] == grounded[recs[0].id]["caption"]
+        assert summary["requests"]["requests_sent"] == 4
+
+        # a re-run sends nothing: every answer is in the request cache
+        again = annotate_images(_vlm_cfg(cfg, stub.url))
+        assert len(stub.requests) == 4 and again["requests"]["cache_hits"] == 4
+        assert list(read_jsonl(cfg.paths.annotations / "annotations.jsonl")) == list(rows.values())
+
+
+def test_a_vlm_backend_without_a_server_is_refused_in_the_config():
+    from semilens.config import AnnotateImagesConfig
+
+    with pytest.raises(ValueError, match="base_url and .model"):
+        AnnotateImagesConfig(backend="vlm")
+
+
+KILLED_ANNOTATION = """
+from semilens.config import load_config
+from semilens.images.annotate import annotate_images
+annotate_images(load_config("params.yaml"))
+"""
+
+
+def test_an_annotation_run_killed_half_way_finishes_without_repeating_a_request(project, tmp_path_factory):
+    """The real stage against `semilens serve` (a tiny untrained Qwen2.5-VL, so every
+    reply fails its schema and the pairs fall back to the templates): killed after two of
+    four images, the re-run asks only for the two it had not finished."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import yaml
+
+    from semilens.config import TinyVLMConfig
+    from semilens.serve import ServeOptions, make_app, serve_in_background
+    from semilens.vlm.qwen2_5_vl import build_tiny
+    from semilens.vlm.tokenizer import general_corpus
+
+    cfg, recs, _ = project
+    folder = tmp_path_factory.mktemp("vlm") / "vlm"
+    vlm, processor = build_tiny(TinyVLMConfig(vocab_size=600, hidden_size=32, heads=2, kv_heads=1, layers=1,
+                                              vision_hidden=32, vision_depth=1), general_corpus())
+    vlm.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    app = make_app(folder, ServeOptions(latency_ms=700))
+    with serve_in_background(app) as url:
+        vcfg = _vlm_cfg(cfg, url)
+        acfg = vcfg.annotate_images.model_copy(update={"vlm": vcfg.annotate_images.vlm.model_copy(
+            update={"model": app.state.model_name, "concurrency": 1, "max_reasks": 0, "max_tokens": 16})})
+        vcfg = vcfg.model_copy(update={"annotate_images": acfg})
+        Path("params.yaml").write_text(yaml.safe_dump(vcfg.model_dump(mode="json")))
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_ANNOTATION])
+        answers = Path(cfg.paths.cache) / "annotate_images_vlm"
+        done = lambda: len(list(answers.rglob("*.json"))) if answers.is_dir() else 0  # noqa: E731
+        deadline = time.monotonic() + 120
+        while done() < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait()
+        finished = done()
+        assert 2 <= finished < 4, "the run should have been killed half-way"
+        asked_before = httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()["requests"]
+        summary = annotate_images(vcfg)
+        asked_after = httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()["requests"]
+    assert summary["requests"]["cache_hits"] == finished
+    assert summary["requests"]["requests_sent"] == asked_after - asked_before == 4 - finished
+    rows = list(read_jsonl(cfg.paths.annotations / "annotations.jsonl"))
+    assert len(rows) == 4 and done() == 4
+    # the untrained model's replies are not the JSON asked for: counted as failures (the
+    # cached ones replayed too), and every pair falls back to the templates: nothing lost
+    assert summary["counts"]["image_failed_invalid_output"] == 4
+    assert all(q["written_by"] == "grounded" for r in rows for q in r["qa"])

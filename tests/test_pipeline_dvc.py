@@ -218,6 +218,52 @@ def test_lora_variant_reruns_only_finetune_evaluate_register(built):
     assert 4 in ranks.values() and len(set(ranks.values())) >= 2, ranks
 
 
+def test_vlm_annotation_through_semilens_serve_runs_end_to_end_and_leaves_no_key(built, monkeypatch):
+    """`annotate_images: backend: vlm` pointed at `semilens serve` of the fine-tuned VLM:
+    `dvc repro` annotates through the server and carries the result downstream. With an
+    API key planted in the environment (and required by the server), no file anywhere in
+    the project holds it afterwards: params, dvc.lock, logs, metrics, caches, MLflow."""
+    from pydantic import SecretStr
+
+    from semilens.serve import ServeOptions, make_app, serve_in_background
+
+    repo = built
+    dvc("repro", cwd=repo)  # a no-op in file order; makes this test stand alone
+    vqa_before = _lock_md5(repo, "split_dataset", "data/processed/vqa")
+    planted = "sk-semilens-planted-93e1c0"
+    monkeypatch.setenv("OPENAI_API_KEY", planted)
+    original = (repo / "params.yaml").read_text()
+    app = make_app(repo / "models/qwen2_5_vl/merged", ServeOptions(api_key=SecretStr(planted)))
+    with serve_in_background(app) as url:
+        params = yaml.safe_load(original)
+        params["annotate_images"].update(backend="vlm")
+        params["annotate_images"]["vlm"].update(base_url=url, model=app.state.model_name, max_tokens=24, max_reasks=1)
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = dvc("repro", cwd=repo)
+    try:
+        ran = set(re.findall(r"Running stage '([^']+)'", out))
+        assert {"annotate_images", "split_dataset"} <= ran, out
+        # The tiny model writes no usable JSON, so every pair falls back to the templates:
+        # the dataset is byte-identical and nothing after it is retrained for nothing.
+        assert _lock_md5(repo, "split_dataset", "data/processed/vqa") == vqa_before
+        assert not ran & {"finetune_vlm@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl"}, out
+        assert "up to date" in dvc("status", cwd=repo).lower()
+        report = read_json(repo / "metrics/annotate.json")
+        n_images = report["n_images"]
+        assert report["backend"] == "vlm" and report["model"] == app.state.model_name
+        acc = report["requests"]
+        # one request per image plus its re-ask (the tiny model does not write the JSON)
+        assert acc["items"] == n_images and acc["requests_sent"] == acc["items"] * 2 and acc["failed"] == n_images
+        assert report["counts"].get("image_failed_invalid_output") == n_images
+        rows = list(read_jsonl(repo / "data/processed/annotations/annotations.jsonl"))
+        assert len(rows) == n_images and all(q["written_by"] in ("vlm", "grounded") for r in rows for q in r["qa"])
+        leaks = [p for p in repo.rglob("*") if p.is_file() and planted.encode() in p.read_bytes()]
+        assert not leaks, leaks
+        assert (repo / "mlruns/mlflow.db").is_file() and (repo / "logs/annotate_images.json").is_file()
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
 # The two tests below reproduce up to the last per-item stage of their path only: what
 # they check is that stage's cache log, and the stages after it (split, training,
 # evaluation) re-run on any new input by design.

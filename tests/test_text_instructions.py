@@ -208,3 +208,72 @@ def test_splits_are_stable_and_salted():
     share = {s: first.count(s) / len(keys) for s in SPLITS}
     assert 0.6 < share["train"] < 0.8 and all(0.05 < share[s] < 0.16 for s in ("val", "test", "benchmark"))
     assert first != [assign_split(k, SynthInstructionsConfig(salt="other")) for k in keys]
+
+
+# ---------------------------------------------------------------- backend: llm
+
+
+@pytest.mark.e2e
+def test_the_llm_backend_adds_grounded_pairs_and_only_right_maths(text_run):
+    """A stand-in model with known habits: per chunk one pair quoted from the passage, one
+    invented and one repeated; the maths right for every other problem."""
+    from conftest import ChatStub
+
+    from semilens.config import EndpointConfig
+    from semilens.text.instruct_llm import MATH_PROMPT
+
+    cfg, *_ = text_run
+    synth_instructions(cfg)
+    template = [r for s in SPLITS for r in read_jsonl_parquet(Path(cfg.paths.instructions) / f"{s}.parquet")]
+    maths = {p.question: p for p in problems(cfg.synth_instructions.n_math, cfg.synth_instructions.seed)}
+    right = {q for i, q in enumerate(maths) if i % 2 == 0}
+    tail = MATH_PROMPT.format(question="")
+
+    def model(body):
+        prompt = body["messages"][-1]["content"]
+        if prompt.endswith(tail):
+            p = maths[prompt[: -len(tail)]]
+            value = p.answer if p.question in right else p.answer * 3 + 1
+            return f"Using {p.formula}: = {value:.4g} {p.unit}"
+        passage = prompt.split("Passage:\n", 1)[1]
+        quote = " ".join(passage.split()[:40])
+        return json.dumps({"pairs": [
+            {"category": "concepts", "difficulty": "medium", "instruction": f"What does the passage starting '{quote[:30]}' state?", "response": quote},
+            {"category": "concepts", "difficulty": "medium", "instruction": f"What does the passage starting '{quote[:30]}' state?", "response": quote},
+            {"category": "process_control", "difficulty": "hard", "instruction": f"Which vendor sells tools for '{quote[:20]}'?", "response": "Several vendors advertise proprietary turnkey solutions worldwide nowadays."},
+        ]})
+
+    with ChatStub(default=model) as stub:
+        icfg = cfg.synth_instructions.model_copy(update={"backend": "llm", "llm": EndpointConfig(base_url=stub.url, model="m", backoff_s=0)})
+        llm_cfg = cfg.model_copy(update={"synth_instructions": icfg})
+        synth_instructions(llm_cfg)
+        metrics = read_json(Path(cfg.paths.metrics) / "instructions.json")
+        corpus = [p for p in template if p["kind"] == "corpus"]
+        n_math = sum(p["category"] == "etch_math" for p in template)
+        assert corpus and n_math and len(stub.requests) == len(corpus) + n_math
+        assert metrics["counts"] == {
+            "pairs_from_llm": len(corpus), "dropped_duplicate": len(corpus), "dropped_ungrounded": len(corpus),
+            "math_answers_from_llm": sum(p["instruction"] in right for p in template if p["category"] == "etch_math"),
+            "dropped_wrong_answer": sum(p["instruction"] not in right for p in template if p["category"] == "etch_math"),
+        }
+        rows = [r for s in SPLITS for r in read_jsonl_parquet(Path(cfg.paths.instructions) / f"{s}.parquet")]
+        by_id = {r["id"]: r for r in rows}
+        assert {p["id"] for p in template} <= set(by_id)  # the template pairs all stay
+        added = [r for r in rows if r["kind"] == "llm"]
+        split_of = {p["source"]: p["split"] for p in corpus}
+        assert len(added) == len(corpus) and all(r["split"] == split_of[r["source"]] for r in added)
+        for p in template:
+            if p["category"] == "etch_math":
+                got = by_id[p["id"]]
+                assert got["response"].startswith("Using") == (p["instruction"] in right)
+                assert got["messages"][1]["content"] == got["response"]
+        n = len(stub.requests)
+        synth_instructions(llm_cfg)  # a re-run sends nothing
+        assert len(stub.requests) == n and read_json(Path(cfg.paths.metrics) / "instructions.json")["requests"]["requests_sent"] == 0
+    synth_instructions(cfg)
+
+
+def read_jsonl_parquet(path: Path) -> list[dict]:
+    import datasets
+
+    return [dict(r) for r in datasets.Dataset.from_parquet(str(path))]

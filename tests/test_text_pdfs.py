@@ -310,3 +310,95 @@ def test_a_machine_problem_is_not_cached_and_an_unforeseen_error_is_quarantined(
     third = extract_pdfs(cfg)
     reasons = {Path(q["source"]).name: q["reason"] for q in read_jsonl(Path(cfg.paths.pages) / "quarantine.jsonl")}
     assert reasons["other.pdf"].startswith(("unreadable: RecursionError", "corrupt PDF: page 1: RecursionError")) and third["pages"] == 2
+
+
+# ---------------------------------------------------------------- backend: llm
+
+
+def test_a_rewrite_must_keep_the_words_and_numbers_and_add_little():
+    from semilens.text.clean_llm import check_rewrite
+
+    src = "The etch rate of SiO2 in CHF3 is 120 nm/min at 40 mTorr, set by ion flux and ion energy."
+    assert check_rewrite(src, src.replace("SiO2 in", "SiO2  in"), 0.05, 0.10) is None
+    assert check_rewrite(src, src[: len(src) // 2], 0.05, 0.10) == "dropped_content"
+    assert check_rewrite(src, src.replace("120", "12"), 0.05, 0.10) == "dropped_numbers"
+    assert check_rewrite(src, src + " In short, plasma etching is a very important and widely used step.", 0.05, 0.10) == "added_content"
+    assert check_rewrite(src, "   ", 0.05, 0.10) == "empty"
+
+
+def _polishing_server(body):
+    """A stand-in editor with known habits: it mangles numbers, truncates long blocks and
+    otherwise rewrites harmlessly (one 'the' set in capitals)."""
+    text = body["messages"][-1]["content"]
+    if any(ch.isdigit() for ch in text):
+        return text.replace("1", "7")
+    if len(text) > 400:
+        return text[: len(text) // 3]
+    return text.replace("the ", "THE ", 1)
+
+
+@pytest.mark.e2e
+def test_the_llm_backend_keeps_accepted_rewrites_and_refuses_lossy_ones(corpus_run):
+    from conftest import ChatStub
+
+    from semilens.config import CleanMarkdownConfig, EndpointConfig
+
+    cfg, *_ = corpus_run
+    clean_markdown(cfg)
+    rules_chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
+    pages = list(read_jsonl(Path(cfg.paths.pages) / "pages.jsonl"))
+    blocks = [b for src in sorted({p["source"] for p in pages})
+              for b in clean_document([dict(p) for p in pages if p["source"] == src], cfg.clean_markdown)["blocks"]
+              if b["kind"] != "heading"]
+    expected = {  # what the editor's habits must come to
+        "refused_dropped_numbers": sum("1" in b["text"] for b in blocks),
+        "refused_dropped_content": sum(not any(c.isdigit() for c in b["text"]) and len(b["text"]) > 400 for b in blocks),
+    }
+    with ChatStub(default=_polishing_server) as stub:
+        endpoint = EndpointConfig(base_url=stub.url, model="editor", backoff_s=0)
+        llm_cfg = cfg.model_copy(update={"clean_markdown": CleanMarkdownConfig(backend="llm", llm=endpoint)})
+        summary = clean_markdown(llm_cfg)
+        assert len(stub.requests) == len(blocks)  # every paragraph and table, no heading
+        metrics = read_json(Path(cfg.paths.metrics) / "clean.json")
+        counts = metrics["counts"]
+        assert counts.get("refused_dropped_numbers", 0) == expected["refused_dropped_numbers"] > 0
+        assert counts.get("refused_dropped_content", 0) == expected["refused_dropped_content"]
+        assert counts["accepted"] + sum(v for k, v in counts.items() if k.startswith("refused")) == len(blocks)
+        assert counts["accepted"] > 0 and summary["backend"] == "llm"
+        chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
+        assert any("THE " in c["text"] for c in chunks)  # accepted rewrites are in the output
+        # refused rewrites are not: no mangled number, and the provenance is the rules' own
+        text = "\n".join(c["text"] for c in chunks)
+        assert text.count("7") == "\n".join(c["text"] for c in rules_chunks).count("7")
+        assert [(c["chunk_id"], c["pages"]) for c in chunks] == [(c["chunk_id"], c["pages"]) for c in rules_chunks]
+        assert metrics["similarity_min"] >= 0.9
+        # a re-run sends nothing
+        n = len(stub.requests)
+        clean_markdown(llm_cfg)
+        assert len(stub.requests) == n and read_json(Path(cfg.paths.metrics) / "clean.json")["requests"]["requests_sent"] == 0
+    clean_markdown(cfg)  # back to the rules for the tests that share this corpus
+
+
+@pytest.mark.e2e
+def test_the_llm_backend_through_semilens_serve_falls_back_to_the_rules(corpus_run, tmp_path):
+    """A tiny untrained Llama behind `semilens serve`: its rewrites lose the content, so
+    every one is refused and the Markdown is exactly what the rules wrote."""
+    from semilens.config import CleanMarkdownConfig, EndpointConfig, TinyLLMConfig
+    from semilens.llm.prepare import build_tiny
+    from semilens.serve import make_app, serve_in_background
+
+    cfg, *_ = corpus_run
+    clean_markdown(cfg)
+    docs = Path(cfg.paths.markdown) / "docs"
+    rules = {p.name: p.read_text() for p in docs.glob("*.md")}
+    model, tokenizer = build_tiny(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
+    model.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    app = make_app(tmp_path / "llm")
+    with serve_in_background(app) as url:
+        endpoint = EndpointConfig(base_url=url, model=app.state.model_name, max_tokens=16)
+        clean_markdown(cfg.model_copy(update={"clean_markdown": CleanMarkdownConfig(backend="llm", llm=endpoint)}))
+    metrics = read_json(Path(cfg.paths.metrics) / "clean.json")
+    assert metrics["counts"].get("accepted", 0) == 0 and metrics["requests"]["completed"] == metrics["blocks_sent"] > 0
+    assert {p.name: p.read_text() for p in docs.glob("*.md")} == rules
+    clean_markdown(cfg)

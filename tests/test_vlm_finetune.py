@@ -36,7 +36,7 @@ from semilens.io import read_json
 from semilens.images.split import rows_for_image, write_parquet
 from semilens.vlm.families import get_family
 from semilens.vlm.evaluate import evaluate_vlm
-from semilens.vlm.finetune import BackendError, finetune_vlm, image_conversations, make_collator, select_backend
+from semilens.vlm.finetune import BackendError, augment_example, dihedral, finetune_vlm, image_conversations, make_collator, select_backend, turn_angles
 from semilens.vlm.labels import IGNORE
 from semilens.vlm.prepare import prepare_vlm
 
@@ -128,15 +128,20 @@ def test_stage_writes_adapter_merged_and_loss_curve(run):
     assert torch.allclose(a, b, atol=5e-2 if saved_bf16 else 1e-4)
 
 
-@pytest.mark.e2e
-def test_answer_tokens_alone_carry_the_loss_and_images_are_never_cut(run):
+def _first_rows(cfg: Config, n: int):
+    """The base's processor and the first ``n`` training rows as collator examples."""
     import datasets
     from transformers import AutoProcessor
 
-    cfg, _ = run
     processor = AutoProcessor.from_pretrained(cfg.paths.models / FAMILY / "base")
     ds = datasets.Dataset.from_parquet(str(cfg.paths.vqa / "train.parquet"))
-    examples = [{"messages": ds[i]["messages"], "images": ds[i]["images"]} for i in range(3)]
+    return processor, ds, [{"messages": ds[i]["messages"], "images": ds[i]["images"]} for i in range(n)]
+
+
+@pytest.mark.e2e
+def test_answer_tokens_alone_carry_the_loss_and_images_are_never_cut(run):
+    cfg, _ = run
+    processor, _, examples = _first_rows(cfg, 3)
     collator = make_collator(processor, get_family(FAMILY), max_length=512)
     batch = collator([dict(e) for e in examples])
     tok = processor.tokenizer
@@ -147,6 +152,70 @@ def test_answer_tokens_alone_carry_the_loss_and_images_are_never_cut(run):
     # A max_length that would cut the answer (or the image) is refused, never trained on.
     with pytest.raises(ValueError, match="truncat|max_length|Mismatch"):
         make_collator(processor, get_family(FAMILY), max_length=30)([dict(e) for e in examples])
+
+
+def test_the_eight_symmetries_are_distinct_and_keep_every_pixel():
+    img = Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    seen = {dihedral(img, k).tobytes() + bytes(dihedral(img, k).size) for k in range(8)}
+    assert len(seen) == 8  # no two transforms coincide on an asymmetric image
+    for k in range(8):
+        assert sorted(dihedral(img, k).tobytes()) == sorted(img.tobytes())  # moved, never resampled
+    assert dihedral(img, 0) is img
+
+
+def test_turned_answers_state_the_orientation_the_measure_stage_finds_in_the_turned_image():
+    """The angle rewrite is checked against measurement, not against itself: a synthetic
+    grating and a fibre image are measured as drawn and under each symmetry, and the
+    rewritten answer must agree with what measure_images reports for the turned pixels."""
+    from semilens.config import MeasureImagesConfig, SynthImagesConfig
+    from semilens.images.measure import measure_array
+    from semilens.images.synth import render_image
+
+    def axis_gap(a: float, b: float) -> float:
+        d = abs(a - b) % 180
+        return min(d, 180 - d)
+
+    synth = SynthImagesConfig()
+    checked = 0
+    for label, index in (("lines", 0), ("lines", 3), ("fibres", 1)):
+        img = render_image(label, index, synth)
+        frame = img.pixels[: -img.sidecar.ground_truth.databar_height_px]
+        base = measure_array(frame, MeasureImagesConfig(), label=label).orientation_deg
+        if base is None or axis_gap(base, 45) < 10:
+            continue  # near the diagonal a mirror and a turn look alike: not a sharp test
+        for k in range(8):
+            turned = np.asarray(dihedral(Image.fromarray(frame), k))
+            found = measure_array(turned, MeasureImagesConfig(), label=label).orientation_deg
+            said = float(turn_angles(f"aligned near {base:.0f}°", k).split()[-1].rstrip("°"))
+            assert axis_gap(said, found) <= 3, (label, index, k, base, said, found)
+            checked += 1
+    assert checked >= 16
+
+
+def test_augmenting_a_chat_turns_its_image_and_its_angles_together():
+    chat = {"messages": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Shape at 37°?"}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": "elongated, aligned near 37°, 12 lines"}]}],
+            "images": [Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4))]}
+    assert augment_example(chat, 0) is chat
+    turned = augment_example(chat, 3)
+    assert turned["messages"][1]["content"][0]["text"] == "elongated, aligned near 127°, 12 lines"
+    assert turned["messages"][0] == chat["messages"][0]  # questions are left as asked
+    assert turned["images"][0].size == (3, 4) and chat["images"][0].size == (4, 3)  # the original untouched
+    assert augment_example(chat, 1)["messages"][1]["content"][0]["text"].startswith("elongated, aligned near 143°")
+
+
+@pytest.mark.e2e
+def test_augmentation_turns_the_pixels_and_leaves_text_and_labels_alone(run):
+    cfg, _ = run
+    processor, ds, examples = _first_rows(cfg, 4)
+    plain = make_collator(processor, get_family(FAMILY), max_length=512)([dict(e) for e in examples])
+    turned = make_collator(processor, get_family(FAMILY), max_length=512, augment_seed=0)([dict(e) for e in examples])
+    again = make_collator(processor, get_family(FAMILY), max_length=512, augment_seed=0)([dict(e) for e in examples])
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert torch.equal(plain[key], turned[key])
+    assert not torch.equal(plain["pixel_values"], turned["pixel_values"])  # some image was turned
+    assert torch.equal(turned["pixel_values"], again["pixel_values"])  # the same seed, the same turns
+    assert examples[0]["images"][0].tobytes() == ds[0]["images"][0].tobytes()  # the dataset's image untouched
 
 
 @pytest.mark.e2e

@@ -5,6 +5,7 @@
     semilens config [SECTION]            print the resolved, validated params.yaml
     semilens predict IMAGE QUESTION      answer with a VLM checkpoint
     semilens ask QUESTION                answer with a text-model checkpoint
+    semilens serve CHECKPOINT            serve a checkpoint over an OpenAI-compatible HTTP API
 
 Run it from the project root (where params.yaml and stages/ live). Heavy libraries are
 imported by the stage itself, so ``--help`` stays fast.
@@ -139,6 +140,74 @@ def ask(
     from semilens.llm.ask import ask as run_ask
 
     _answer(lambda: run_ask(checkpoint, question, max_new_tokens))
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Argument(..., help="any semilens folder, text or VLM: base, pretrained, sft, gptq, merged or adapter"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind; the default keeps the server to this machine"),
+    port: int = typer.Option(8000, min=0, max=65535, help="0: any free port (the URL is printed)"),
+    model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: CHECKPOINT as given)"),
+    api_key_env: Optional[str] = typer.Option(
+        None, help="require `Authorization: Bearer <key>`, the key read from this environment variable (never printed)"
+    ),
+    max_request_bytes: int = typer.Option(20_000_000, min=1, help="larger request bodies get 413"),
+    default_max_tokens: int = typer.Option(256, min=1, help="reply length when a request gives no max_tokens"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's choice)"),
+    latency_ms: float = typer.Option(0.0, min=0, help="fixed delay before every /v1 answer (does not block other requests)"),
+    fault_rate: float = typer.Option(0.0, min=0, max=1, help="fraction of chat requests that get an injected fault"),
+    fault_kinds: str = typer.Option("429,500,timeout,malformed", help="comma list of faults to draw from"),
+    fault_seed: int = typer.Option(0, help="seed of the fault draw"),
+    fault_hold_s: float = typer.Option(30.0, min=0, help="how long a `timeout` fault holds the reply"),
+    fault_retry_after_s: int = typer.Option(1, min=0, help="Retry-After seconds of an injected 429"),
+) -> None:
+    """Serve a checkpoint over an OpenAI-compatible API (/v1/models, /v1/chat/completions) until Ctrl-C."""
+    import os
+    import signal
+    import threading
+
+    from pydantic import ValidationError
+
+    from semilens.serve import ServeOptions, make_app, serve_in_background
+
+    key = None
+    if api_key_env is not None:
+        key = os.environ.get(api_key_env, "")
+        if not key:
+            err.print(f"[red]error[/red]: --api-key-env {escape(api_key_env)}: that environment variable is unset or empty")
+            raise typer.Exit(2)
+    try:
+        options = ServeOptions(
+            model_name=model_name, api_key=key, max_request_bytes=max_request_bytes, default_max_tokens=default_max_tokens,
+            threads=threads, latency_ms=latency_ms, fault_rate=fault_rate, fault_kinds=fault_kinds, fault_seed=fault_seed,
+            fault_hold_s=fault_hold_s, fault_retry_after_s=fault_retry_after_s,
+        )
+        server = make_app(checkpoint, options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        err.print(f"[red]error[/red]: {escape(problems)}")
+        raise typer.Exit(2) from exc
+    except (ValueError, OSError) as exc:  # as _answer: a bad folder is one line, exit 2
+        err.print(f"[red]error[/red]: {escape(' '.join(str(exc).split()))}")
+        raise typer.Exit(2) from exc
+
+    # SIGTERM (docker stop, a test's terminate()) shuts down as cleanly as Ctrl-C does.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    kind = server.state.checkpoint.kind
+    try:
+        with serve_in_background(server, host, port, log_level="info") as url:
+            auth = f", API key from ${api_key_env} required" if key else ""
+            faults = f", faults {fault_rate:g} of {','.join(options.fault_kinds)}" if fault_rate else ""
+            typer.echo(f"serving {server.state.model_name} ({kind}) at {url}{auth}{faults}")
+            try:
+                while not stop.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+    except RuntimeError as exc:  # the port is taken, say (uvicorn has logged why)
+        err.print(f"[red]error[/red]: {escape(str(exc))}")
+        raise typer.Exit(1) from exc
 
 
 if __name__ == "__main__":

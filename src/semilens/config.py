@@ -63,6 +63,32 @@ class PathsConfig(Section):
     instructions: Path = Path("data/processed/instructions")
 
 
+class EndpointConfig(Section):
+    """An OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, Ollama,
+    ``semilens serve``), as every model-backed step talks to it through
+    ``semilens.openai_client``. The API key is read from the environment variable
+    ``api_key_env`` names and never from this file."""
+
+    base_url: str | None = Field(
+        None, pattern=r"^https?://", description="e.g. http://127.0.0.1:8000/v1 (the SDK POSTs to <base_url>/chat/completions)"
+    )
+    model: str | None = Field(None, description="the model name the server serves; required with a URL")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", min_length=1, description="environment variable holding the key (unset: none sent)"
+    )
+    concurrency: int = Field(8, ge=1, le=1024, description="requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0, description="per attempt; a slower reply is retried as a timeout")
+    max_retries: int = Field(5, ge=0, le=20, description="extra tries after 429, 5xx, timeouts, dropped connections, malformed replies")
+    backoff_s: float = Field(1.0, ge=0, description="retry n waits up to backoff * 2**n (random, full jitter) unless the server sends Retry-After")
+    max_backoff_s: float = Field(60.0, ge=0, description="cap on any single wait, Retry-After included")
+    max_reasks: int = Field(2, ge=0, le=10, description="re-asks of a reply that fails its JSON schema")
+    temperature: float = Field(0.0, ge=0, le=2)
+    seed: int | None = Field(0, description="sent with every request (servers that support it sample reproducibly)")
+    max_tokens: int = Field(1024, ge=1, description="reply budget per request")
+    price_input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens (cost accounting only)")
+    price_output_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens")
+
+
 class SynthImagesConfig(Section):
     """Procedural SEM/TEM-like images with exact ground truth."""
 
@@ -146,9 +172,22 @@ class MeasureImagesConfig(Section):
 class AnnotateImagesConfig(Section):
     """Captions and VQA pairs per image."""
 
-    backend: Literal["grounded"] = "grounded"
+    backend: Literal["grounded", "vlm"] = Field(
+        "grounded",
+        description="grounded: offline templates over the measurements; vlm: a vision-language "
+        "model on an OpenAI-compatible server (``vlm``) writes them, checked against the measurements",
+    )
     seed: int = 0
     min_questions: int = Field(6, ge=5, description="VQA pairs per image (at least five types)")
+    vlm: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(max_tokens=768), description="the server with backend: vlm"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "AnnotateImagesConfig":
+        if self.backend == "vlm" and not (self.vlm.base_url and self.vlm.model):
+            raise ValueError("backend: vlm needs annotate_images.vlm.base_url and .model (an OpenAI-compatible server)")
+        return self
 
 
 class SplitDatasetConfig(Section):
@@ -265,6 +304,14 @@ class FinetuneVLMConfig(Section):
         description="image: every question about an image in one multi-turn chat (each chat "
         "opens with a different question); question: one chat per dataset row",
     )
+    augment: bool = Field(
+        True,
+        description="each training image goes in flipped and/or turned by a multiple of 90 "
+        "degrees (one of the eight, drawn per batch): micrographs have no up or down, every "
+        "answer but an orientation (class, counts, sizes, coverage, pitch) survives the turn, "
+        "and a few dozen images per class stop being memorised by their exact pixels. Chats "
+        "that state an angle are only ever turned by 180 degrees, which keeps it true",
+    )
     lora: LoraConfigSection = LoraConfigSection()
     trainer: TrainerSection = TrainerSection()
 
@@ -306,6 +353,18 @@ class CleanMarkdownConfig(Section):
     heading_ratio: float = Field(1.15, ge=1, description="font size / body size from which a line is a heading")
     max_heading_chars: int = Field(120, ge=10)
     chunk_chars: int = Field(1500, ge=200, description="chunks are cut at headings and at this length")
+    backend: Literal["rules", "llm"] = Field(
+        "rules", description="rules: offline; llm: a model on an OpenAI-compatible server (``llm``) polishes each block, checked"
+    )
+    llm: EndpointConfig = Field(default_factory=lambda: EndpointConfig(max_tokens=2048), description="the server with backend: llm")
+    max_dropped: float = Field(0.05, ge=0, lt=1, description="a rewrite keeping fewer of the block's words than 1 - this is refused")
+    max_added: float = Field(0.10, ge=0, lt=1, description="a rewrite with more new words than this share is refused")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CleanMarkdownConfig":
+        if self.backend == "llm" and not (self.llm.base_url and self.llm.model):
+            raise ValueError("backend: llm needs clean_markdown.llm.base_url and .model (an OpenAI-compatible server)")
+        return self
 
 
 class TagOntologyConfig(Section):
@@ -327,11 +386,22 @@ class SynthInstructionsConfig(Section):
     test_fraction: float = Field(0.1, ge=0, lt=1)
     benchmark_fraction: float = Field(0.1, ge=0, lt=1)
     salt: str = "semilens"
+    backend: Literal["templates", "llm"] = Field(
+        "templates",
+        description="templates: offline; llm: a model on an OpenAI-compatible server (``llm``) also writes "
+        "pairs from the corpus and works the maths, checked (see semilens.text.instruct_llm)",
+    )
+    llm: EndpointConfig = Field(default_factory=lambda: EndpointConfig(max_tokens=1536), description="the server with backend: llm")
+    llm_pairs_per_chunk: int = Field(3, ge=1, le=10)
+    min_grounding: float = Field(0.6, ge=0, le=1, description="share of an answer's content words that must occur in its chunk")
+    math_rel_tol: float = Field(0.02, gt=0, lt=1, description="a worked maths answer within this of the computed one is kept")
 
     @model_validator(mode="after")
     def _check(self) -> "SynthInstructionsConfig":
         if self.val_fraction + self.test_fraction + self.benchmark_fraction >= 0.9:
             raise ValueError("val + test + benchmark fractions must leave at least 10% for train")
+        if self.backend == "llm" and not (self.llm.base_url and self.llm.model):
+            raise ValueError("backend: llm needs synth_instructions.llm.base_url and .model (an OpenAI-compatible server)")
         return self
 
 
@@ -408,7 +478,7 @@ class QuantizeLLMConfig(Section):
     smoke_prompt: str = Field("What controls the etch rate in reactive ion etching?", min_length=1, description="generated once after reloading")
 
 
-class JudgeConfig(Section):
+class JudgeConfig(EndpointConfig):
     """An LLM judge on an OpenAI-compatible server that scores answers on six expert criteria.
 
     The environment variables SEMILENS_JUDGE_URL and SEMILENS_JUDGE_MODEL override
@@ -416,18 +486,9 @@ class JudgeConfig(Section):
     report records the URL and model actually used.
     """
 
-    base_url: str | None = Field(
-        None,
-        pattern=r"^https?://",
-        description="e.g. http://127.0.0.1:8000/v1 (POSTs to <base_url>/chat/completions); None: no judge",
-    )
-    model: str | None = Field(None, description="the model name the server serves; required with a URL")
     api_key_env: str = Field(
-        "SEMILENS_JUDGE_API_KEY", min_length=1, description="environment variable holding a bearer key (unset: no key)"
+        "SEMILENS_JUDGE_API_KEY", min_length=1, description="environment variable holding the key (unset: none sent)"
     )
-    timeout_s: float = Field(120.0, gt=0, description="per request; a reply slower than this fails as a timeout")
-    max_retries: int = Field(2, ge=0, le=5, description="extra tries after a connection error or HTTP 5xx/429")
-    retry_backoff_s: float = Field(1.0, ge=0, description="wait before retry n is backoff * 2**(n-1)")
     max_tokens: int = Field(512, ge=16, description="reply budget: six scores and a short rationale")
     max_items: int = Field(
         0, ge=0, description="0: every benchmark row; N: the first N rows, the same rows for every model"

@@ -9,7 +9,10 @@ re-checked against the numbers behind it. Run: ``python -m stages.annotate_image
 
 The ``grounded`` backend is offline and deterministic: the phrasing of each question and
 caption is picked from several templates by a hash of (seed, image id, question type), so
-the dataset has varied wording but the same inputs always give the same bytes.
+the dataset has varied wording but the same inputs always give the same bytes. The
+``vlm`` backend has a vision-language model rephrase them from the image and drops what
+contradicts a measurement (see semilens.images.annotate_vlm). Either way
+``<paths.metrics>/annotate.json`` says how many pairs each wrote.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import Config
-from semilens.io import read_jsonl, reset_dir, write_jsonl
+from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
 from semilens.records import ImageRecord, Measurement, QuarantineEntry
 
 # The per-image cache is keyed by this code (templates, answer rules, record schema).
@@ -426,15 +429,23 @@ def annotate_images(cfg: Config) -> dict[str, Any]:
             cache.put(key, row)
         rows.append(row)
 
+    backend: dict[str, Any] = {"backend": "grounded"}
+    if acfg.backend == "vlm":
+        from semilens.images.annotate_vlm import annotate_with_vlm
+
+        pixel_sizes = {r["id"]: records[r["id"]].pixel_size_nm for r in rows}
+        rows, backend = annotate_with_vlm(rows, pixel_sizes, acfg.vlm, cfg.paths.cache)
     out = reset_dir(cfg.paths.annotations)
     write_jsonl(out / "annotations.jsonl", rows)
     write_jsonl(out / "skipped.jsonl", [s.model_dump(mode="json") for s in skipped])
-    return {
+    summary = {
         "n_images": len(rows),
         "n_qa": sum(len(r["qa"]) for r in rows),
         "n_skipped": len(skipped),
-        "cache": cache.stats(),
+        **backend,
     }
+    write_json(cfg.paths.metrics / "annotate.json", summary)
+    return {**summary, "cache": cache.stats()}
 
 
 def load_annotations(path: Path) -> list[dict[str, Any]]:

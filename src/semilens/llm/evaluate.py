@@ -172,7 +172,7 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
     write_jsonl(out / "predictions.jsonl", predictions)
     # Without a judge the block says "configured": false rather than showing numbers
     # nobody measured; with one, the raw replies sit beside the predictions for audit.
-    judge, judged = judge_report(predictions, judge_cfg, DIFFICULTIES)
+    judge, judged = judge_report(predictions, judge_cfg, DIFFICULTIES, cache_root=cfg.paths.cache)
     if judged:
         write_jsonl(out / "judge.jsonl", judged)
     report = {"benchmark_rows": len(rows), "math_rel_tol": ecfg.math_rel_tol, "judge": judge, "rows": table}

@@ -27,7 +27,7 @@ from string import Template
 from typing import Any
 
 from semilens.config import JudgeConfig
-from semilens.openai_api import ChatClient, ChatError
+from semilens.openai_client import Client, Request, RequestFailed
 
 # key in the reply and the report -> the criterion's name; each key has a rubric file
 CRITERIA: dict[str, str] = {
@@ -39,9 +39,6 @@ CRITERIA: dict[str, str] = {
     "specificity": "Use of examples & specificity",
 }
 URL_ENV, MODEL_ENV = "SEMILENS_JUDGE_URL", "SEMILENS_JUDGE_MODEL"
-# After this many answers in a row fail to reach the server, the rest are not sent: a
-# wrong URL would otherwise cost every remaining answer its retries and back-off.
-GIVE_UP_AFTER = 5
 
 
 class ReplyError(ValueError):
@@ -129,40 +126,41 @@ def resolve_judge(jcfg: JudgeConfig, environ: Mapping[str, str] = os.environ) ->
 
 
 def judge_answers(
-    predictions: list[dict[str, Any]], jcfg: JudgeConfig, rubric: Rubric, environ: Mapping[str, str] = os.environ
-) -> list[dict[str, Any]]:
+    predictions: list[dict[str, Any]],
+    jcfg: JudgeConfig,
+    rubric: Rubric,
+    environ: Mapping[str, str] = os.environ,
+    cache_root: Path | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One record per answer (``model``, ``id``, ``difficulty``, ``scores`` or None,
-    ``failure`` or None, the raw ``reply``). ``jcfg`` must be resolved (URL and model set).
-    Predictions carry ``instruction``, ``reference`` and ``prediction`` as evaluate_llm
-    writes them."""
+    ``failure`` or None, the raw ``reply``), and the client's accounting. ``jcfg`` must
+    be resolved (URL and model set). Predictions carry ``instruction``, ``reference`` and
+    ``prediction`` as evaluate_llm writes them. Replies are cached under ``cache_root``
+    (None: no cache), so re-judging the same answers costs nothing."""
     assert jcfg.base_url and jcfg.model, "resolve_judge first"
     taken: Counter[str] = Counter()
-    records: list[dict[str, Any]] = []
-    unreachable = 0
-    client = ChatClient(
-        jcfg.base_url, jcfg.model, api_key=environ.get(jcfg.api_key_env) or None,
-        timeout_s=jcfg.timeout_s, max_retries=jcfg.max_retries, retry_backoff_s=jcfg.retry_backoff_s,
+    chosen = []
+    for p in predictions:
+        if jcfg.max_items and taken[p["model"]] >= jcfg.max_items:
+            continue  # every model lists the benchmark in the same order: same rows judged
+        taken[p["model"]] += 1
+        chosen.append(p)
+    client = Client(jcfg, cache_root, environ, cache_stage="judge")
+    outcomes = client.run(
+        [Request(rubric.messages(p["instruction"], p["reference"], p["prediction"]), tag=p["id"]) for p in chosen]
     )
-    with client:
-        for p in predictions:
-            if jcfg.max_items and taken[p["model"]] >= jcfg.max_items:
-                continue  # every model lists the benchmark in the same order: same rows judged
-            taken[p["model"]] += 1
-            rec: dict[str, Any] = {"model": p["model"], "id": p["id"], "difficulty": p["difficulty"],
-                                   "scores": None, "rationale": None, "failure": None, "reply": None}
-            records.append(rec)
-            if unreachable >= GIVE_UP_AFTER:
-                rec["failure"] = {"kind": "not_attempted", "detail": f"{unreachable} answers in a row could not reach the judge"}
-                continue
-            try:
-                rec["reply"] = client.complete(
-                    rubric.messages(p["instruction"], p["reference"], p["prediction"]), max_tokens=jcfg.max_tokens
-                )
-                rec["scores"], rec["rationale"] = parse_scores(rec["reply"])
-            except (ChatError, ReplyError) as exc:
-                rec["failure"] = {"kind": exc.kind, "detail": exc.detail}
-            unreachable = unreachable + 1 if rec["failure"] and rec["failure"]["kind"] == "connection" else 0
-    return records
+    records: list[dict[str, Any]] = []
+    for p, outcome in zip(chosen, outcomes):
+        rec: dict[str, Any] = {"model": p["model"], "id": p["id"], "difficulty": p["difficulty"],
+                               "scores": None, "rationale": None, "failure": None, "reply": outcome.text}
+        try:
+            if outcome.error is not None:
+                raise outcome.error
+            rec["scores"], rec["rationale"] = parse_scores(outcome.text or "")
+        except (RequestFailed, ReplyError) as exc:
+            rec["failure"] = {"kind": exc.kind, "detail": exc.detail}
+        records.append(rec)
+    return records, client.accounting.as_dict()
 
 
 def summarise(records: list[dict[str, Any]], difficulties: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -187,7 +185,7 @@ def summarise(records: list[dict[str, Any]], difficulties: tuple[str, ...]) -> l
 
 def judge_report(
     predictions: list[dict[str, Any]], resolved: JudgeConfig | None, difficulties: tuple[str, ...],
-    environ: Mapping[str, str] = os.environ,
+    environ: Mapping[str, str] = os.environ, cache_root: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ``judge`` block of metrics/llm.json and the per-answer records, for settings
     from ``resolve_judge``. None (no judge): the block says so and holds no scores."""
@@ -195,7 +193,7 @@ def judge_report(
         note = f"no judge endpoint configured (evaluate_llm.judge.base_url or {URL_ENV}): expert criteria not scored"
         return {"configured": False, "scores": None, "note": note}, []
     rubric = load_rubric()
-    records = judge_answers(predictions, resolved, rubric, environ)
+    records, accounting = judge_answers(predictions, resolved, rubric, environ, cache_root)
     block = {
         "configured": True,
         "base_url": resolved.base_url,
@@ -205,5 +203,6 @@ def judge_report(
         "scale": [1, 5],
         "items_per_model": max(Counter(r["model"] for r in records).values(), default=0),
         "scores": summarise(records, difficulties),
+        "requests": accounting,
     }
     return block, records

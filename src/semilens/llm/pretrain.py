@@ -185,7 +185,8 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"{chunks_file}: the corpus gives no full {pcfg.block_size}-token block to train on")
     ppl_before = perplexity(model, held_blocks)
 
-    key = run_key(weights_digest(weights), sha256_file(chunks_file), pcfg.model_dump(mode="json"))
+    # this module's own hash too: a checkpoint written by other training code is not resumed
+    key = run_key(weights_digest(weights), sha256_file(chunks_file), pcfg.model_dump(mode="json"), sha256_file(Path(__file__)))
     ckpt_dir = Path(cfg.paths.cache) / STAGE / key
     if pcfg.method == "lora":
         model = lora_model(model, pcfg.lora)

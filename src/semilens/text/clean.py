@@ -367,14 +367,23 @@ def clean_markdown(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.paths.markdown)
     docs_dir = reset_dir(out / "docs")
     documents, chunks, fidelity = [], [], []
-    for sha, pages in sorted(by_doc.items(), key=lambda kv: kv[1][0]["source"]):
-        source = pages[0]["source"]
-        did = doc_id(source, sha)
+    docs = sorted(by_doc.items(), key=lambda kv: kv[1][0]["source"])
+    results = []
+    for sha, pages in docs:
         key = cache.key(hash_json(pages), params)
         result = cache.get(key)
         if result is None:
             result = clean_document(pages, ccfg)
             cache.put(key, result)
+        results.append(result)
+    backend: dict[str, Any] = {"backend": "rules"}
+    if ccfg.backend == "llm":
+        from semilens.text.clean_llm import polish
+
+        results, backend = polish(results, ccfg, cfg.paths.cache)
+    for (sha, pages), result in zip(docs, results):
+        source = pages[0]["source"]
+        did = doc_id(source, sha)
         atomic_write_text(docs_dir / f"{did}.md", result["markdown"])
         documents.append(
             {
@@ -411,6 +420,7 @@ def clean_markdown(cfg: Config) -> dict[str, Any]:
         "similarity_mean": round(statistics.fmean(sims), 4) if sims else None,
         "similarity_min": min(sims) if sims else None,
         "leaked_running_lines": sum(f["leaked_running_lines"] for f in fidelity),
+        **backend,
         "per_document": fidelity,
     }
     write_json(Path(cfg.paths.metrics) / "clean.json", metrics)

@@ -11,6 +11,9 @@ writes ``paths.instructions/{train,val,test,benchmark}.parquet`` (loadable with
 - ``process_control``: a parameter out of its window -> what happens and what to do, and
   defect diagnosis: symptom -> likely causes -> checks -> corrective actions.
 
+With ``backend: llm`` a model on an OpenAI-compatible server adds checked pairs written
+from the corpus and works the maths (see semilens.text.instruct_llm).
+
 Every pair keeps its ``source`` (``kb:<group/module/unit>``, ``chunk:<id>`` or
 ``generator:<kind>``) and a ``difficulty`` (easy / medium / hard). Splits are drawn by a
 salted hash of a group key: the module for knowledge-base and corpus pairs (a comparison
@@ -251,6 +254,13 @@ def synth_instructions(cfg: Config) -> dict[str, Any]:
     chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
     tags = {t["chunk_id"]: t["units"] for t in read_jsonl(Path(cfg.paths.tags) / "tags.jsonl")}
     pairs = build_pairs(kb, chunks, tags, icfg)
+    backend: dict[str, Any] = {"backend": "templates"}
+    if icfg.backend == "llm":
+        from semilens.text.instruct_llm import llm_pairs
+
+        pairs, backend = llm_pairs(pairs, {c["chunk_id"]: c for c in chunks}, icfg, cfg.paths.cache, _pair)
+        for p in pairs:
+            p["messages"] = [{"role": "user", "content": p["instruction"]}, {"role": "assistant", "content": p["response"]}]
     out = Path(cfg.paths.instructions)
     out.mkdir(parents=True, exist_ok=True)
     if not pairs:
@@ -274,6 +284,7 @@ def synth_instructions(cfg: Config) -> dict[str, Any]:
         "by_category": dict(sorted(Counter(p["category"] for p in pairs).items())),
         "by_kind": dict(sorted(Counter(p["kind"] for p in pairs).items())),
         "splits": counts,
+        **backend,
     }
     write_json(Path(cfg.paths.metrics) / "instructions.json", metrics)
     return {"pairs": len(pairs), **{s: counts[s]["rows"] for s in SPLITS}}

@@ -15,8 +15,11 @@ with anything changed starts fresh instead of resuming someone else's state.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from semilens.cards import lineage_table, table, write_card
 from semilens.config import Config, FinetuneVLMConfig, TrainerSection, dump_config
@@ -59,20 +62,84 @@ def select_backend(trainer: TrainerSection, cuda: bool) -> dict[str, Any]:
     return {"backend": backend, "bf16": bf16, "quantization": trainer.quantization, "cuda": cuda}
 
 
-def make_collator(processor: Any, family: Family, max_length: int):
+# The eight symmetries of a square (PIL transpose codes; None = as is). A turn by 90 or
+# 270 degrees swaps width and height, which the processor resizes like any other image.
+_DIHEDRAL = (
+    None,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
+# What each symmetry does to an orientation, as an axis angle modulo 180 degrees: a
+# mirror negates it, a quarter turn adds 90 (either way round, for an axis), a half turn
+# keeps it, and the two diagonal mirrors map it to 90 minus itself. This holds whichever
+# way angles are counted, because it is about axes, not arrows.
+_AXIS_MAP = (
+    lambda a: a,
+    lambda a: -a,
+    lambda a: -a,
+    lambda a: a + 90,
+    lambda a: a,
+    lambda a: a + 90,
+    lambda a: 90 - a,
+    lambda a: 90 - a,
+)
+_ANGLE = re.compile(r"(\d+(?:\.\d+)?)°")
+
+
+def dihedral(image: Image.Image, k: int) -> Image.Image:
+    """``image`` under the k-th symmetry of the square (k = 0 leaves it as is)."""
+    op = _DIHEDRAL[k % len(_DIHEDRAL)]
+    return image if op is None else image.transpose(op)
+
+
+def turn_angles(text: str, k: int) -> str:
+    """``text`` with every orientation ("aligned near 37°") as it reads after symmetry k,
+    so that an answer stays true of the turned image."""
+
+    def turned(match: re.Match[str]) -> str:
+        return f"{_AXIS_MAP[k](float(match.group(1))) % 180:.0f}°"
+
+    return _ANGLE.sub(turned, text)
+
+
+def augment_example(example: dict[str, Any], k: int) -> dict[str, Any]:
+    """The chat with its images under symmetry k and its answers' angles turned to match."""
+    if k == 0:
+        return example
+    messages = [
+        m if m["role"] != "assistant"
+        else {**m, "content": [{**c, "text": turn_angles(c["text"], k)} if c.get("text") else c for c in m["content"]]}
+        for m in example["messages"]
+    ]
+    return {**example, "messages": messages, "images": [dihedral(im, k) for im in example["images"]]}
+
+
+def make_collator(processor: Any, family: Family, max_length: int, augment_seed: int | None = None):
     """TRL's VLM collator with labels on the assistant's answer tokens only.
 
     TRL's own assistant mask is refused for vision data below transformers 5.18, so the
     labels are rebuilt from token ids; every batch is checked for truncated image tokens
-    and for answers cut off by ``max_length``.
+    and for answers cut off by ``max_length``. With ``augment_seed`` each example goes in
+    under one of the eight symmetries, drawn from a generator seeded with it (see
+    ``augment_example``). A run resumed from a checkpoint draws anew.
     """
+    import random
+
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     markers = family.turn_markers(processor)
     merge = processor.image_processor.merge_size
+    draw = None if augment_seed is None else random.Random(augment_seed)
 
     class AnswerOnlyCollator(DataCollatorForVisionLanguageModeling):
         def torch_call(self, examples):
+            if draw is not None:
+                examples = [augment_example(ex, draw.randrange(len(_DIHEDRAL))) for ex in examples]
             n_turns = [sum(m["role"] == "assistant" for m in ex["messages"]) for ex in examples]
             batch = super().torch_call(examples)
             ids = batch["input_ids"]
@@ -213,6 +280,9 @@ def run_key(base_dir: Path, train_file: Path, fcfg: FinetuneVLMConfig) -> str:
             "base": [sha256_file(w) for w in weights] + [sha256_file(base / "config.json")],
             "train": sha256_file(train_file),
             "params": fcfg.model_dump(mode="json"),
+            # how training runs is part of a run's identity: resuming a checkpoint that
+            # older code wrote would mix two recipes in one model
+            "code": sha256_file(Path(__file__)),
         }
     )[:16]
 
@@ -284,7 +354,7 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         args=args,
         train_dataset=train,
         processing_class=processor,
-        data_collator=make_collator(processor, family, t.max_length),
+        data_collator=make_collator(processor, family, t.max_length, fcfg.seed if fcfg.augment else None),
         peft_config=peft_config,
     )
     lora_names = [n for n, _ in trainer.model.named_parameters() if "lora_" in n]
