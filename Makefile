@@ -4,8 +4,10 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 # Debian packages the project needs: git for DVC, tesseract (with its English data) for
-# PDF pages that have no text layer.
+# PDF pages that have no text layer. The tests also need Chromium (headless), which renders
+# the report; `make run` does not wait for it.
 APT_PACKAGES ?= git tesseract-ocr tesseract-ocr-eng
+TEST_APT_PACKAGES ?= chromium
 # Tests and stages must never reach a model hub.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -16,16 +18,23 @@ SHELL := bash
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test system-deps clean-cache
+.PHONY: setup run test system-deps test-deps clean-cache
 
 setup: system-deps $(STAMP)
 
-system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+system-deps:
+	$(call apt_install,$(APT_PACKAGES))
+
+test-deps:
+	$(call apt_install,$(TEST_APT_PACKAGES))
 
 # Re-install when pyproject.toml changes. (pip's 'Location ... ignored' warnings come from
 # this machine's local wheel mirror settings and are filtered; real errors still fail.)
@@ -42,7 +51,7 @@ run: setup
 	dvc status
 
 # --dist loadfile keeps a file's tests on one worker: the DVC tests share one repo per module.
-test: setup
+test: setup test-deps
 	python -m pytest -q -n 2 --dist loadfile
 
 clean-cache:

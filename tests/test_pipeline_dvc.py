@@ -51,6 +51,25 @@ def dvc(*args: str, cwd: Path) -> str:
     return sh([sys.executable, "-m", "dvc", *args], cwd)
 
 
+def particles(rng: np.random.Generator, path: Path) -> None:
+    """A small bright-particles micrograph, as a user would drop into data/raw/images."""
+    img = np.zeros((160, 160), np.uint8) + 40
+    yy, xx = np.mgrid[:160, :160]
+    for cy, cx in rng.integers(20, 140, (12, 2)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 210
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+
+
+def pdf_page(path: Path, text: str) -> None:
+    from reportlab.pdfgen.canvas import Canvas
+
+    c = Canvas(str(path), invariant=1)
+    c.drawString(72, 700, text)
+    c.save()
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A copy of the project (code + pipeline) as a fresh git repo with tiny params."""
@@ -84,6 +103,10 @@ def repo(tmp_path_factory) -> Path:
     for raw in (repo / "data/raw/images", repo / "data/raw/pdfs"):
         raw.mkdir(parents=True)
         (raw / ".gitkeep").write_text("")
+    # One raw image and one raw PDF beside the synthetic ones, so the audit tests trace
+    # and verify real pipeline inputs too.
+    particles(np.random.default_rng(3), repo / "data/raw/images/particles/raw_particles.png")
+    pdf_page(repo / "data/raw/pdfs/raw_notes.pdf", "Wet oxidation of silicon at 1000 C grows SiO2 faster than dry oxidation.")
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "init"], repo)
@@ -111,10 +134,10 @@ def _outs(repo: Path) -> dict[str, str]:
 def test_repro_builds_everything_then_is_clean(built):
     repo = built
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    n_synth = 2 * len(params["synth_images"]["classes"])
+    n_images = 2 * len(params["synth_images"]["classes"]) + 1  # and the raw one
     records = list(read_jsonl(repo / "data/interim/images/records.jsonl"))
-    assert len(records) == n_synth
-    assert len(list(read_jsonl(repo / "data/interim/measurements/measurements.jsonl"))) == n_synth
+    assert len(records) == n_images
+    assert len(list(read_jsonl(repo / "data/interim/measurements/measurements.jsonl"))) == n_images
     assert (repo / "metrics/measure.json").is_file()
     sizes = read_json(repo / "metrics/split.json")
     assert sum(s["images"] for s in sizes.values()) > 0
@@ -136,6 +159,21 @@ def test_repro_builds_everything_then_is_clean(built):
     assert "Running stage" not in out
     status = dvc("status", cwd=repo)
     assert "up to date" in status.lower() or not status.strip()
+
+
+def test_the_report_of_the_run_renders_in_chromium(built):
+    from browser import check_page, file_url
+
+    page = built / "reports/index.html"
+    check = check_page(file_url(page))
+    artifacts = ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    (artifacts / "report-pipeline.png").write_bytes(check.screenshot)
+    assert check.errors == []
+    assert check.images and all(i["complete"] and i["width"] > 0 for i in check.images)
+    for section in ("Vision-language models", "Test images", "Text model", "Ontology coverage", "Quarantine", "Measurement accuracy"):
+        assert section in check.text, section
+    assert "raw_particles.png" in page.read_text() or "synth-" in page.read_text()
 
 
 def _lock_md5(repo: Path, stage: str, path: str) -> str:
@@ -198,7 +236,7 @@ def test_clean_rerun_is_byte_identical(built):
     assert _outs(repo) == before
 
 
-def test_lora_variant_reruns_only_finetune_evaluate_register(built):
+def test_lora_variant_reruns_only_finetune_evaluate_register_and_report(built):
     """Leaves the workspace on the variant; the tests after it reproduce only per-item stages."""
     repo = built
     dvc("repro", cwd=repo)  # a no-op in file order; makes this test stand alone
@@ -206,7 +244,8 @@ def test_lora_variant_reruns_only_finetune_evaluate_register(built):
     sh(["git", "commit", "-qm", "baseline"], repo)
     out = dvc("exp", "run", "-S", "finetune_vlm.lora.r=4", "-n", "rank4", cwd=repo)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"finetune_vlm@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "register_models@qwen2_5_vl"}, out
+    # and the report, which shows every evaluation; nothing upstream, nothing of the text path
+    assert ran == {"finetune_vlm@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "register_models@qwen2_5_vl", "report"}, out
     shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, stdout_only=True))
     ranks = {}
     for commit in shown:
@@ -216,6 +255,121 @@ def test_lora_variant_reruns_only_finetune_evaluate_register(built):
             if params:
                 ranks[exp.get("name") or data.get("rev") or exp.get("rev")] = params["finetune_vlm"]["lora"]["r"]
     assert 4 in ranks.values() and len(set(ranks.values())) >= 2, ranks
+
+
+def semilens_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "semilens.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def _trace(repo: Path, artifact: str) -> dict:
+    res = semilens_cli("trace", artifact, "--json", cwd=repo)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+# The audit tests run on the workspace the LoRA variant left: its stages' lock entries are
+# not committed, the rest are in the "baseline" commit, and the registry has both versions.
+
+
+def test_trace_reaches_every_raw_file_behind_the_registered_models(built):
+    import pandas as pd
+
+    from semilens.io import sha256_file
+
+    repo = built
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    head = sh(["git", "rev-parse", "HEAD"], repo).strip()
+
+    vlm = _trace(repo, "models:/semilens-qwen2_5_vl/latest")
+    assert vlm["kind"] == "model" and vlm["roots"] == ["register_models@qwen2_5_vl"] and not vlm["warnings"]
+    assert vlm["model"]["artifacts"]["adapter"]["md5"] == _lock_md5(repo, "finetune_vlm@qwen2_5_vl", "models/qwen2_5_vl/adapter")
+    # every stage upstream, each dependency's md5 as dvc.lock has it, params and commit
+    assert set(vlm["stages"]) == {
+        "register_models@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "finetune_vlm@qwen2_5_vl", "prepare_vlm@qwen2_5_vl",
+        "split_dataset", "annotate_images", "measure_images", "ingest_images", "synth_images",
+    }
+    for name, stage in vlm["stages"].items():
+        assert stage["cmd"] == lock[name]["cmd"] and stage["params"] == lock[name].get("params", {})
+        assert {d["path"]: d["md5"] for d in stage["deps"]} == {d["path"]: d["md5"] for d in lock[name]["deps"]}
+    assert vlm["stages"]["finetune_vlm@qwen2_5_vl"]["params"]["params.yaml"]["finetune_vlm"]["lora"]["r"] == 4
+    assert vlm["stages"]["finetune_vlm@qwen2_5_vl"]["commit"] is None  # the variant: not committed
+    assert vlm["stages"]["split_dataset"]["commit"] == head
+    assert {i["path"] for i in vlm["inputs"]} == {"data/raw/images"}
+    # the raw files: exactly the dataset's records, with their splits and hashes
+    frames = {s: pd.read_parquet(repo / f"data/processed/vqa/{s}.parquet") for s in ("train", "val", "test")}
+    expected = {(r.source, r.sha256, int(r.page)) for df in frames.values() for r in df.itertuples()}
+    images = vlm["records"]["images"]
+    assert {(i["source"], i["sha256"], i["page"]) for i in images} == expected
+    train = {r.source for r in frames["train"].itertuples()}
+    assert {i["source"] for i in images if "train" in i["splits"]} == train
+    assert all(i["status"] == "ok" and sha256_file(repo / i["source"]) == i["sha256"] for i in images)
+    raw = [i for i in images if i["origin"] == "input"]
+    assert [i["source"] for i in raw] == ["data/raw/images/particles/raw_particles.png"]
+    assert all(i["origin"] == "synth_images" for i in images if i not in raw)
+
+    llm = _trace(repo, "models:/semilens-llm/latest")
+    assert llm["roots"] == ["register_llm"] and "synth_corpus" in llm["stages"] and "extract_pdfs" in llm["stages"]
+    chunks = list(read_jsonl(repo / "data/interim/markdown/chunks.jsonl"))
+    want: dict[str, set[int]] = {}
+    for c in chunks:  # pretraining read every chunk; the instructions cite a subset
+        want.setdefault(c["source"], set()).update(c["pages"])
+    assert {p["source"]: set(p["pages"]) for p in llm["records"]["pdfs"]} == want
+    assert "data/raw/pdfs/raw_notes.pdf" in want
+    sources = set(pd.concat([pd.read_parquet(p) for p in (repo / "data/processed/instructions").glob("*.parquet")])["source"])
+    assert set(llm["records"]["generated"]) == {s for s in sources if s.startswith("generator:")}
+    assert llm["records"]["knowledge"] and all(k.startswith("knowledge/") for k in llm["records"]["knowledge"])
+
+    # a path resolves to the stage that wrote it; the tree form prints; bad names say why
+    part = _trace(repo, "models/qwen2_5_vl/adapter/adapter_config.json")
+    assert part["roots"] == ["finetune_vlm@qwen2_5_vl"] and "register_models@qwen2_5_vl" not in part["stages"]
+    tree = semilens_cli("trace", "split_dataset", cwd=repo)
+    assert tree.returncode == 0 and "raw_particles.png" in tree.stdout and "ingest_images" in tree.stdout
+    for bad in ("no_such_stage", "models:/semilens-nothing/1"):
+        res = semilens_cli("trace", bad, cwd=repo)
+        assert res.returncode == 2 and "error" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_verify_names_an_edited_raw_image_and_everything_downstream(built):
+    repo = built
+    ok = semilens_cli("verify", cwd=repo)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    image = repo / "data/raw/images/particles/raw_particles.png"
+    original = image.read_bytes()
+    edited = bytearray(original)
+    edited[-20] ^= 0xFF  # one byte of the pixel data
+    image.write_bytes(bytes(edited))
+    try:
+        res = semilens_cli("verify", "--json", cwd=repo)
+        assert res.returncode == 1, res.stdout + res.stderr
+        report = json.loads(res.stdout)
+        kinds = {(f["kind"], f["path"]) for f in report["findings"]}
+        assert ("changed-file", "data/raw/images/particles/raw_particles.png") in kinds
+        assert ("changed-input", "data/raw/images") in kinds
+        assert report["stale_stages"] == [
+            "ingest_images", "measure_images", "annotate_images", "split_dataset",
+            "finetune_vlm@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "register_models@qwen2_5_vl", "report",
+        ]
+        assert [m["name"] for m in report["affected_models"]] == ["semilens-qwen2_5_vl"]
+        text = semilens_cli("verify", cwd=repo).stdout
+        assert "raw_particles.png" in text and "models:/semilens-qwen2_5_vl/" in text
+    finally:
+        image.write_bytes(original)
+    # an edited model file is named inside its folder (DVC's cached listing of the output)
+    weights = repo / "models/qwen2_5_vl/adapter/adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    try:
+        report = json.loads(semilens_cli("verify", "--json", cwd=repo).stdout)
+        drift = [f for f in report["findings"] if f["kind"] == "drifted-output"]
+        assert [f["path"] for f in drift] == ["models/qwen2_5_vl/adapter"]
+        assert "adapter_model.safetensors" in drift[0]["detail"]
+        assert report["stale_stages"] == ["register_models@qwen2_5_vl"]  # evaluation reads merged/, not the adapter
+        assert [m["name"] for m in report["affected_models"]] == ["semilens-qwen2_5_vl"]
+    finally:
+        weights.write_bytes(original)
+    assert semilens_cli("verify", cwd=repo).returncode == 0
 
 
 def test_vlm_annotation_through_semilens_serve_runs_end_to_end_and_leaves_no_key(built, monkeypatch):
@@ -271,15 +425,7 @@ def test_vlm_annotation_through_semilens_serve_runs_end_to_end_and_leaves_no_key
 
 def test_adding_one_image_redoes_only_that_image(built):
     repo = built
-    rng = np.random.default_rng(7)
-    img = np.zeros((160, 160), np.uint8) + 40
-    yy, xx = np.mgrid[:160, :160]
-    for cy, cx in rng.integers(20, 140, (12, 2)):
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 210
-    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-    new = repo / "data/raw/images/particles/new_particles.png"
-    new.parent.mkdir(parents=True)
-    Image.fromarray(img).save(new)
+    particles(np.random.default_rng(7), repo / "data/raw/images/particles/new_particles.png")
     out = dvc("repro", "annotate_images", cwd=repo)
     assert "Running stage 'synth_images'" not in out
     for stage in ("ingest_images", "measure_images", "annotate_images"):
@@ -292,13 +438,9 @@ def test_adding_one_image_redoes_only_that_image(built):
 
 
 def test_adding_one_pdf_redoes_only_that_pdf(built):
-    from reportlab.pdfgen.canvas import Canvas
-
     repo = built
-    docs = read_json(repo / "logs/synth_corpus.json")["documents"]
-    c = Canvas(str(repo / "data/raw/pdfs/notes.pdf"), invariant=1)
-    c.drawString(72, 700, "Reactive ion etching of SiO2 in CHF3 gives a vertical profile.")
-    c.save()
+    docs = read_json(repo / "logs/synth_corpus.json")["documents"] + 1  # and the raw one
+    pdf_page(repo / "data/raw/pdfs/notes.pdf", "Reactive ion etching of SiO2 in CHF3 gives a vertical profile.")
     out = dvc("repro", "clean_markdown", cwd=repo)
     assert "Running stage 'synth_corpus'" not in out and "Running stage 'extract_pdfs'" in out
     for stage in ("extract_pdfs", "clean_markdown"):

@@ -6,6 +6,9 @@
     semilens predict IMAGE QUESTION      answer with a VLM checkpoint
     semilens ask QUESTION                answer with a text-model checkpoint
     semilens serve CHECKPOINT            serve a checkpoint over an OpenAI-compatible HTTP API
+    semilens trace ARTIFACT [--json]     the chain behind a path, stage or models:/name/version
+    semilens verify [--json]             recompute hashes against dvc.lock and the registry
+    semilens review export | import CSV  expert ratings out to a CSV and back, with agreement
 
 Run it from the project root (where params.yaml and stages/ live). Heavy libraries are
 imported by the stage itself, so ``--help`` stays fast.
@@ -13,6 +16,7 @@ imported by the stage itself, so ``--help`` stays fast.
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from collections.abc import Callable
@@ -208,6 +212,194 @@ def serve(
     except RuntimeError as exc:  # the port is taken, say (uvicorn has logged why)
         err.print(f"[red]error[/red]: {escape(str(exc))}")
         raise typer.Exit(1) from exc
+
+
+def _tree_text(data: dict) -> "object":
+    """A rich tree of a trace: each stage once (later references point back), its deps
+    under it, then the raw files the records name."""
+    from rich.tree import Tree
+
+    title = f"[bold]{escape(data['artifact'])}[/bold] ({data['kind']}; dvc.lock of the {data['lock']})"
+    top = Tree(title)
+    if data["model"]:
+        m = data["model"]
+        top.add(f"version {m['version']} of {escape(m['name'])}, run {m['run_id']}, git {str(m['git_commit'])[:12]}, params {m['params_hash']}")
+    for w in data["warnings"]:
+        top.add(f"[yellow]warning[/yellow]: {escape(w)}")
+    shown: set[str] = set()
+
+    def add(node, name: str) -> None:
+        s = data["stages"][name]
+        commit = (s["commit"] or "not committed")[:12]
+        branch = node.add(f"[cyan]{escape(name)}[/cyan]  `{escape(s['cmd'])}`  commit {commit}")
+        if name in shown:
+            branch.label = f"[cyan]{escape(name)}[/cyan] (shown above)"
+            return
+        shown.add(name)
+        for file, values in (s["params"] or {}).items():
+            for key, value in (values or {}).items():
+                branch.add(f"param {escape(key)} = {escape(json.dumps(value))[:120]}")
+        for d in s["deps"]:
+            label = f"{escape(d['path'])}  md5 {d['md5']}"
+            if d.get("stage"):
+                add(branch.add(label), d["stage"])
+            elif d["kind"] == "input":
+                branch.add(f"[green]input[/green] {label}")
+        code = [d for d in s["deps"] if d["kind"] == "code"]
+        if code:
+            branch.add(f"code: {len(code)} files ({', '.join(escape(d['path']) for d in code[:4])}{', ...' if len(code) > 4 else ''})")
+
+    for root in data["roots"]:
+        add(top, root)
+    rec = data["records"]
+    if rec["from"]:
+        files = top.add(f"[bold]source files[/bold] (from the records in {', '.join(rec['from'])})")
+        for kind, rows in (("image", rec["images"]), ("pdf", rec["pdfs"])):
+            if not rows:
+                continue
+            group = files.add(f"{len(rows)} {kind}{'s' if len(rows) != 1 else ''}")
+            for r in rows:
+                where = f"page {r['page']}" if kind == "image" else f"pages {','.join(map(str, r['pages']))}"
+                extra = f" [{', '.join(r['splits'])}]" if kind == "image" else ""
+                status = "" if r["status"] == "ok" else f" [red]{r['status']}[/red]"
+                made = "" if r["origin"] == "input" else f" (made by {r['origin']})"
+                group.add(f"{escape(r['source'])} {where} sha256 {r['sha256'][:16]}{extra}{made}{status}")
+        if rec["knowledge"]:
+            files.add(f"knowledge base: {', '.join(rec['knowledge'])}")
+        for ref, n in rec["generated"].items():
+            files.add(f"{escape(ref)}: {n} rows generated (no source file)")
+    return top
+
+
+@app.command()
+def trace(
+    artifact: str = typer.Argument(..., help="a path under models/ or data/, a stage name, or models:/NAME/VERSION (or /latest)"),
+    as_json: bool = typer.Option(False, "--json", help="print the chain as JSON"),
+    rev: Optional[str] = typer.Option(None, help="read dvc.lock as committed at this git revision"),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
+) -> None:
+    """Print the chain behind an artifact: stages (command, params, commit), every
+    dependency's md5 from dvc.lock, down to the raw images and PDF pages its records name."""
+    import json
+
+    from semilens.audit import AuditError, trace as run_trace
+    from semilens.lineage import LineageError
+    from semilens.registry import tracking_uri
+
+    cfg = _load(params)
+    try:
+        data = run_trace(artifact, Path("."), cfg, tracking_uri(cfg.paths.mlflow), rev)
+    except (AuditError, LineageError) as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(data, indent=1, sort_keys=True))
+        return
+    Console(soft_wrap=True).print(_tree_text(data))
+
+
+@app.command()
+def verify(
+    as_json: bool = typer.Option(False, "--json", help="print the findings as JSON"),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
+) -> None:
+    """Recompute the hashes of the artifacts present, compare with dvc.lock and with the
+    registered versions' tags; exit 1 naming every drifted, missing or unregistered one."""
+    import json
+
+    from semilens.audit import verify as run_verify
+    from semilens.lineage import LineageError
+    from semilens.registry import tracking_uri
+
+    cfg = _load(params)
+    try:
+        report = run_verify(Path("."), cfg, tracking_uri(cfg.paths.mlflow), params)
+    except LineageError as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(report, indent=1, sort_keys=True))
+    else:
+        out = Console(soft_wrap=True)
+        for f in report["findings"]:
+            where = f" (read by {', '.join(f['stages'])})" if f["stages"] and f["kind"] in ("changed-input", "changed-code", "changed-file") else ""
+            out.print(f"[red]{f['kind']}[/red] {escape(f['path'])}: {escape(f['detail'])}{escape(where)}")
+        if report["stale_stages"]:
+            out.print(f"stale stages (downstream): {', '.join(report['stale_stages'])}")
+        for m in report["affected_models"]:
+            why = f"built from {', '.join(m['affected_by'])}" if m["affected_by"] else "tags differ from dvc.lock"
+            out.print(f"affected model: models:/{m['name']}/{m['version']} ({escape(why)})")
+        checked = report["checked"]
+        verdict = "[green]ok[/green]" if report["ok"] else f"[red]{len(report['findings'])} finding(s)[/red]"
+        out.print(f"{verdict}: {checked['outputs']} outputs and {checked['paths_hashed']} paths hashed against dvc.lock; "
+                  f"{len(report['models'])} registered model(s) checked in {escape(describe(report['registry']))}")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+review_app = typer.Typer(no_args_is_help=True, help="Expert review: export a rating sheet, import it filled in.")
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(
+    n_llm: int = typer.Option(20, min=0, help="text-model answers to sample"),
+    n_vlm: int = typer.Option(20, min=0, help="VLM captions and answers to sample"),
+    seed: int = typer.Option(0, help="seed of the sample"),
+    llm_model: str = typer.Option("sft", help="which text model's answers: base, pretrained, sft or gptq"),
+    out: Path = typer.Option(Path("reviews"), help="folder for the sheet and its manifest"),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
+) -> None:
+    """Write a CSV of model outputs for an expert to rate (1-5 per criterion)."""
+    from semilens.review import ReviewError, export_review
+
+    cfg = _load(params)
+    try:
+        done = export_review(cfg, out, n_llm, n_vlm, seed, llm_model)
+    except ReviewError as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    typer.echo(f"wrote {done['csv']}: {done['llm_items']} text answers (six expert criteria), "
+               f"{done['vlm_items']} VLM outputs (correctness, relevance, clarity); scores 1-5, '-' where a criterion does not apply")
+
+
+@review_app.command("import")
+def review_import(
+    sheet: Path = typer.Argument(..., help="the filled CSV"),
+    reviewer: Optional[str] = typer.Option(None, help="the reviewer's name, if the sheet's reviewer column is empty"),
+    reviews: Path = typer.Option(Path("reviews"), help="where the manifests and ratings.jsonl live"),
+    no_dvc: bool = typer.Option(False, "--no-dvc", help="do not `dvc add` the ratings file"),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
+) -> None:
+    """Read a filled sheet back: bad rows are refused with their row number, good ones stored
+    in reviews/ratings.jsonl (versioned with `dvc add`), agreement in metrics/review.json."""
+    from semilens.review import ReviewError, import_review
+
+    cfg = _load(params)
+    try:
+        result, summary = import_review(cfg, sheet, reviews, reviewer, version=not no_dvc)
+    except ReviewError as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    for number, reason in result.rejected:
+        err.print(f"[red]row {number} rejected[/red]: {escape(reason)}")
+    typer.echo(f"{len(result.accepted)} ratings accepted, {len(result.rejected)} rows rejected, {result.skipped} left blank; "
+               f"{summary['ratings']} ratings stored in {summary['store']}")
+    for kind, block in summary["agreement"].items():
+        for name, c in block["criteria"].items():
+            if c["rated"]:
+                typer.echo(f"  {kind} {name}: expert mean {c['expert_mean']}, {c['paired']} paired with the machine, "
+                           f"Spearman {c['spearman']}, weighted kappa {c['weighted_kappa']}")
+    if summary["versioned"] and not summary["versioned"].endswith(".dvc"):
+        err.print(f"[yellow]note[/yellow]: {escape(summary['versioned'])}")
+    if result.rejected:
+        raise typer.Exit(1)
+
+
+def describe(uri: str) -> str:
+    from semilens.registry import describe_uri
+
+    return describe_uri(uri)
 
 
 if __name__ == "__main__":

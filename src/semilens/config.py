@@ -61,6 +61,7 @@ class PathsConfig(Section):
     markdown: Path = Path("data/interim/markdown")
     tags: Path = Path("data/interim/tags")
     instructions: Path = Path("data/processed/instructions")
+    reports: Path = Path("reports")  # the HTML report (index.html, images embedded)
 
 
 class EndpointConfig(Section):
@@ -509,6 +510,12 @@ class EvaluateLLMConfig(Section):
     judge: JudgeConfig = JudgeConfig()
 
 
+class ReportConfig(Section):
+    """The HTML report over the pipeline's metrics and evaluation outputs."""
+
+    max_images: int = Field(24, ge=0, description="test images shown per VLM family (every class first)")
+
+
 class Config(Section):
     """The whole of ``params.yaml``."""
 
@@ -531,6 +538,7 @@ class Config(Section):
     sft_llm: SftLLMConfig = SftLLMConfig()
     quantize_llm: QuantizeLLMConfig = QuantizeLLMConfig()
     evaluate_llm: EvaluateLLMConfig = EvaluateLLMConfig()
+    report: ReportConfig = ReportConfig()
 
 
 class ConfigError(ValueError):

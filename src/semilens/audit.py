@@ -1,0 +1,690 @@
+"""Audit: trace an artifact back to its raw files, verify artifacts against the pipeline's books.
+
+Reads only what the pipeline already writes: ``dvc.lock`` (each stage's command, params and
+the md5 of every dependency and output; from the working tree or any git revision), the
+per-record provenance the stages keep (every image record, VQA row, page and chunk names
+its source file, that file's sha256 and the page), and the MLflow registry's version tags
+(``dvc.<role>.md5`` / ``.path`` / ``.stage``, written by the register stages).
+
+    semilens trace models/qwen2_5_vl/adapter      # a path under models/ or data/
+    semilens trace models:/semilens-qwen2_5_vl/3  # a registered version (or .../latest)
+    semilens trace split_dataset --json           # a stage
+    semilens verify                               # exit 1 when anything has drifted
+
+Nothing here runs DVC: hashes are recomputed with ``semilens.lineage.dvc_md5`` (DVC 3's
+own scheme), so the check works in a clone without a DVC cache and is the same code the
+register stages trust.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semilens.config import Config
+from semilens.io import read_jsonl, sha256_file
+from semilens.lineage import LOCK_FILE, LineageError, dvc_md5
+from semilens.registry import flatten
+
+MODEL_URI = "models:/"
+# Dependencies that are code, not data: a stage's own script and the library it imports.
+CODE_PREFIXES = ("src/", "stages/")
+
+
+class AuditError(ValueError):
+    """An artifact the audit cannot resolve (unknown path, stage or model version)."""
+
+
+# ---------------------------------------------------------------- dvc.lock
+
+
+@dataclass(frozen=True)
+class Hashed:
+    path: str
+    md5: str
+
+
+@dataclass
+class LockStage:
+    name: str
+    cmd: str
+    deps: list[Hashed]
+    outs: list[Hashed]
+    params: dict[str, Any]
+    entry: dict[str, Any]  # the raw lock entry, compared across revisions
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+@dataclass
+class Lock:
+    stages: dict[str, LockStage]
+    rev: str | None = None  # None: the working tree's dvc.lock
+
+    def producer(self, path: str) -> tuple[LockStage, Hashed] | None:
+        """The stage whose output is ``path`` or a folder holding it."""
+        for stage in self.stages.values():
+            for out in stage.outs:
+                if _inside(path, out.path):
+                    return stage, out
+        return None
+
+    def consumers(self, path: str) -> list[str]:
+        """Stages that depend on ``path``, on a folder holding it, or on a file inside it."""
+        return [
+            s.name for s in self.stages.values()
+            if any(_inside(path, d.path) or _inside(d.path, path) for d in s.deps)
+        ]
+
+    def downstream(self, paths: Iterable[str]) -> list[str]:
+        """Every stage that (transitively) consumes one of ``paths``, in lock order."""
+        seen: set[str] = set()
+        frontier = list(paths)
+        while frontier:
+            path = frontier.pop()
+            for name in self.consumers(path):
+                if name not in seen:
+                    seen.add(name)
+                    frontier.extend(o.path for o in self.stages[name].outs)
+        return [name for name in self.stages if name in seen]
+
+
+def _parse_lock(text: str, rev: str | None) -> Lock:
+    data = yaml.safe_load(text) or {}
+    stages = {}
+    for name, entry in (data.get("stages") or {}).items():
+        stages[name] = LockStage(
+            name=name,
+            cmd=entry.get("cmd", ""),
+            deps=[Hashed(str(d["path"]), d.get("md5", "")) for d in entry.get("deps") or []],
+            outs=[Hashed(str(o["path"]), o.get("md5", "")) for o in entry.get("outs") or []],
+            params=entry.get("params") or {},
+            entry=entry,
+        )
+    return Lock(stages, rev)
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout
+
+
+def read_lock(root: Path = Path("."), rev: str | None = None) -> Lock:
+    """``dvc.lock`` of the working tree, or as committed at git revision ``rev``."""
+    if rev is None:
+        path = Path(root) / LOCK_FILE
+        if not path.is_file():
+            raise LineageError(f"{path}: no dvc.lock; run the pipeline with `dvc repro`")
+        return _parse_lock(path.read_text(), None)
+    text = _git(root, "show", f"{rev}:{LOCK_FILE}")
+    if text is None:
+        raise AuditError(f"git revision {rev!r} has no {LOCK_FILE}")
+    return _parse_lock(text, rev)
+
+
+def lock_history(root: Path, limit: int = 200) -> list[str]:
+    """Commits that changed dvc.lock, newest first."""
+    out = _git(root, "log", f"--max-count={limit}", "--format=%H", "--", LOCK_FILE)
+    return out.split() if out else []
+
+
+def stage_commits(root: Path, lock: Lock, history: list[str] | None = None) -> dict[str, str | None]:
+    """For each stage, the commit that recorded its current lock entry (the oldest commit of
+    the unbroken run, newest first, whose entry is the same); None when the entry is not
+    committed yet (the stage ran after the last commit of dvc.lock)."""
+    revs = lock_history(root) if history is None else history
+    if lock.rev is not None:
+        revs = revs[revs.index(lock.rev):] if lock.rev in revs else [lock.rev, *revs]
+    found: dict[str, str | None] = {name: None for name in lock.stages}
+    open_ = set(lock.stages)
+    for rev in revs:
+        if not open_:
+            break
+        try:
+            old = read_lock(root, rev)
+        except AuditError:
+            break
+        for name in list(open_):
+            if name in old.stages and old.stages[name].entry == lock.stages[name].entry:
+                found[name] = rev
+            else:
+                open_.discard(name)
+    return found
+
+
+# ---------------------------------------------------------------- per-record provenance
+
+
+@dataclass
+class Sources:
+    """Raw files behind an artifact, from the records that went into it."""
+
+    images: dict[tuple[str, str, int], set[str]] = field(default_factory=dict)  # (source, sha, page) -> splits
+    pages: dict[tuple[str, str], set[int]] = field(default_factory=dict)  # (source, sha) -> pages
+    knowledge: set[str] = field(default_factory=set)  # knowledge-base files (git-tracked)
+    generated: dict[str, int] = field(default_factory=dict)  # generator -> rows with no source file
+    from_artifacts: set[str] = field(default_factory=set)  # the record files these came from
+
+    def add_image(self, source: str, sha: str, page: int, split: str) -> None:
+        self.images.setdefault((source, sha, int(page)), set()).add(split)
+
+    def add_pages(self, source: str, sha: str, pages: Iterable[int]) -> None:
+        self.pages.setdefault((source, sha), set()).update(int(p) for p in pages)
+
+    def files(self) -> dict[str, str]:
+        """source path -> recorded sha256, over images and PDFs."""
+        out = {src: sha for src, sha, _ in self.images}
+        out.update({src: sha for src, sha in self.pages})
+        return out
+
+
+def _vqa_records(folder: Path, sources: Sources, cfg: Config) -> None:
+    import pandas as pd
+
+    for split_file in sorted(folder.glob("*.parquet")):
+        df = pd.read_parquet(split_file, columns=["source", "sha256", "page"]).drop_duplicates()
+        for row in df.itertuples(index=False):
+            sources.add_image(row.source, row.sha256, int(row.page), split_file.stem)
+
+
+def _image_records(folder: Path, sources: Sources, cfg: Config) -> None:
+    for r in read_jsonl(folder / "records.jsonl"):
+        sources.add_image(r["source"], r["sha256"], int(r["page"]), "ingested")
+
+
+def _page_records(folder: Path, sources: Sources, cfg: Config) -> None:
+    for r in read_jsonl(folder / "pages.jsonl"):
+        sources.add_pages(r["source"], r["sha256"], [r["page"]])
+
+
+def _chunks(markdown: Path) -> Iterator[dict[str, Any]]:
+    return read_jsonl(markdown / "chunks.jsonl")
+
+
+def _markdown_records(folder: Path, sources: Sources, cfg: Config) -> None:
+    for c in _chunks(folder):
+        sources.add_pages(c["source"], c["sha256"], c["pages"])
+
+
+def _knowledge_files(folder: Path) -> dict[str, str]:
+    """group id -> its YAML file, as knowledge.py loads them."""
+    out = {}
+    for path in sorted(Path(folder).glob("*.yaml")):
+        group = (yaml.safe_load(path.read_text()) or {}).get("id")
+        if group:
+            out[str(group)] = path.as_posix()
+    return out
+
+
+def _instruction_records(folder: Path, sources: Sources, cfg: Config) -> None:
+    import pandas as pd
+
+    rows = pd.concat([pd.read_parquet(p, columns=["source"]) for p in sorted(folder.glob("*.parquet"))])
+    refs = rows["source"].value_counts()
+    chunks = {c["chunk_id"]: c for c in _chunks(Path(cfg.paths.markdown))} if any(
+        r.startswith("chunk:") for r in refs.index
+    ) else {}
+    groups = _knowledge_files(cfg.paths.knowledge)
+    for ref, n in refs.items():
+        kind, _, ident = str(ref).partition(":")
+        if kind == "chunk":
+            if ident not in chunks:
+                raise AuditError(f"{folder}: instruction source {ref!r} names no chunk in {cfg.paths.markdown}/chunks.jsonl")
+            c = chunks[ident]
+            sources.add_pages(c["source"], c["sha256"], c["pages"])
+        elif kind == "kb":
+            group = ident.split("/", 1)[0]
+            sources.knowledge.add(groups.get(group, f"{cfg.paths.knowledge}/?{group}"))
+        else:
+            sources.generated[str(ref)] = sources.generated.get(str(ref), 0) + int(n)
+
+
+def record_readers(cfg: Config) -> dict[str, Any]:
+    """Artifacts (dvc.lock paths) whose files name their sources, and how to read them."""
+    p = cfg.paths
+    return {
+        Path(p.vqa).as_posix(): _vqa_records,
+        Path(p.interim_images).as_posix(): _image_records,
+        Path(p.instructions).as_posix(): _instruction_records,
+        Path(p.markdown).as_posix(): _markdown_records,
+        Path(p.pages).as_posix(): _page_records,
+    }
+
+
+# ---------------------------------------------------------------- trace
+
+
+def _dep_kind(path: str, lock: Lock) -> str:
+    if lock.producer(path) is not None:
+        return "artifact"
+    return "code" if path.startswith(CODE_PREFIXES) else "input"
+
+
+@dataclass
+class Target:
+    label: str
+    kind: str  # stage | artifact | input | model
+    roots: list[str]  # stages the trace starts from
+    path: str | None = None
+    model: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _model_version(uri: str, name: str, version: str) -> Any:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if not versions:
+                raise AuditError(f"no registered model {name!r} in {uri}")
+            return max(versions, key=lambda v: int(v.version))
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise AuditError(f"{MODEL_URI}{name}/{version}: {exc.message}") from None
+
+
+def version_artifacts(tags: dict[str, str]) -> dict[str, Hashed]:
+    """role -> (path, md5) from a version's ``dvc.<role>.*`` tags."""
+    roles = {k[4:-4] for k in tags if k.startswith("dvc.") and k.endswith(".md5")}
+    return {r: Hashed(tags[f"dvc.{r}.path"], tags[f"dvc.{r}.md5"]) for r in sorted(roles) if f"dvc.{r}.path" in tags}
+
+
+def _lock_matching(root: Path, wanted: dict[str, Hashed]) -> Lock | None:
+    """The newest dvc.lock (working tree, then history) whose outputs are the tagged ones."""
+
+    def matches(lock: Lock) -> bool:
+        outs = {o.path: o.md5 for s in lock.stages.values() for o in s.outs}
+        return all(outs.get(h.path) == h.md5 for h in wanted.values())
+
+    current = read_lock(root)
+    if matches(current):
+        return current
+    for rev in lock_history(root):
+        lock = read_lock(root, rev)
+        if matches(lock):
+            return lock
+    return None
+
+
+def resolve(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = None) -> tuple[Target, Lock]:
+    """What ARTIFACT names (a stage, a path, or ``models:/name/version``) and the lock to read."""
+    if artifact.startswith(MODEL_URI):
+        name, _, version = artifact[len(MODEL_URI):].rpartition("/")
+        if not name or not version:
+            raise AuditError(f"{artifact!r}: expected models:/<name>/<version> (or .../latest)")
+        mv = _model_version(uri, name, version)
+        tags = dict(mv.tags)
+        wanted = version_artifacts(tags)
+        if not wanted:
+            raise AuditError(f"{artifact}: version {mv.version} has no dvc.* lineage tags; it was not registered by semilens")
+        lock = read_lock(root, rev) if rev else _lock_matching(root, wanted)
+        warnings = []
+        if lock is None:
+            lock = read_lock(root)
+            warnings.append(
+                f"no dvc.lock in the working tree or git history has this version's artifacts; "
+                f"showing the current pipeline (tagged commit {tags.get('git.commit', '?')})"
+            )
+        roots = [s.name for s in lock.stages.values() if all(any(d.path == h.path for d in s.deps) for h in wanted.values())]
+        if not roots:
+            roots = list(dict.fromkeys(tags.get(f"dvc.{r}.stage", "") for r in wanted if f"dvc.{r}.stage" in tags))
+        roots = [r for r in roots if r in lock.stages]
+        model = {
+            "name": name, "version": int(mv.version), "run_id": mv.run_id, "source": mv.source,
+            "git_commit": tags.get("git.commit"), "params_hash": tags.get("params_hash"),
+            "artifacts": {r: {"path": h.path, "md5": h.md5} for r, h in wanted.items()},
+        }
+        return Target(artifact, "model", roots, model=model, warnings=warnings), lock
+
+    lock = read_lock(root, rev)
+    if artifact in lock.stages:
+        return Target(artifact, "stage", [artifact]), lock
+    path = Path(artifact)
+    if path.is_absolute():
+        try:
+            path = path.resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            raise AuditError(f"{artifact}: outside the project at {Path(root).resolve()}") from None
+    rel = path.as_posix().rstrip("/")
+    found = lock.producer(rel)
+    if found is not None:
+        return Target(artifact, "artifact", [found[0].name], path=rel), lock
+    users = lock.consumers(rel)
+    if users:
+        return Target(artifact, "input", [], path=rel, warnings=[f"{rel} is a pipeline input (no stage makes it); used by {', '.join(users)}"]), lock
+    raise AuditError(
+        f"{artifact!r} is no stage, no dvc.lock output or input, and not models:/<name>/<version>; "
+        f"stages: {', '.join(lock.stages)}"
+    )
+
+
+def _closure(lock: Lock, roots: list[str]) -> list[str]:
+    """The root stages and every stage upstream of them, roots first."""
+    order: list[str] = []
+    frontier = list(roots)
+    while frontier:
+        name = frontier.pop(0)
+        if name in order:
+            continue
+        order.append(name)
+        for dep in lock.stages[name].deps:
+            found = lock.producer(dep.path)
+            if found is not None:
+                frontier.append(found[0].name)
+    return order
+
+
+def _nearest_records(lock: Lock, roots: list[str], start_paths: list[str], readers: dict[str, Any]) -> list[str]:
+    """Record-bearing artifacts nearest the target on each branch: a model trained on the
+    VQA dataset is traced through the dataset's rows, not every image ever ingested."""
+    found: list[str] = []
+    seen: set[str] = set()
+    frontier = [*start_paths, *[d.path for r in roots for d in lock.stages[r].deps]]
+    while frontier:
+        path = frontier.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        if path in readers:
+            found.append(path)
+            continue
+        hit = lock.producer(path)
+        if hit is not None:
+            frontier.extend(d.path for d in hit[0].deps)
+    return found
+
+
+def _origin(lock: Lock, source: str) -> str:
+    """'input' for a file the pipeline was given, else the stage that generated it."""
+    hit = lock.producer(source)
+    return "input" if hit is None else hit[0].name
+
+
+def _file_status(root: Path, source: str, sha: str) -> str:
+    path = Path(root) / source
+    if not path.is_file():
+        return "missing"
+    return "ok" if sha256_file(path) == sha else "changed"
+
+
+def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = None) -> dict[str, Any]:
+    """The whole chain behind ARTIFACT as plain data (what ``semilens trace --json`` prints)."""
+    target, lock = resolve(artifact, root, cfg, uri, rev)
+    order = _closure(lock, target.roots)
+    commits = stage_commits(root, lock)
+    stages = {}
+    for name in order:
+        s = lock.stages[name]
+        stages[name] = {
+            "cmd": s.cmd,
+            "commit": commits.get(name),
+            "params": s.params,
+            "deps": [
+                {"path": d.path, "md5": d.md5, "kind": _dep_kind(d.path, lock),
+                 **({"stage": lock.producer(d.path)[0].name} if lock.producer(d.path) else {})}
+                for d in s.deps
+            ],
+            "outs": [{"path": o.path, "md5": o.md5} for o in s.outs],
+        }
+    inputs: dict[str, dict[str, Any]] = {}
+    for name in order:
+        for d in lock.stages[name].deps:
+            if _dep_kind(d.path, lock) == "input":
+                inputs.setdefault(d.path, {"path": d.path, "md5": d.md5, "used_by": []})["used_by"].append(name)
+    if target.kind == "input" and target.path:
+        inputs[target.path] = {"path": target.path, "md5": None, "used_by": lock.consumers(target.path)}
+
+    readers = record_readers(cfg)
+    start = [target.path] if target.path else []
+    record_paths = _nearest_records(lock, target.roots, start, readers)
+    sources = Sources()
+    for path in record_paths:
+        folder = Path(root) / path
+        if not folder.exists():
+            target.warnings.append(f"{path} is not in the workspace (dvc pull / dvc repro); its records are not listed")
+            continue
+        readers[path](folder, sources, cfg)
+        sources.from_artifacts.add(path)
+    images = [
+        {"source": src, "sha256": sha, "page": page, "splits": sorted(splits), "origin": _origin(lock, src),
+         "status": _file_status(root, src, sha)}
+        for (src, sha, page), splits in sorted(sources.images.items())
+    ]
+    pdfs = [
+        {"source": src, "sha256": sha, "pages": sorted(pages), "origin": _origin(lock, src),
+         "status": _file_status(root, src, sha)}
+        for (src, sha), pages in sorted(sources.pages.items())
+    ]
+    return {
+        "artifact": target.label,
+        "kind": target.kind,
+        "path": target.path,
+        "lock": target_lock_label(lock),
+        "model": target.model,
+        "roots": target.roots,
+        "stages": stages,
+        "inputs": sorted(inputs.values(), key=lambda i: i["path"]),
+        "records": {
+            "from": sorted(sources.from_artifacts),
+            "images": images,
+            "pdfs": pdfs,
+            "knowledge": sorted(sources.knowledge),
+            "generated": dict(sorted(sources.generated.items())),
+        },
+        "warnings": target.warnings,
+    }
+
+
+def target_lock_label(lock: Lock) -> str:
+    return "working tree" if lock.rev is None else f"git {lock.rev}"
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclass
+class Finding:
+    kind: str  # changed-input | changed-code | drifted-output | missing-output | stale-stage | changed-params
+    #            | stale-registration | unregistered | changed-file | missing-file
+    path: str
+    detail: str
+    stages: list[str] = field(default_factory=list)  # stages it belongs to / is read by
+
+
+class _Hasher:
+    """dvc_md5 per path, computed once (a folder is read by several stages)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.known: dict[str, str | None] = {}
+
+    def __call__(self, path: str) -> str | None:
+        if path not in self.known:
+            full = self.root / path
+            self.known[path] = dvc_md5(full) if full.exists() else None
+        return self.known[path]
+
+
+def _recorded_sources(root: Path, lock: Lock, cfg: Config) -> dict[str, tuple[str, str]]:
+    """source file -> (sha256 at ingest, record file) from the image and page records."""
+    out: dict[str, tuple[str, str]] = {}
+    for folder, name in ((cfg.paths.interim_images, "records.jsonl"), (cfg.paths.pages, "pages.jsonl")):
+        for fname in (name, "quarantine.jsonl"):
+            path = Path(root) / folder / fname
+            if path.is_file():
+                for r in read_jsonl(path):
+                    if r.get("sha256") and r.get("source"):
+                        out.setdefault(r["source"], (r["sha256"], (Path(folder) / fname).as_posix()))
+    return out
+
+
+def _changed_files(root: Path, folder: str, recorded: dict[str, tuple[str, str]]) -> list[Finding]:
+    """Files under an input folder whose bytes differ from what the records saw."""
+    found = []
+    base = Path(root) / folder
+    present = {p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file()} if base.is_dir() else set()
+    for source, (sha, where) in sorted(recorded.items()):
+        if not _inside(source, folder):
+            continue
+        if source not in present:
+            found.append(Finding("missing-file", source, f"recorded in {where} (sha256 {sha[:12]}) but gone"))
+        elif sha256_file(Path(root) / source) != sha:
+            found.append(Finding("changed-file", source, f"sha256 differs from {where} ({sha[:12]})"))
+    for source in sorted(present - set(recorded)):
+        if Path(source).name not in (".gitkeep", "README.md"):
+            found.append(Finding("new-file", source, "not in any record yet (added after the last run)"))
+    return found
+
+
+def _cached_listing(root: Path, md5: str) -> dict[str, str] | None:
+    """relpath -> md5 of a folder output from DVC's cache manifest, when the cache has it."""
+    if not md5.endswith(".dir"):
+        return None
+    manifest = Path(root) / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    if not manifest.is_file():
+        return None
+    return {e["relpath"]: e["md5"] for e in json.loads(manifest.read_text())}
+
+
+def _output_files(root: Path, out: Hashed) -> str:
+    listing = _cached_listing(root, out.md5)
+    if listing is None:
+        return ""
+    from semilens.lineage import file_md5
+
+    base = Path(root) / out.path
+    now = {p.relative_to(base).as_posix(): p for p in base.rglob("*") if p.is_file()}
+    changed = [rel for rel, md5 in listing.items() if rel in now and file_md5(now[rel]) != md5]
+    gone = [rel for rel in listing if rel not in now]
+    added = [rel for rel in now if rel not in listing]
+    parts = [f"{label}: {', '.join(sorted(items)[:5])}{' ...' if len(items) > 5 else ''}"
+             for label, items in (("changed", changed), ("missing", gone), ("added", added)) if items]
+    return "; ".join(parts)
+
+
+def _registry_versions(uri: str) -> list[Any] | str:
+    """Every registered model version, or why the registry could not be read."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return f"no MLflow store at {uri[len('sqlite:///'):]}"
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return list(client.search_model_versions())
+    except MlflowException as exc:
+        return f"MLflow registry at {uri} unreadable: {exc.message}"
+
+
+def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.yaml")) -> dict[str, Any]:
+    """Recompute every hash dvc.lock records and compare; check the registry against it."""
+    root = Path(root)
+    lock = read_lock(root)
+    md5 = _Hasher(root)
+    findings: list[Finding] = []
+    changed_paths: list[str] = []
+    produced = {o.path: (s.name, o) for s in lock.stages.values() for o in s.outs}
+
+    # Outputs: present and as recorded.
+    for path, (stage, out) in produced.items():
+        now = md5(path)
+        if now is None:
+            findings.append(Finding("missing-output", path, f"output of {stage} is not in the workspace", [stage]))
+            changed_paths.append(path)
+        elif now != out.md5:
+            detail = f"md5 {now} but dvc.lock says {out.md5}"
+            files = _output_files(root, out)
+            findings.append(Finding("drifted-output", path, detail + (f" ({files})" if files else ""), [stage]))
+            changed_paths.append(path)
+
+    # Inputs and code: as the stages that read them last saw them.
+    recorded = None
+    by_dep: dict[str, list[str]] = {}
+    for s in lock.stages.values():
+        for d in s.deps:
+            if d.path in produced or any(_inside(d.path, p) for p in produced):
+                if d.path in produced and produced[d.path][1].md5 != d.md5:
+                    findings.append(Finding("stale-stage", d.path, f"{s.name} last ran on a different {d.path} than dvc.lock's output", [s.name]))
+                continue
+            now = md5(d.path)
+            if now == d.md5:
+                continue
+            by_dep.setdefault(d.path, []).append(s.name)
+    for path, users in by_dep.items():
+        kind = "changed-code" if path.startswith(CODE_PREFIXES) else "changed-input"
+        now = md5(path)
+        findings.append(Finding(kind, path, "deleted" if now is None else "md5 differs from dvc.lock", users))
+        changed_paths.append(path)
+        if kind == "changed-input":
+            if recorded is None:
+                recorded = _recorded_sources(root, lock, cfg)
+            for f in _changed_files(root, path, recorded):
+                f.stages = users
+                findings.append(f)
+
+    # Params: the values each stage ran with.
+    current = (yaml.safe_load((root / params_file).read_text()) or {}) if (root / params_file).is_file() else {}
+    flat_now = flatten("", current)
+    for s in lock.stages.values():
+        ran = flatten("", s.params.get(params_file.name, {}) or {})
+        diff = sorted(k for k, v in ran.items() if flat_now.get(k, v) != v or k not in flat_now)
+        if diff:
+            findings.append(Finding("changed-params", s.name, f"params changed since it ran: {', '.join(diff[:6])}", [s.name]))
+            changed_paths.extend(o.path for o in s.outs)
+
+    stale = set(lock.downstream(changed_paths)) | {f.stages[0] for f in findings if f.kind == "changed-params"}
+    stale_stages = [name for name in lock.stages if name in stale]  # pipeline order
+    affected_outputs = {o.path for n in stale_stages for o in lock.stages[n].outs} | set(changed_paths)
+
+    # Registry: the latest version of each model must carry the lock's md5s, and each model
+    # output must be in some version.
+    versions = _registry_versions(uri)
+    models: list[dict[str, Any]] = []
+    registry_note = None
+    tagged_md5s: set[str] = set()
+    if isinstance(versions, str):
+        registry_note = versions
+        versions = []
+    latest: dict[str, Any] = {}
+    for v in versions:
+        arts = version_artifacts(dict(v.tags))
+        tagged_md5s.update(h.md5 for h in arts.values())
+        if arts and (v.name not in latest or int(v.version) > int(latest[v.name].version)):
+            latest[v.name] = v
+    for name, v in sorted(latest.items()):
+        arts = version_artifacts(dict(v.tags))
+        stale = [f"{h.path} (tagged {h.md5[:12]}, lock {produced[h.path][1].md5[:12] if h.path in produced else 'none'})"
+                 for h in arts.values() if h.path not in produced or produced[h.path][1].md5 != h.md5]
+        hit = sorted(h.path for h in arts.values() if h.path in affected_outputs)
+        if stale:
+            findings.append(Finding("stale-registration", f"{MODEL_URI}{name}/{v.version}", "made from other artifacts than dvc.lock's: " + "; ".join(stale)))
+        models.append({"name": name, "version": int(v.version), "affected_by": hit, "stale": bool(stale)})
+    model_root = Path(cfg.paths.models).as_posix()
+    for path, (stage, out) in produced.items():
+        if _inside(path, model_root) and not path.endswith(".md") and out.md5 not in tagged_md5s:
+            findings.append(Finding("unregistered", path, f"output of {stage} is in no registered model version"
+                                    + (f" ({registry_note})" if registry_note else ""), [stage]))
+    return {
+        "ok": not findings,
+        "lock": LOCK_FILE,
+        "registry": registry_note or uri,
+        "findings": [f.__dict__ for f in findings],
+        "stale_stages": stale_stages,
+        "affected_models": [m for m in models if m["affected_by"] or m["stale"]],
+        "models": models,
+        "checked": {"outputs": len(produced), "paths_hashed": len(md5.known)},
+    }
