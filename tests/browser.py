@@ -95,7 +95,7 @@ def check_page(url: str, width: int = 1280, height: int = 900, timeout: float = 
     """Load ``url`` in headless Chromium; collect errors, image state, text and a screenshot."""
     exe = chromium_path()
     if exe is None:
-        raise RuntimeError("no Chromium on PATH; `make setup` installs Debian's chromium")
+        raise RuntimeError("no Chromium on PATH; `make test` installs Debian's chromium (apt-get install chromium)")
     to_browser_r, to_browser_w = map(_high_fd, os.pipe())
     from_browser_r, from_browser_w = map(_high_fd, os.pipe())
 

@@ -278,7 +278,8 @@ class Client:
         import openai
 
         # The SDK's own retries are off: they would hide attempts from the accounting and
-        # ignore our backoff cap. One HTTP pool for the batch, sized to the concurrency.
+        # ignore our backoff cap. One HTTP pool serves the batch; the semaphore, not the pool's
+        # limits (the SDK's defaults), bounds the requests in flight.
         sdk = openai.AsyncOpenAI(
             base_url=self.endpoint.base_url,
             api_key=self._key,

@@ -24,6 +24,7 @@ kept and dropped and why, with the request accounting.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -124,7 +125,7 @@ def llm_pairs(
     out = []
     for p in template:
         if p["id"] in replaced:
-            p = {**p, "response": replaced[p["id"]].strip(), "kind": p["kind"], "source": p["source"] + "+llm"}
+            p = {**p, "response": replaced[p["id"]].strip(), "source": p["source"] + "+llm"}
         out.append(p)
     report = {
         "backend": "llm",
@@ -137,6 +138,4 @@ def llm_pairs(
 
 
 def _answer(pair: dict[str, Any]) -> dict[str, Any]:
-    import json
-
     return json.loads(pair["answer"])
