@@ -72,8 +72,11 @@ def test_each_stage_gets_the_commit_that_recorded_its_entry(tmp_path):
     v3 = {**v2, "a": _stage({"raw": "2"}, {"out_a": "a2"})}  # a re-ran, not committed
     (tmp_path / "dvc.lock").write_text(_lock(v3))
     assert stage_commits(tmp_path, read_lock(tmp_path)) == {"a": None, "b": second}
-    # an older revision's lock, read from git
+    # an older revision's lock, read from git, by any name git knows
     assert stage_commits(tmp_path, read_lock(tmp_path, first)) == {"a": first, "b": first}
+    assert stage_commits(tmp_path, read_lock(tmp_path, "HEAD~1")) == {"a": first, "b": first}
+    with pytest.raises(AuditError, match="no git revision"):
+        read_lock(tmp_path, "no-such-branch")
 
 
 def _project(root: Path) -> Config:

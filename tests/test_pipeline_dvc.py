@@ -321,6 +321,9 @@ def test_trace_reaches_every_raw_file_behind_the_registered_models(built):
     assert set(llm["records"]["generated"]) == {s for s in sources if s.startswith("generator:")}
     assert llm["records"]["knowledge"] and all(k.startswith("knowledge/") for k in llm["records"]["knowledge"])
 
+    # one split of the dataset: exactly its images
+    split = _trace(repo, "data/processed/vqa/test.parquet")
+    assert {(i["source"], i["sha256"]) for i in split["records"]["images"]} == {(r.source, r.sha256) for r in frames["test"].itertuples()}
     # a path resolves to the stage that wrote it; the tree form prints; bad names say why
     part = _trace(repo, "models/qwen2_5_vl/adapter/adapter_config.json")
     assert part["roots"] == ["finetune_vlm@qwen2_5_vl"] and "register_models@qwen2_5_vl" not in part["stages"]

@@ -64,6 +64,8 @@ def test_export_fill_import_with_bad_rows(project):
     res = runner.invoke(app, ["review", "export", "--n-llm", "4", "--n-vlm", "4"])
     assert res.exit_code == 0, res.output
     sheet = next((project / "reviews").glob("review-*.csv"))
+    again = runner.invoke(app, ["review", "export", "--n-llm", "4", "--n-vlm", "4"])
+    assert again.exit_code == 2 and "exists" in again.output  # a sheet being filled is never overwritten
     rows = _rows(sheet)
     assert len(rows) == 8 and {r["kind"] for r in rows} == {"llm", "vlm"}
     assert all(r["model"] == "sft" for r in rows if r["kind"] == "llm")  # the fine-tuned text model only
@@ -140,6 +142,8 @@ def test_agreement_statistics():
     assert weighted_kappa([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5]) == 1.0
     assert weighted_kappa([1, 2, 4, 5], [5, 4, 2, 1], [1, 2, 3, 4, 5]) < 0
     assert weighted_kappa([3, 3, 3], [3, 3, 3], [1, 2, 3, 4, 5]) is None  # undefined
+    assert weighted_kappa([1, 2, 5], [1, 1, 1], [1, 2, 3, 4, 5]) is None  # one rater constant: undefined too
+    assert weighted_kappa([1, 0, 1, 0], [1, 0, 1, 1], [0, 1]) == 0.5
     assert spearman([1, 2, 3, 4], [2, 3, 4, 5]) == 1.0 and spearman([1, 1, 1], [1, 2, 3]) is None
     block = agreement([{"item_id": "a", "kind": "llm", "scores": {"clarity": 4}, "machine": None}])
     assert block["llm"]["criteria"]["clarity"]["note"].startswith("no judge scores")

@@ -127,10 +127,13 @@ def read_lock(root: Path = Path("."), rev: str | None = None) -> Lock:
         if not path.is_file():
             raise LineageError(f"{path}: no dvc.lock; run the pipeline with `dvc repro`")
         return _parse_lock(path.read_text(), None)
-    text = _git(root, "show", f"{rev}:{LOCK_FILE}")
+    full = _git(root, "rev-parse", "--verify", f"{rev}^{{commit}}")
+    if full is None:
+        raise AuditError(f"{rev!r} is no git revision here")
+    text = _git(root, "show", f"{full.strip()}:{LOCK_FILE}")
     if text is None:
         raise AuditError(f"git revision {rev!r} has no {LOCK_FILE}")
-    return _parse_lock(text, rev)
+    return _parse_lock(text, full.strip())
 
 
 def lock_history(root: Path, limit: int = 200) -> list[str]:
@@ -182,12 +185,6 @@ class Sources:
     def add_pages(self, source: str, sha: str, pages: Iterable[int]) -> None:
         self.pages.setdefault((source, sha), set()).update(int(p) for p in pages)
 
-    def files(self) -> dict[str, str]:
-        """source path -> recorded sha256, over images and PDFs."""
-        out = {src: sha for src, sha, _ in self.images}
-        out.update({src: sha for src, sha in self.pages})
-        return out
-
 
 def _vqa_records(folder: Path, sources: Sources, cfg: Config) -> None:
     import pandas as pd
@@ -230,12 +227,16 @@ def _knowledge_files(folder: Path) -> dict[str, str]:
 def _instruction_records(folder: Path, sources: Sources, cfg: Config) -> None:
     import pandas as pd
 
-    rows = pd.concat([pd.read_parquet(p, columns=["source"]) for p in sorted(folder.glob("*.parquet"))])
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise AuditError(f"{folder}: no instruction splits (*.parquet)")
+    rows = pd.concat([pd.read_parquet(p, columns=["source"]) for p in files])
     refs = rows["source"].value_counts()
-    chunks = {c["chunk_id"]: c for c in _chunks(Path(cfg.paths.markdown))} if any(
+    root = folder.parents[len(Path(cfg.paths.instructions).parts) - 1]
+    chunks = {c["chunk_id"]: c for c in _chunks(root / cfg.paths.markdown)} if any(
         r.startswith("chunk:") for r in refs.index
     ) else {}
-    groups = _knowledge_files(cfg.paths.knowledge)
+    groups = _knowledge_files(root / cfg.paths.knowledge)
     for ref, n in refs.items():
         kind, _, ident = str(ref).partition(":")
         if kind == "chunk":
@@ -285,6 +286,8 @@ def _model_version(uri: str, name: str, version: str) -> Any:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise AuditError(f"no MLflow store at {uri[len('sqlite:///'):]} (run the pipeline, or set MLFLOW_TRACKING_URI)")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         if version == "latest":
@@ -314,7 +317,10 @@ def _lock_matching(root: Path, wanted: dict[str, Hashed]) -> Lock | None:
     if matches(current):
         return current
     for rev in lock_history(root):
-        lock = read_lock(root, rev)
+        try:
+            lock = read_lock(root, rev)
+        except AuditError:
+            continue  # a commit that deleted dvc.lock
         if matches(lock):
             return lock
     return None
@@ -393,7 +399,8 @@ def _nearest_records(lock: Lock, roots: list[str], start_paths: list[str], reade
     VQA dataset is traced through the dataset's rows, not every image ever ingested."""
     found: list[str] = []
     seen: set[str] = set()
-    frontier = [*start_paths, *[d.path for r in roots for d in lock.stages[r].deps]]
+    # a path target starts from itself; a stage or model from what its root stages read
+    frontier = list(start_paths) or [d.path for r in roots for d in lock.stages[r].deps]
     while frontier:
         path = frontier.pop(0)
         if path in seen:
@@ -421,6 +428,14 @@ def _file_status(root: Path, source: str, sha: str) -> str:
     return "ok" if sha256_file(path) == sha else "changed"
 
 
+def _dep_entry(dep: Hashed, lock: Lock) -> dict[str, Any]:
+    hit = lock.producer(dep.path)
+    entry: dict[str, Any] = {"path": dep.path, "md5": dep.md5, "kind": _dep_kind(dep.path, lock)}
+    if hit is not None:
+        entry["stage"] = hit[0].name
+    return entry
+
+
 def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = None) -> dict[str, Any]:
     """The whole chain behind ARTIFACT as plain data (what ``semilens trace --json`` prints)."""
     target, lock = resolve(artifact, root, cfg, uri, rev)
@@ -433,11 +448,7 @@ def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = No
             "cmd": s.cmd,
             "commit": commits.get(name),
             "params": s.params,
-            "deps": [
-                {"path": d.path, "md5": d.md5, "kind": _dep_kind(d.path, lock),
-                 **({"stage": lock.producer(d.path)[0].name} if lock.producer(d.path) else {})}
-                for d in s.deps
-            ],
+            "deps": [_dep_entry(d, lock) for d in s.deps],
             "outs": [{"path": o.path, "md5": o.md5} for o in s.outs],
         }
     inputs: dict[str, dict[str, Any]] = {}
@@ -450,6 +461,9 @@ def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = No
 
     readers = record_readers(cfg)
     start = [target.path] if target.path else []
+    # a file inside a record-bearing folder (one split of the dataset) is traced through it
+    start = [next((r for r in readers if _inside(p, r)), p) for p in start]
+    split = Path(target.path).stem if target.path and start and target.path != start[0] else None
     record_paths = _nearest_records(lock, target.roots, start, readers)
     sources = Sources()
     for path in record_paths:
@@ -457,8 +471,20 @@ def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = No
         if not folder.exists():
             target.warnings.append(f"{path} is not in the workspace (dvc pull / dvc repro); its records are not listed")
             continue
-        readers[path](folder, sources, cfg)
+        locked = lock.producer(path)
+        if locked is not None and dvc_md5(folder) != locked[1].md5:
+            target.warnings.append(
+                f"{path} in the workspace is not the one this dvc.lock ({target_lock_label(lock)}) records: "
+                "the source files listed are the workspace's (check it out at that revision for the exact ones)"
+            )
+        try:
+            readers[path](folder, sources, cfg)
+        except (OSError, KeyError, ValueError) as exc:
+            target.warnings.append(f"{path}: its records could not be read ({exc})")
+            continue
         sources.from_artifacts.add(path)
+    if split is not None and any(split in splits for splits in sources.images.values()):
+        sources.images = {k: v for k, v in sources.images.items() if split in v}
     images = [
         {"source": src, "sha256": sha, "page": page, "splits": sorted(splits), "origin": _origin(lock, src),
          "status": _file_status(root, src, sha)}
@@ -544,6 +570,8 @@ def _changed_files(root: Path, folder: str, recorded: dict[str, tuple[str, str]]
             found.append(Finding("missing-file", source, f"recorded in {where} (sha256 {sha[:12]}) but gone"))
         elif sha256_file(Path(root) / source) != sha:
             found.append(Finding("changed-file", source, f"sha256 differs from {where} ({sha[:12]})"))
+    if not any(_inside(source, folder) for source in recorded):
+        return found  # no per-file records for this input (the knowledge base, say)
     for source in sorted(present - set(recorded)):
         if Path(source).name not in (".gitkeep", "README.md"):
             found.append(Finding("new-file", source, "not in any record yet (added after the last run)"))
@@ -619,6 +647,7 @@ def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.y
             if d.path in produced or any(_inside(d.path, p) for p in produced):
                 if d.path in produced and produced[d.path][1].md5 != d.md5:
                     findings.append(Finding("stale-stage", d.path, f"{s.name} last ran on a different {d.path} than dvc.lock's output", [s.name]))
+                    changed_paths.extend(o.path for o in s.outs)
                 continue
             now = md5(d.path)
             if now == d.md5:
@@ -641,12 +670,12 @@ def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.y
     flat_now = flatten("", current)
     for s in lock.stages.values():
         ran = flatten("", s.params.get(params_file.name, {}) or {})
-        diff = sorted(k for k, v in ran.items() if flat_now.get(k, v) != v or k not in flat_now)
+        diff = sorted(k for k, v in ran.items() if k not in flat_now or flat_now[k] != v)
         if diff:
             findings.append(Finding("changed-params", s.name, f"params changed since it ran: {', '.join(diff[:6])}", [s.name]))
             changed_paths.extend(o.path for o in s.outs)
 
-    stale = set(lock.downstream(changed_paths)) | {f.stages[0] for f in findings if f.kind == "changed-params"}
+    stale = set(lock.downstream(changed_paths)) | {f.stages[0] for f in findings if f.kind in ("changed-params", "stale-stage")}
     stale_stages = [name for name in lock.stages if name in stale]  # pipeline order
     affected_outputs = {o.path for n in stale_stages for o in lock.stages[n].outs} | set(changed_paths)
 
@@ -659,20 +688,29 @@ def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.y
     if isinstance(versions, str):
         registry_note = versions
         versions = []
-    latest: dict[str, Any] = {}
+    by_name: dict[str, list[Any]] = {}
     for v in versions:
         arts = version_artifacts(dict(v.tags))
         tagged_md5s.update(h.md5 for h in arts.values())
-        if arts and (v.name not in latest or int(v.version) > int(latest[v.name].version)):
-            latest[v.name] = v
-    for name, v in sorted(latest.items()):
+        if arts:
+            by_name.setdefault(v.name, []).append(v)
+
+    def mismatches(v: Any) -> list[str]:
+        return [f"{h.path} (tagged {h.md5[:12]}, lock {produced[h.path][1].md5[:12] if h.path in produced else 'none'})"
+                for h in version_artifacts(dict(v.tags)).values() if h.path not in produced or produced[h.path][1].md5 != h.md5]
+
+    for name, vs in sorted(by_name.items()):
+        # Registration reuses a version whose lineage is already registered, so the version
+        # made from the current lock need not be the newest: any version may match.
+        newest_first = sorted(vs, key=lambda v: -int(v.version))
+        current = next((v for v in newest_first if not mismatches(v)), None)
+        v = current or newest_first[0]
         arts = version_artifacts(dict(v.tags))
-        stale = [f"{h.path} (tagged {h.md5[:12]}, lock {produced[h.path][1].md5[:12] if h.path in produced else 'none'})"
-                 for h in arts.values() if h.path not in produced or produced[h.path][1].md5 != h.md5]
         hit = sorted(h.path for h in arts.values() if h.path in affected_outputs)
-        if stale:
-            findings.append(Finding("stale-registration", f"{MODEL_URI}{name}/{v.version}", "made from other artifacts than dvc.lock's: " + "; ".join(stale)))
-        models.append({"name": name, "version": int(v.version), "affected_by": hit, "stale": bool(stale)})
+        if current is None:
+            findings.append(Finding("stale-registration", f"{MODEL_URI}{name}/{v.version}",
+                                    "no version of this model was made from dvc.lock's artifacts; the newest: " + "; ".join(mismatches(v))))
+        models.append({"name": name, "version": int(v.version), "affected_by": hit, "stale": current is None})
     model_root = Path(cfg.paths.models).as_posix()
     for path, (stage, out) in produced.items():
         if _inside(path, model_root) and not path.endswith(".md") and out.md5 not in tagged_md5s:

@@ -366,7 +366,7 @@ def review_export(
 @review_app.command("import")
 def review_import(
     sheet: Path = typer.Argument(..., help="the filled CSV"),
-    reviewer: Optional[str] = typer.Option(None, help="the reviewer's name, if the sheet's reviewer column is empty"),
+    reviewer: Optional[str] = typer.Option(None, help="the reviewer's name for every row (overrides the sheet's reviewer column)"),
     reviews: Path = typer.Option(Path("reviews"), help="where the manifests and ratings.jsonl live"),
     no_dvc: bool = typer.Option(False, "--no-dvc", help="do not `dvc add` the ratings file"),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),

@@ -180,11 +180,11 @@ def vlm_section(cfg: Config, family: str) -> str:
     extra = ""
     if prep.is_file():
         p = read_json(prep)
-        extra = (f"<p>Base: {esc(p.get('base'))}; generic-task accuracy {fmt(p.get('generic_accuracy_before'))} before and "
-                 f"{fmt(p.get('generic_accuracy_after'))} after its generic pretraining.</p>")
+        extra = (f"<p>Base: {esc(p.get('base'))}; generic-task accuracy {esc(fmt(p.get('generic_accuracy_before')))} before and "
+                 f"{esc(fmt(p.get('generic_accuracy_after')))} after its generic pretraining.</p>")
     return (
-        f"<h3>{esc(family)}</h3>{extra}<p>Test split: {fmt(rep.get('n_test_rows'))} rows, "
-        f"{fmt(rep['finetuned'].get('n_vqa'))} questions, {fmt(rep['finetuned'].get('n_captions'))} captions.</p>"
+        f"<h3>{esc(family)}</h3>{extra}<p>Test split: {esc(fmt(rep.get('n_test_rows')))} rows, "
+        f"{esc(fmt(rep['finetuned'].get('n_vqa')))} questions, {esc(fmt(rep['finetuned'].get('n_captions')))} captions.</p>"
         + table(rows, ["metric", "base", "fine-tuned", "change"])
         + table(per_type, ["type", "n", "base", "fine-tuned"], ["question type", "n", "base", "fine-tuned"])
         + f"<div class='plots'>{''.join(plots)}</div>"
@@ -261,8 +261,8 @@ def llm_section(cfg: Config) -> str:
         return "<p class='muted'>no text-model evaluation yet</p>"
     rep = read_json(path)
     cols = ["model", "difficulty", "n", "heldout_perplexity", "rouge_l", "bertscore_f1", "math_exact", "math_exact_calculator", "math_n"]
-    out = [f"<p>Benchmark: {fmt(rep.get('benchmark_rows'))} held-out pairs; maths counted exact within "
-           f"{fmt(rep.get('math_rel_tol'))} relative.</p>", table(rep.get("rows", []), cols)]
+    out = [f"<p>Benchmark: {esc(fmt(rep.get('benchmark_rows')))} held-out pairs; maths counted exact within "
+           f"{esc(fmt(rep.get('math_rel_tol')))} relative.</p>", table(rep.get("rows", []), cols)]
     judge = rep.get("judge") or {}
     if judge.get("scores"):
         crit = list(judge.get("criteria") or {})
@@ -297,21 +297,21 @@ def dataset_section(cfg: Config) -> str:
     ann = metrics / "annotate.json"
     if ann.is_file():
         a = read_json(ann)
-        out.append(f"<p>Annotation backend {esc(a.get('backend'))}: {fmt(a.get('n_images'))} images, {fmt(a.get('n_qa'))} questions, "
-                   f"{fmt(a.get('n_skipped'))} images skipped.</p>")
+        out.append(f"<p>Annotation backend {esc(a.get('backend'))}: {esc(fmt(a.get('n_images')))} images, {esc(fmt(a.get('n_qa')))} questions, "
+                   f"{esc(fmt(a.get('n_skipped')))} images skipped.</p>")
     ins = metrics / "instructions.json"
     if ins.is_file():
         i = read_json(ins)
         rows = [{"split": k, **v.get("by_category", {}), "total": sum(v.get("by_category", {}).values())} for k, v in i.get("splits", {}).items()]
         cats = sorted(i.get("by_category", {}))
-        out.append(f"<h3>Instruction pairs</h3><p>{fmt(i.get('pairs'))} pairs written by {esc(i.get('backend'))}.</p>"
+        out.append(f"<h3>Instruction pairs</h3><p>{esc(fmt(i.get('pairs')))} pairs written by {esc(i.get('backend'))}.</p>"
                    + table(rows, ["split", *cats, "total"]))
     clean = metrics / "clean.json"
     if clean.is_file():
         c = read_json(clean)
         sims = [d.get("similarity") for d in c.get("per_document", []) if d.get("similarity") is not None]
-        out.append(f"<p>Corpus: {fmt(c.get('documents'))} documents, {fmt(c.get('chunks'))} chunks; leaked running lines "
-                   f"{fmt(c.get('leaked_running_lines'))}; lowest similarity to the ground truth {fmt(min(sims) if sims else None)}.</p>")
+        out.append(f"<p>Corpus: {esc(fmt(c.get('documents')))} documents, {esc(fmt(c.get('chunks')))} chunks; leaked running lines "
+                   f"{esc(fmt(c.get('leaked_running_lines')))}; lowest similarity to the ground truth {esc(fmt(min(sims) if sims else None))}.</p>")
     return "".join(out) or "<p class='muted'>no dataset statistics yet</p>"
 
 
@@ -322,7 +322,7 @@ def ontology_section(cfg: Config) -> str:
     o = read_json(path)
     rows = [{"level": lvl, "covered": o.get(f"{lvl}_covered"), "total": o.get(f"{lvl}_total"),
              "missed": ", ".join(o.get(f"{lvl}_missed") or []) or "none"} for lvl in ("groups", "modules", "units")]
-    return (f"<p>{fmt(o.get('chunks'))} chunks, {fmt(o.get('chunks_untagged'))} untagged. Full table: "
+    return (f"<p>{esc(fmt(o.get('chunks')))} chunks, {esc(fmt(o.get('chunks_untagged')))} untagged. Full table: "
             f"<code>{esc(Path(cfg.paths.tags) / 'coverage.md')}</code>.</p>" + table(rows, ["level", "covered", "total", "missed"]))
 
 
@@ -357,7 +357,7 @@ def measurement_section(cfg: Config) -> str:
     m = read_json(path)
     rows = [{"class": k, **v} for k, v in sorted(m.get("per_class", {}).items())]
     target = m.get("target")
-    lead = f"<p>{fmt(m.get('images'))} images measured, {fmt(m.get('scored'))} scored against their synthetic ground truth"
+    lead = f"<p>{esc(fmt(m.get('images')))} images measured, {esc(fmt(m.get('scored')))} scored against their synthetic ground truth"
     lead += f"; target: {esc(json.dumps(target))}</p>" if target else ".</p>"
     return lead + table(rows, ["class", "n", "median_count_error", "median_size_error", "median_pitch_error"],
                         ["class", "images", "median count error", "median size error", "median pitch error"])

@@ -111,6 +111,9 @@ def export_review(cfg: Config, out_dir: Path, n_llm: int, n_vlm: int, seed: int 
     export_id = "review-" + hash_json({"items": [i["item_id"] for i in picked], "answers": [i["answer"] for i in picked]})[:12]
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{export_id}.csv"
+    if csv_path.exists():
+        # the sheet may be half filled in already; a new sample needs another --seed
+        raise ReviewError(f"{csv_path} exists (the same sample was exported before); fill that one, or pass another --seed")
     with csv_path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, COLUMNS)
         w.writeheader()
@@ -205,11 +208,16 @@ def read_ratings(csv_path: Path, manifests: Mapping[str, Mapping[str, Any]], rev
 
 
 def merge_ratings(store: Path, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The stored ratings with ``new`` merged in: one per (item, reviewer), the newest wins."""
-    kept = {(r["item_id"], r["reviewer"]): r for r in (read_jsonl(store) if store.is_file() else [])}
+    """The stored ratings with ``new`` merged in: one per (export, item, reviewer), the newest
+    wins. The export is part of the key: a later export may hold a new answer to the same item."""
+
+    def key(r: Mapping[str, Any]) -> tuple[str, str, str]:
+        return r["export_id"], r["item_id"], r["reviewer"]
+
+    kept = {key(r): r for r in (read_jsonl(store) if store.is_file() else [])}
     for r in new:
-        kept[(r["item_id"], r["reviewer"])] = r
-    rows = sorted(kept.values(), key=lambda r: (r["item_id"], r["reviewer"]))
+        kept[key(r)] = r
+    rows = sorted(kept.values(), key=key)
     atomic_write_text(store, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
@@ -218,7 +226,7 @@ def weighted_kappa(a: list[int], b: list[int], labels: list[int]) -> float | Non
     """Cohen's kappa with quadratic weights; None when it is undefined (one rater constant)."""
     from sklearn.metrics import cohen_kappa_score
 
-    if len(a) < 2 or len(set(a)) < 2 and len(set(b)) < 2:
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
     value = cohen_kappa_score(a, b, labels=labels, weights="quadratic")
     return None if value != value else round(float(value), 4)  # NaN: no variance at all
