@@ -280,8 +280,6 @@ def trace(
 ) -> None:
     """Print the chain behind an artifact: stages (command, params, commit), every
     dependency's md5 from dvc.lock, down to the raw images and PDF pages its records name."""
-    import json
-
     from semilens.audit import AuditError, trace as run_trace
     from semilens.lineage import LineageError
     from semilens.registry import tracking_uri
@@ -305,11 +303,9 @@ def verify(
 ) -> None:
     """Recompute the hashes of the artifacts present, compare with dvc.lock and with the
     registered versions' tags; exit 1 naming every drifted, missing or unregistered one."""
-    import json
-
     from semilens.audit import verify as run_verify
     from semilens.lineage import LineageError
-    from semilens.registry import tracking_uri
+    from semilens.registry import describe_uri, tracking_uri
 
     cfg = _load(params)
     try:
@@ -332,7 +328,7 @@ def verify(
         checked = report["checked"]
         verdict = "[green]ok[/green]" if report["ok"] else f"[red]{len(report['findings'])} finding(s)[/red]"
         out.print(f"{verdict}: {checked['outputs']} outputs and {checked['paths_hashed']} paths hashed against dvc.lock; "
-                  f"{len(report['models'])} registered model(s) checked in {escape(describe(report['registry']))}")
+                  f"{len(report['models'])} registered model(s) checked in {escape(describe_uri(report['registry']))}")
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -394,12 +390,6 @@ def review_import(
         err.print(f"[yellow]note[/yellow]: {escape(summary['versioned'])}")
     if result.rejected:
         raise typer.Exit(1)
-
-
-def describe(uri: str) -> str:
-    from semilens.registry import describe_uri
-
-    return describe_uri(uri)
 
 
 if __name__ == "__main__":
