@@ -114,6 +114,11 @@ def test_pretraining_lowers_heldout_perplexity_and_resumes(llm_run):
     curve = (Path(cfg.paths.metrics) / "llm" / "pretrain_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and len(curve) >= 3
     fresh = read_json(Path(cfg.paths.metrics) / "llm" / "pretrain.json")
+    # A re-run of the finished run (DVC re-runs the stage when any dependency changes)
+    # takes its final weights as they are: no step past max_steps, the same bytes.
+    weights = Path(cfg.paths.models) / "llm" / "pretrained" / "model.safetensors"
+    first = weights.read_bytes()
+    assert pretrain_llm(cfg) == pre and weights.read_bytes() == first
     # A kill after step 15: the step-30 checkpoint never got written. The re-run resumes
     # from step 15 instead of starting over, and ends where the uninterrupted run ended.
     run_dir = next((Path(cfg.paths.cache) / "pretrain_llm").iterdir())

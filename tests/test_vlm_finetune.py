@@ -255,6 +255,25 @@ def test_image_conversations_supervise_every_answer_once_per_opening(run):
 
 
 @pytest.mark.e2e
+def test_finished_run_is_reused_not_trained_again(run):
+    """DVC re-runs the stage when a dependency that does not touch training changes (a
+    model-card template, say); the finished run's weights and record are taken as they
+    are. Resuming from the final checkpoint instead reported another run (resumed from
+    it, a loss of 0), and where max_steps ends mid-epoch trained one step past it."""
+    cfg, summary = run
+    models = cfg.paths.models / FAMILY
+    outputs = [models / "adapter", models / "merged", cfg.paths.metrics / "vlm"]
+
+    def snapshot():
+        return {p: p.read_bytes() for d in outputs for p in sorted(d.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    again = finetune_vlm(cfg, FAMILY)
+    assert again == summary and again["steps"] == 6
+    assert snapshot() == before
+
+
+@pytest.mark.e2e
 def test_killed_run_resumes_from_its_last_checkpoint(run):
     cfg, _ = run
     ckpt_root = next((cfg.paths.cache / "finetune_vlm" / FAMILY).iterdir())

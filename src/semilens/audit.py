@@ -19,7 +19,6 @@ register stages trust.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 
 from semilens.config import Config
 from semilens.io import read_jsonl, sha256_file
-from semilens.lineage import LOCK_FILE, LineageError, dvc_md5
+from semilens.lineage import LOCK_FILE, Hashed, LineageError, LockStage, dvc_md5, parse_lock, run_git
 from semilens.registry import flatten
 
 MODEL_URI = "models:/"
@@ -42,22 +41,6 @@ class AuditError(ValueError):
 
 
 # ---------------------------------------------------------------- dvc.lock
-
-
-@dataclass(frozen=True)
-class Hashed:
-    path: str
-    md5: str
-
-
-@dataclass
-class LockStage:
-    name: str
-    cmd: str
-    deps: list[Hashed]
-    outs: list[Hashed]
-    params: dict[str, Any]
-    entry: dict[str, Any]  # the raw lock entry, compared across revisions
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -97,48 +80,25 @@ class Lock:
         return [name for name in self.stages if name in seen]
 
 
-def _parse_lock(text: str, rev: str | None) -> Lock:
-    data = yaml.safe_load(text) or {}
-    stages = {}
-    for name, entry in (data.get("stages") or {}).items():
-        stages[name] = LockStage(
-            name=name,
-            cmd=entry.get("cmd", ""),
-            deps=[Hashed(str(d["path"]), d.get("md5", "")) for d in entry.get("deps") or []],
-            outs=[Hashed(str(o["path"]), o.get("md5", "")) for o in entry.get("outs") or []],
-            params=entry.get("params") or {},
-            entry=entry,
-        )
-    return Lock(stages, rev)
-
-
-def _git(root: Path, *args: str) -> str | None:
-    try:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return done.stdout
-
-
 def read_lock(root: Path = Path("."), rev: str | None = None) -> Lock:
     """``dvc.lock`` of the working tree, or as committed at git revision ``rev``."""
     if rev is None:
         path = Path(root) / LOCK_FILE
         if not path.is_file():
             raise LineageError(f"{path}: no dvc.lock; run the pipeline with `dvc repro`")
-        return _parse_lock(path.read_text(), None)
-    full = _git(root, "rev-parse", "--verify", f"{rev}^{{commit}}")
+        return Lock(parse_lock(path.read_text()), None)
+    full = run_git(root, "rev-parse", "--verify", f"{rev}^{{commit}}")
     if full is None:
         raise AuditError(f"{rev!r} is no git revision here")
-    text = _git(root, "show", f"{full.strip()}:{LOCK_FILE}")
+    text = run_git(root, "show", f"{full.strip()}:{LOCK_FILE}")
     if text is None:
         raise AuditError(f"git revision {rev!r} has no {LOCK_FILE}")
-    return _parse_lock(text, full.strip())
+    return Lock(parse_lock(text), full.strip())
 
 
 def lock_history(root: Path, limit: int = 200) -> list[str]:
     """Commits that changed dvc.lock, newest first."""
-    out = _git(root, "log", f"--max-count={limit}", "--format=%H", "--", LOCK_FILE)
+    out = run_git(root, "log", f"--max-count={limit}", "--format=%H", "--", LOCK_FILE)
     return out.split() if out else []
 
 

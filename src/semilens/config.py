@@ -310,8 +310,8 @@ class FinetuneVLMConfig(Section):
         description="each training image goes in flipped and/or turned by a multiple of 90 "
         "degrees (one of the eight, drawn per batch): micrographs have no up or down, every "
         "answer but an orientation (class, counts, sizes, coverage, pitch) survives the turn, "
-        "and a few dozen images per class stop being memorised by their exact pixels. Chats "
-        "that state an angle are only ever turned by 180 degrees, which keeps it true",
+        "and a few dozen images per class stop being memorised by their exact pixels. An "
+        "answer that states an angle is rewritten to match the turn",
     )
     lora: LoraConfigSection = LoraConfigSection()
     trainer: TrainerSection = TrainerSection()

@@ -51,10 +51,39 @@ def dvc_md5(path: Path) -> str:
 
 
 @dataclass(frozen=True)
+class Hashed:
+    path: str  # as written in dvc.lock (relative to the repository root)
+    md5: str
+
+
+@dataclass
+class LockStage:
+    name: str  # e.g. finetune_vlm@qwen2_5_vl
+    cmd: str
+    deps: list[Hashed]
+    outs: list[Hashed]
+    params: dict[str, Any]
+    entry: dict[str, Any]  # the raw lock entry, compared across revisions
+
+
+@dataclass(frozen=True)
 class LockedOutput:
     path: str  # as written in dvc.lock (relative to the repository root)
     stage: str  # the stage that produces it, e.g. finetune_vlm@qwen2_5_vl
     md5: str
+
+
+def parse_lock(text: str) -> dict[str, LockStage]:
+    """The stages of a ``dvc.lock`` text, in lock order."""
+    data = yaml.safe_load(text) or {}
+
+    def hashed(items: list[dict[str, Any]] | None) -> list[Hashed]:
+        return [Hashed(Path(str(i["path"])).as_posix(), i.get("md5", "")) for i in items or []]
+
+    return {
+        name: LockStage(name, entry.get("cmd", ""), hashed(entry.get("deps")), hashed(entry.get("outs")), entry.get("params") or {}, entry)
+        for name, entry in (data.get("stages") or {}).items()
+    }
 
 
 def lock_outputs(root: Path = Path(".")) -> dict[str, LockedOutput]:
@@ -62,13 +91,11 @@ def lock_outputs(root: Path = Path(".")) -> dict[str, LockedOutput]:
     lock_file = Path(root) / LOCK_FILE
     if not lock_file.is_file():
         raise LineageError(f"{lock_file}: no dvc.lock; run the pipeline with `dvc repro`")
-    lock = yaml.safe_load(lock_file.read_text()) or {}
-    outputs: dict[str, LockedOutput] = {}
-    for stage, entry in (lock.get("stages") or {}).items():
-        for out in entry.get("outs") or []:
-            path = str(Path(out["path"]).as_posix())
-            outputs[path] = LockedOutput(path=path, stage=stage, md5=out.get("md5", ""))
-    return outputs
+    return {
+        out.path: LockedOutput(out.path, stage.name, out.md5)
+        for stage in parse_lock(lock_file.read_text()).values()
+        for out in stage.outs
+    }
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -108,16 +135,17 @@ def verified_hashes(paths: dict[str, Path], root: Path = Path(".")) -> dict[str,
     return result
 
 
+def run_git(root: Path, *args: str) -> str | None:
+    """A git command's stdout, or None where git is missing or the command fails."""
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return done.stdout
+
+
 def git_state(root: Path = Path(".")) -> dict[str, Any]:
     """The commit the working tree is on, and whether tracked files differ from it."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
-        except (OSError, subprocess.CalledProcessError):
-            return None
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit or "unknown", "dirty": bool(dirty) if dirty is not None else None}
+    commit = run_git(root, "rev-parse", "HEAD")
+    dirty = run_git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip() if commit else "unknown", "dirty": bool(dirty.strip()) if dirty is not None else None}

@@ -26,7 +26,6 @@ import json
 import random
 import subprocess
 import sys
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -23,6 +23,7 @@ from typing import Any
 
 from semilens.config import Config, PretrainLLMConfig, dump_config
 from semilens.io import atomic_write_text, hash_json, read_jsonl, reset_dir, sha256_file, write_json
+from semilens.training import open_run, train_or_reuse
 from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
 
 STAGE = "pretrain_llm"
@@ -151,19 +152,15 @@ def trainer_kwargs(c: Any, ckpt_dir: Path) -> dict[str, Any]:
     )
 
 
-def train_causal(model: Any, blocks: list[list[int]], pcfg: PretrainLLMConfig, ckpt_dir: Path) -> tuple[Any, list[dict[str, Any]], str | None]:
-    """HF Trainer over fixed-length blocks; returns (trainer, loss curve, resumed-from)."""
+def train_causal(model: Any, blocks: list[list[int]], pcfg: PretrainLLMConfig, ckpt_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """HF Trainer over fixed-length blocks; returns (trainer, the run's record)."""
     import datasets
     from transformers import Trainer, TrainingArguments, default_data_collator
-    from transformers.trainer_utils import get_last_checkpoint
 
     ds = datasets.Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     args = TrainingArguments(**trainer_kwargs(pcfg, ckpt_dir), weight_decay=0.01)
     trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=default_data_collator)
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
-    curve = [{"step": int(h["step"]), "loss": round(float(h["loss"]), 4)} for h in trainer.state.log_history if "loss" in h]
-    return trainer, curve, None if resume is None else Path(resume).name
+    return trainer, train_or_reuse(trainer, open_run(ckpt_dir, pcfg.max_steps))
 
 
 def pretrain_llm(cfg: Config) -> dict[str, Any]:
@@ -190,7 +187,8 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
     ckpt_dir = Path(cfg.paths.cache) / STAGE / key
     if pcfg.method == "lora":
         model = lora_model(model, pcfg.lora)
-    trainer, curve, resumed = train_causal(model, train_blocks, pcfg, ckpt_dir)
+    trainer, record = train_causal(model, train_blocks, pcfg, ckpt_dir)
+    curve = record["curve"]
     model = trainer.model
     if pcfg.method == "lora":
         model = model.merge_and_unload()
@@ -204,8 +202,8 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
     atomic_write_text(metrics_dir / "pretrain_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve))
     summary = {
         "method": pcfg.method,
-        "steps": int(trainer.state.global_step),
-        "resumed_from": resumed,
+        "steps": record["steps"],
+        "resumed_from": record["resumed_from"],
         "train_chunks": len(train_texts),
         "heldout_chunks": len(held_texts),
         "train_tokens": len(train_blocks) * pcfg.block_size,

@@ -19,6 +19,7 @@ from typing import Any
 from semilens.config import Config, dump_config
 from semilens.io import atomic_write_text, reset_dir, sha256_file, write_json
 from semilens.llm.pretrain import lora_config, model_metrics, run_key, trainer_kwargs, weights_digest
+from semilens.training import clear_call_state, open_run, sft_trainer, train_or_reuse
 from semilens.vlm.prepare import CONFIG_FILE
 
 STAGE = "sft_llm"
@@ -39,8 +40,7 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     scfg = cfg.sft_llm
     torch.set_num_threads(scfg.threads)
@@ -66,18 +66,19 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
         # benchmark pairs below the pretrained model's (0.060 against 0.072).
         gradient_checkpointing=False,  # TRL turns it on by default; it only slows small models
     )
-    trainer = SFTTrainer(
+    trainer = sft_trainer(
+        cuda=torch.cuda.is_available(),
         model=model,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=lora_config(scfg.lora),
     )
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    result = trainer.train(resume_from_checkpoint=resume)
+    record = train_or_reuse(trainer, open_run(ckpt_dir, scfg.max_steps))
 
     models = Path(cfg.paths.models) / "llm"
+    clear_call_state(tokenizer)
     adapter = reset_dir(models / "adapter")
     trainer.model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
@@ -88,15 +89,15 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     tokenizer.save_pretrained(merged_dir)
     atomic_write_text(merged_dir / CONFIG_FILE, dump_config(scfg))
 
-    curve = [{"step": int(h["step"]), "loss": round(float(h["loss"]), 4)} for h in trainer.state.log_history if "loss" in h]
+    curve = record["curve"]
     metrics_dir = Path(cfg.paths.metrics) / "llm"
     atomic_write_text(metrics_dir / "sft_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve))
     summary = {
-        "steps": int(trainer.state.global_step),
-        "resumed_from": None if resume is None else Path(resume).name,
+        "steps": record["steps"],
+        "resumed_from": record["resumed_from"],
         "train_pairs": len(rows),
         "trainable_parameters": trainable,
-        "train_loss": round(float(result.training_loss), 4),
+        "train_loss": record["train_loss"],
         "first_loss": curve[0]["loss"] if curve else None,
         "last_loss": curve[-1]["loss"] if curve else None,
     }

@@ -26,6 +26,7 @@ from semilens.config import Config, FinetuneVLMConfig, TrainerSection, dump_conf
 from semilens.images.split import CAPTION_PROMPTS
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
 from semilens.lineage import dvc_md5
+from semilens.training import clear_call_state, open_run, sft_trainer, train_or_reuse
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.labels import assistant_labels, check_image_tokens
 from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
@@ -287,16 +288,10 @@ def run_key(base_dir: Path, train_file: Path, fcfg: FinetuneVLMConfig) -> str:
     )[:16]
 
 
-def last_checkpoint(folder: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
-
-
 def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     import datasets
     import torch
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     family = get_family(family_name)
     fcfg = cfg.finetune_vlm
@@ -314,8 +309,7 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     else:
         train = train.select_columns(["messages", "images"])
 
-    ckpt_dir = cfg.paths.cache / "finetune_vlm" / family_name / run_key(base_dir, train_file, fcfg)
-    resume = last_checkpoint(ckpt_dir)
+    run = open_run(cfg.paths.cache / "finetune_vlm" / family_name / run_key(base_dir, train_file, fcfg), fcfg.trainer.max_steps)
     if setup["backend"] == "unsloth":
         model, processor = load_unsloth(resolve_checkpoint(base_dir), setup, fcfg, family)
         peft_config = None  # already applied by unsloth
@@ -324,7 +318,7 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         peft_config = lora_config(fcfg, family)
     t = fcfg.trainer
     args = SFTConfig(
-        output_dir=str(ckpt_dir),
+        output_dir=str(run.dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -349,7 +343,8 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         data_seed=fcfg.seed,
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(
+    trainer = sft_trainer(
+        cuda=setup["cuda"],
         model=model,
         args=args,
         train_dataset=train,
@@ -367,12 +362,13 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
             raise ValueError(f"LoRA reached outside the language model: {stray[:3]}")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
-    result = trainer.train(resume_from_checkpoint=resume)
+    record = train_or_reuse(trainer, run)
     if not trainer.is_world_process_zero():
         # `accelerate launch --num_processes N`: every process trains (gradients are
         # all-reduced), the first one alone writes the folders and metrics.
         return {"family": family_name, "process": trainer.args.process_index}
 
+    clear_call_state(processor)
     adapter_dir = reset_dir(cfg.paths.models / family_name / "adapter")
     trainer.model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
@@ -384,11 +380,7 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     processor.save_pretrained(merged_dir)
     atomic_write_text(merged_dir / CONFIG_FILE, dump_config(fcfg))
 
-    curve = [
-        {"step": int(h["step"]), "loss": round(float(h["loss"]), 4)}
-        for h in trainer.state.log_history
-        if "loss" in h
-    ]
+    curve = record["curve"]
     metrics_dir = cfg.paths.metrics / "vlm"
     atomic_write_text(
         metrics_dir / f"loss_{family_name}.csv",
@@ -396,13 +388,13 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     )
     summary = {
         "family": family_name,
-        "steps": int(trainer.state.global_step),
-        "resumed_from": None if resume is None else Path(resume).name,
+        "steps": record["steps"],
+        "resumed_from": record["resumed_from"],
         "train_rows": len(train),
         "processes": trainer.args.world_size,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "train_loss": round(float(result.training_loss), 4),
+        "train_loss": record["train_loss"],
         "first_loss": curve[0]["loss"] if curve else None,
         "last_loss": curve[-1]["loss"] if curve else None,
         **{k: v for k, v in setup.items() if k != "cuda"},
@@ -465,7 +457,7 @@ def write_training_card(
             (
                 "Scores",
                 "Test-split scores against the base are written by evaluate_vlm and "
-                f"recorded, with this lineage, in the family card `../README.md` and in MLflow.",
+                "recorded, with this lineage, in the family card `../README.md` and in MLflow.",
             ),
         ],
     )

@@ -1,0 +1,136 @@
+"""Training runs kept under ``paths.cache``: resumed when killed, reused when finished.
+
+A training stage keeps its checkpoints in a folder named by its run key (base weights,
+data, params and the training code). DVC re-runs the stage whenever any dependency
+changes, including ones that do not touch training (a model-card template, say):
+
+- a run killed mid-way resumes from its last checkpoint;
+- a run that finished left ``finished.json`` beside its final checkpoint. Its weights and
+  its record (steps, losses, where it resumed from) are taken as they are, so the stage
+  writes the same model and metrics without training again. Resuming from that final
+  checkpoint instead would not be a no-op: the Trainer takes one step past ``max_steps``
+  and the weights change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from semilens.io import read_json, write_json
+
+FINISHED = "finished.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path
+    max_steps: int
+    checkpoint: str | None  # the newest checkpoint, if any
+    finished: dict[str, Any] | None  # the record a finished run left
+
+    @property
+    def resume_from(self) -> str | None:
+        return None if self.finished is not None else self.checkpoint
+
+
+def checkpoint_step(checkpoint: str) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def open_run(ckpt_dir: Path, max_steps: int) -> Run:
+    """What ``ckpt_dir`` holds: nothing, a checkpoint to resume, or a finished run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    record_file = ckpt_dir / FINISHED
+    finished = None
+    if last is not None and record_file.is_file() and checkpoint_step(last) >= max_steps:
+        record = read_json(record_file)
+        # the record must belong to this checkpoint; a stray one (its run cut short
+        # before the record was rewritten) is ignored and the run resumed instead
+        if record.get("checkpoint") == Path(last).name:
+            finished = record
+    return Run(ckpt_dir, max_steps, last, finished)
+
+
+def loss_curve(trainer: Any) -> list[dict[str, Any]]:
+    return [
+        {"step": int(h["step"]), "loss": round(float(h["loss"]), 4)}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+
+
+def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
+    """Train (resuming if a checkpoint is there) or load a finished run's final weights.
+
+    Returns the run's record: ``steps``, ``train_loss``, ``resumed_from``, ``curve`` (the
+    logged losses) and ``reused`` (whether this call trained at all).
+    """
+    if run.finished is not None:
+        from transformers.trainer_utils import align_special_tokens
+
+        # What train() does to the model before its first step, and a reuse does too: the
+        # config takes the tokenizer's special tokens (EOS, PAD), which the saved config
+        # and generation config carry.
+        if trainer.processing_class is not None and hasattr(trainer.model, "config"):
+            align_special_tokens(trainer.model, trainer.processing_class)
+        # the Trainer's own checkpoint loader: adapters for PEFT models, the full state
+        # dict otherwise, exactly as a resume would load them
+        trainer._load_from_checkpoint(str(run.dir / run.finished["checkpoint"]))
+        return {**run.finished, "reused": True}
+    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    record = {
+        "steps": int(trainer.state.global_step),
+        "train_loss": round(float(result.training_loss), 4),
+        "resumed_from": None if run.checkpoint is None else Path(run.checkpoint).name,
+        "curve": loss_curve(trainer),
+        "checkpoint": f"checkpoint-{int(trainer.state.global_step)}",
+    }
+    final = run.dir / record["checkpoint"]
+    if trainer.is_world_process_zero() and final.is_dir():
+        write_json(run.dir / FINISHED, record)
+    return {**record, "reused": False}
+
+
+def clear_call_state(processing_class: Any) -> Any:
+    """The tokenizer without the padding and truncation its last call left set.
+
+    A fast tokenizer keeps the padding and truncation of its last batch call, and
+    ``save_pretrained`` writes them into ``tokenizer.json``: a folder saved after training
+    would carry the collator's last settings (and a reused run, which collates nothing,
+    would not). Cleared before saving, every save of the same model is the same file.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_padding()
+        backend.no_truncation()
+    return processing_class
+
+
+def sft_trainer(*, cuda: bool, **kwargs: Any) -> Any:
+    """TRL's ``SFTTrainer``; on the CPU with the loss computed by the model itself.
+
+    TRL computes the loss through its fused LM-head kernel (chunked log-probs, plus token
+    entropy and accuracy for its logs). On a GPU with a real vocabulary that keeps the
+    full logits out of memory, and it stays. On the CPU, with the tiny presets, the kernel
+    costs more than it saves: 30 SFT steps of the text preset took 26.0 s with it and
+    15.0 s with the model's own cross-entropy, the VLM preset 27.3 s and 22.1 s (2
+    threads), with the same losses to three decimals. The answer-only labels and
+    ``num_items_in_batch`` (gradient accumulation) are honoured the same way; only TRL's
+    entropy and token-accuracy log entries are gone.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if cuda:
+        return SFTTrainer(**kwargs)
+
+    class ModelLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    return ModelLossSFTTrainer(**kwargs)
