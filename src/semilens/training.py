@@ -8,8 +8,8 @@ changes, including ones that do not touch training (a model-card template, say):
 - a run that finished left ``finished.json`` beside its final checkpoint. Its weights and
   its record (steps, losses, where it resumed from) are taken as they are, so the stage
   writes the same model and metrics without training again. Resuming from that final
-  checkpoint instead would not be a no-op: the Trainer takes one step past ``max_steps``
-  and the weights change.
+  checkpoint instead would not be a no-op: where ``max_steps`` ends mid-epoch the Trainer
+  takes one step past it and the weights change.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ FINISHED = "finished.json"
 @dataclass(frozen=True)
 class Run:
     dir: Path
-    max_steps: int
     checkpoint: str | None  # the newest checkpoint, if any
     finished: dict[str, Any] | None  # the record a finished run left
 
@@ -52,7 +51,7 @@ def open_run(ckpt_dir: Path, max_steps: int) -> Run:
         # before the record was rewritten) is ignored and the run resumed instead
         if record.get("checkpoint") == Path(last).name:
             finished = record
-    return Run(ckpt_dir, max_steps, last, finished)
+    return Run(ckpt_dir, last, finished)
 
 
 def loss_curve(trainer: Any) -> list[dict[str, Any]]:
@@ -67,7 +66,7 @@ def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
     """Train (resuming if a checkpoint is there) or load a finished run's final weights.
 
     Returns the run's record: ``steps``, ``train_loss``, ``resumed_from``, ``curve`` (the
-    logged losses) and ``reused`` (whether this call trained at all).
+    logged losses) and ``checkpoint`` (the final one).
     """
     if run.finished is not None:
         from transformers.trainer_utils import align_special_tokens
@@ -80,7 +79,7 @@ def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
         # the Trainer's own checkpoint loader: adapters for PEFT models, the full state
         # dict otherwise, exactly as a resume would load them
         trainer._load_from_checkpoint(str(run.dir / run.finished["checkpoint"]))
-        return {**run.finished, "reused": True}
+        return run.finished
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     record = {
         "steps": int(trainer.state.global_step),
@@ -92,7 +91,7 @@ def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
     final = run.dir / record["checkpoint"]
     if trainer.is_world_process_zero() and final.is_dir():
         write_json(run.dir / FINISHED, record)
-    return {**record, "reused": False}
+    return record
 
 
 def clear_call_state(processing_class: Any) -> Any:
