@@ -18,7 +18,7 @@ from semilens.io import read_json, read_jsonl
 from semilens.llm.evaluate import DIFFICULTIES, MODELS, evaluate_llm, final_quantity, math_correct
 from semilens.llm.judge import CRITERIA
 from semilens.llm.prepare import prepare_llm
-from semilens.llm.pretrain import pack, pretrain_llm, split_corpus
+from semilens.llm.pretrain import LLAMA_TARGETS, pack, pretrain_llm, split_corpus
 from semilens.llm.quantize import quantize_llm
 from semilens.llm.sft import sft_llm
 from semilens.text.clean import clean_markdown
@@ -27,6 +27,7 @@ from semilens.text.etch_math import problems
 from semilens.text.extract import extract_pdfs
 from semilens.text.instruct import synth_instructions
 from semilens.text.tag import tag_ontology
+from semilens.training import LOAD_OPTIONS
 
 
 def test_the_maths_answer_of_every_reference_response_is_read_back():
@@ -145,6 +146,32 @@ def test_sft_writes_an_adapter_and_a_merged_model(llm_run):
     model = PeftModel.from_pretrained(base, models / "adapter")
     assert any("lora_" in n for n, _ in model.named_parameters())
     assert AutoModelForCausalLM.from_pretrained(models / "sft").config.model_type == "llama"
+
+
+@pytest.mark.e2e
+def test_saved_folders_are_the_same_in_any_environment(llm_run):
+    """Nothing of how a model was loaded, or of the process that saved it, is written.
+
+    The tests run with HF_HUB_OFFLINE=1 (as `make run` does), which a loaded tokenizer
+    keeps as `local_files_only: true` among its init kwargs; PEFT saves a list of target
+    modules in set order, which changes per process. Either would give the same model a
+    different DVC hash on another machine.
+    """
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    cfg, *_ = llm_run
+    models = Path(cfg.paths.models) / "llm"
+    for name in ("pretrained", "adapter", "sft", "gptq"):
+        saved = read_json(models / name / "tokenizer_config.json")
+        assert not set(saved) & set(LOAD_OPTIONS), name
+    pattern = read_json(models / "adapter" / "adapter_config.json")["target_modules"]
+    assert isinstance(pattern, str)
+    # the pattern reaches exactly the modules the names would
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(models / "base").named_modules()]
+    by_pattern = [n for n in names if re.fullmatch(pattern, n)]
+    assert by_pattern and by_pattern == [n for n in names if n.rsplit(".", 1)[-1] in LLAMA_TARGETS]
 
 
 @pytest.mark.e2e

@@ -94,19 +94,46 @@ def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
     return record
 
 
-def clear_call_state(processing_class: Any) -> Any:
-    """The tokenizer without the padding and truncation its last call left set.
+def lora_target_pattern(targets: str | list[str]) -> str:
+    """LoRA target modules as one regex, which PEFT saves as it is.
 
-    A fast tokenizer keeps the padding and truncation of its last batch call, and
-    ``save_pretrained`` writes them into ``tokenizer.json``: a folder saved after training
-    would carry the collator's last settings (and a reused run, which collates nothing,
-    would not). Cleared before saving, every save of the same model is the same file.
+    PEFT keeps a list of module names as a set and saves it in set order, which changes
+    from process to process (string hashes are salted), so the same adapter would get a
+    different ``adapter_config.json`` each run. The regex matches what the names match:
+    a module called that, or ending in ``.`` and that name.
+    """
+    if isinstance(targets, str):
+        return targets
+    import re
+
+    return r"(.*\.)?(" + "|".join(re.escape(t) for t in targets) + ")"
+
+
+# Options of the from_pretrained call that loaded a tokenizer, which it keeps among its init
+# kwargs and save_pretrained writes back into tokenizer_config.json. `local_files_only`
+# follows HF_HUB_OFFLINE (set by `make run`, unset in a user's shell): left in, the same
+# model saved in two environments gives two different folders and DVC hashes.
+LOAD_OPTIONS = ("local_files_only", "is_local", "_is_local", "_commit_hash", "cache_dir", "token", "revision", "force_download", "proxies", "subfolder")
+
+
+def clear_runtime_state(processing_class: Any) -> Any:
+    """The tokenizer without the state of how it was loaded and how it was last called.
+
+    Besides the load options above, a fast tokenizer keeps the padding and truncation of
+    its last batch call, and ``save_pretrained`` writes them into ``tokenizer.json``: a
+    folder saved after training would carry the collator's last settings (and a reused
+    run, which collates nothing, would not). Cleared before saving, every save of the same
+    model is the same file wherever it is made.
     """
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         backend.no_padding()
         backend.no_truncation()
+    init_kwargs = getattr(tokenizer, "init_kwargs", None)
+    if isinstance(init_kwargs, dict):
+        for key in LOAD_OPTIONS:
+            init_kwargs.pop(key, None)
     return processing_class
 
 

@@ -43,7 +43,15 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int) -> Any:
+def build_tokenizer(
+    vocab_size: int,
+    corpus: list[str] | None = None,
+    extra_special: tuple[str, ...] = (),
+    chat_template: str = LLAMA3_CHAT_TEMPLATE,
+) -> Any:
+    """A Llama-3 style tokenizer: byte-level BPE learned on ``corpus`` (general English by
+    default), then Llama-3's special tokens and ``extra_special`` (e.g. Llama-3.2-Vision's
+    ``<|image|>``), in that order, after the learned vocabulary."""
     from transformers import PreTrainedTokenizerFast
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -51,9 +59,10 @@ def build_tokenizer(vocab_size: int) -> Any:
 
     from semilens.vlm.tokenizer import QWEN2_PRETOKENIZE
 
-    vocab, merges = train_bpe(general_corpus(), vocab_size)
+    special = SPECIAL_TOKENS + list(extra_special)
+    vocab, merges = train_bpe(general_corpus() if corpus is None else corpus, vocab_size)
     n = len(vocab)
-    for i, token in enumerate(SPECIAL_TOKENS):
+    for i, token in enumerate(special):
         vocab[token] = n + i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -63,7 +72,7 @@ def build_tokenizer(vocab_size: int) -> Any:
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(special)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
@@ -71,7 +80,7 @@ def build_tokenizer(vocab_size: int) -> Any:
         pad_token="<|finetune_right_pad_id|>",
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
-        chat_template=LLAMA3_CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from semilens.config import Config, PretrainLLMConfig, dump_config
 from semilens.io import atomic_write_text, hash_json, read_jsonl, reset_dir, sha256_file, write_json
-from semilens.training import open_run, train_or_reuse
+from semilens.training import clear_runtime_state, lora_target_pattern, open_run, train_or_reuse
 from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
 
 STAGE = "pretrain_llm"
@@ -101,7 +101,7 @@ def lora_config(lora: Any) -> Any:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules or LLAMA_TARGETS,
+        target_modules=lora_target_pattern(lora.target_modules or LLAMA_TARGETS),
         modules_to_save=list(lora.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
@@ -196,7 +196,7 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
 
     out = reset_dir(Path(cfg.paths.models) / "llm" / "pretrained")
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    clear_runtime_state(tokenizer).save_pretrained(out)
     atomic_write_text(out / CONFIG_FILE, dump_config(pcfg))
     metrics_dir = Path(cfg.paths.metrics) / "llm"
     atomic_write_text(metrics_dir / "pretrain_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve))

@@ -26,6 +26,7 @@ from typing import Any
 from semilens.config import Config, QuantizeLLMConfig, dump_config
 from semilens.io import atomic_write_text, read_jsonl, reset_dir, write_json
 from semilens.llm.pretrain import load_causal, pack, perplexity, split_corpus
+from semilens.training import clear_runtime_state
 from semilens.vlm.prepare import CONFIG_FILE
 
 STAGE = "quantize_llm"
@@ -121,7 +122,7 @@ def quantize_llm(cfg: Config) -> dict[str, Any]:
     oneshot(model=model, dataset=calib_ds, recipe=recipe(qcfg), max_seq_length=qcfg.max_seq_length, num_calibration_samples=len(calib))
     out = reset_dir(Path(cfg.paths.models) / "llm" / "gptq")
     model.save_pretrained(out, save_compressed=True)
-    tokenizer.save_pretrained(out)
+    clear_runtime_state(tokenizer).save_pretrained(out)
     atomic_write_text(out / CONFIG_FILE, dump_config(qcfg))
 
     # Everything below reads the saved folder back, as a user would.

@@ -19,7 +19,7 @@ from typing import Any
 from semilens.config import Config, dump_config
 from semilens.io import atomic_write_text, reset_dir, sha256_file, write_json
 from semilens.llm.pretrain import lora_config, model_metrics, run_key, trainer_kwargs, weights_digest
-from semilens.training import clear_call_state, open_run, sft_trainer, train_or_reuse
+from semilens.training import clear_runtime_state, open_run, sft_trainer, train_or_reuse
 from semilens.vlm.prepare import CONFIG_FILE
 
 STAGE = "sft_llm"
@@ -78,7 +78,7 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     record = train_or_reuse(trainer, open_run(ckpt_dir, scfg.max_steps))
 
     models = Path(cfg.paths.models) / "llm"
-    clear_call_state(tokenizer)
+    clear_runtime_state(tokenizer)
     adapter = reset_dir(models / "adapter")
     trainer.model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)

@@ -26,7 +26,7 @@ from semilens.config import Config, FinetuneVLMConfig, TrainerSection, dump_conf
 from semilens.images.split import CAPTION_PROMPTS
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
 from semilens.lineage import dvc_md5
-from semilens.training import clear_call_state, open_run, sft_trainer, train_or_reuse
+from semilens.training import clear_runtime_state, lora_target_pattern, open_run, sft_trainer, train_or_reuse
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.labels import assistant_labels, check_image_tokens
 from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
@@ -214,7 +214,7 @@ def lora_config(fcfg: FinetuneVLMConfig, family: Family):
         lora_dropout=fcfg.lora.dropout,
         bias="none",
         task_type="CAUSAL_LM",
-        target_modules=targets,
+        target_modules=lora_target_pattern(targets),
         modules_to_save=list(fcfg.lora.modules_to_save) or None,
     )
 
@@ -368,7 +368,7 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         # all-reduced), the first one alone writes the folders and metrics.
         return {"family": family_name, "process": trainer.args.process_index}
 
-    clear_call_state(processor)
+    clear_runtime_state(processor)
     adapter_dir = reset_dir(cfg.paths.models / family_name / "adapter")
     trainer.model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
