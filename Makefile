@@ -49,7 +49,10 @@ $(STAMP): pyproject.toml requirements-gptq.txt
 	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz, compressed_tensors, llmcompressor.modifiers.gptq'
 	touch $(STAMP)
 
+# The first VLM family goes to a registered model before the next family trains (dvc
+# repro alone runs each stage for every family before the next stage); then the rest.
 run: setup
+	dvc repro register_models@qwen2_5_vl
 	dvc repro
 	dvc status
 

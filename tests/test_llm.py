@@ -52,9 +52,9 @@ def test_maths_scoring_converts_units_and_refuses_wrong_ones():
 
 
 def test_packing_makes_full_blocks_with_document_boundaries():
-    from semilens.llm.prepare import build_tokenizer
+    from semilens.vlm.tokenizer import llama3_tokenizer
 
-    tok = build_tokenizer(400)
+    tok = llama3_tokenizer(400)
     blocks = pack(["first document " * 20, "second one " * 30], tok, block_size=16)
     assert blocks and all(len(b) == 16 for b in blocks)
     flat = [t for b in blocks for t in b]

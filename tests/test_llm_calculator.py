@@ -79,9 +79,9 @@ class _Scripted:
 
 
 def test_the_decoding_loop_writes_the_value_after_each_equals_and_continues():
-    from semilens.llm.prepare import build_tokenizer
+    from semilens.vlm.tokenizer import llama3_tokenizer
 
-    tok = build_tokenizer(400)
+    tok = llama3_tokenizer(400)
     model = _Scripted(tok, ["Selectivity = ER_film / ER_mask =", " 630 / 214 =", " :1."])
     answer = generate_with_calculator(model, tok, "Q: ", max_new_tokens=64)
     assert answer == "Selectivity = ER_film / ER_mask = 630 / 214 = 2.94 :1."

@@ -143,10 +143,15 @@ def test_repro_builds_everything_then_is_clean(built):
     assert sum(s["images"] for s in sizes.values()) > 0
     for split in ("train", "val", "test"):
         assert (repo / f"data/processed/vqa/{split}.parquet").is_file()
-    assert (repo / "models/qwen2_5_vl/base/model.safetensors").is_file()
-    assert (repo / "models/qwen2_5_vl/adapter/adapter_model.safetensors").is_file()
-    report = read_json(repo / "metrics/vlm/qwen2_5_vl.json")
-    assert report["n_test_rows"] == sizes["test"]["rows"]
+    families = list(params["prepare_vlm"]["bases"])
+    assert families == ["qwen2_5_vl", "mllama"]
+    for family in families:
+        assert (repo / f"models/{family}/base/model.safetensors").is_file()
+        assert (repo / f"models/{family}/adapter/adapter_model.safetensors").is_file()
+        report = read_json(repo / f"metrics/vlm/{family}.json")
+        assert report["n_test_rows"] == sizes["test"]["rows"]
+    compare = read_json(repo / "metrics/vlm/compare.json")
+    assert compare["families"] == families and set(compare["margins"]) == set(families)
     # text path: PDFs -> pages -> Markdown -> tags -> instructions
     assert len(list(read_jsonl(repo / "data/interim/pages/pages.jsonl"))) >= 2
     assert read_json(repo / "metrics/clean.json")["similarity_min"] >= 0.97
@@ -236,7 +241,7 @@ def test_clean_rerun_is_byte_identical(built):
     assert _outs(repo) == before
 
 
-def test_lora_variant_reruns_only_finetune_evaluate_register_and_report(built):
+def test_lora_variant_reruns_only_finetune_evaluate_register_compare_and_report(built):
     """Leaves the workspace on the variant; the tests after it reproduce only per-item stages."""
     repo = built
     dvc("repro", cwd=repo)  # a no-op in file order; makes this test stand alone
@@ -244,8 +249,10 @@ def test_lora_variant_reruns_only_finetune_evaluate_register_and_report(built):
     sh(["git", "commit", "-qm", "baseline"], repo)
     out = dvc("exp", "run", "-S", "finetune_vlm.lora.r=4", "-n", "rank4", cwd=repo)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    # and the report, which shows every evaluation; nothing upstream, nothing of the text path
-    assert ran == {"finetune_vlm@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "register_models@qwen2_5_vl", "report"}, out
+    # for every family, then the comparison and the report, which show every evaluation;
+    # nothing upstream, nothing of the text path
+    per_family = {f"{stage}@{f}" for stage in ("finetune_vlm", "evaluate_vlm", "register_models") for f in ("qwen2_5_vl", "mllama")}
+    assert ran == per_family | {"compare_vlm", "report"}, out
     shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, stdout_only=True))
     ranks = {}
     for commit in shown:
@@ -350,11 +357,14 @@ def test_verify_names_an_edited_raw_image_and_everything_downstream(built):
         kinds = {(f["kind"], f["path"]) for f in report["findings"]}
         assert ("changed-file", "data/raw/images/particles/raw_particles.png") in kinds
         assert ("changed-input", "data/raw/images") in kinds
-        assert report["stale_stages"] == [
-            "ingest_images", "measure_images", "annotate_images", "split_dataset",
-            "finetune_vlm@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "register_models@qwen2_5_vl", "report",
-        ]
-        assert [m["name"] for m in report["affected_models"]] == ["semilens-qwen2_5_vl"]
+        stale = report["stale_stages"]
+        # the data stages in pipeline order, then every family's model stages (the bases
+        # do not read the data), the comparison and the report
+        assert stale[:4] == ["ingest_images", "measure_images", "annotate_images", "split_dataset"]
+        assert set(stale[4:]) == {
+            f"{stage}@{f}" for stage in ("finetune_vlm", "evaluate_vlm", "register_models") for f in ("qwen2_5_vl", "mllama")
+        } | {"compare_vlm", "report"}
+        assert sorted(m["name"] for m in report["affected_models"]) == ["semilens-mllama", "semilens-qwen2_5_vl"]
         text = semilens_cli("verify", cwd=repo).stdout
         assert "raw_particles.png" in text and "models:/semilens-qwen2_5_vl/" in text
     finally:

@@ -33,7 +33,8 @@ def _png(seed: int) -> bytes:
 def _outputs(root: Path) -> Config:
     """Every file the report reads, tiny: one VLM family, the text model, the datasets."""
     paths = {k: root / v for k, v in Config().paths.model_dump().items()}
-    cfg = Config(paths=paths, report={"max_images": 2})
+    # one family evaluated: the report covers what is there
+    cfg = Config(paths=paths, report={"max_images": 2}, prepare_vlm={"bases": {"qwen2_5_vl": "tiny"}})
     m = cfg.paths.metrics
     scores = {"vqa_accuracy": 0.5, "vqa_macro_accuracy": 0.5, "class_accuracy": 1.0, "caption_rouge_l": 0.4,
               "caption_bleu": 20.0, "caption_bertscore_f1": 0.8, "n_vqa": 4, "n_captions": 2,
@@ -78,10 +79,16 @@ def _outputs(root: Path) -> Config:
 
 
 def test_report_shows_models_images_and_quarantine_and_renders_in_chromium(tmp_path):
+    from semilens.vlm.compare import compare_vlm
+
     cfg = _outputs(tmp_path)
+    compare_vlm(cfg)
     summary = build_report(cfg)
     page = (tmp_path / "reports/index.html").read_text()
     assert summary["images_shown"] == {"qwen2_5_vl": 2}
+    # the families side by side, each margin over the base marked: VQA 0.5 holds, ROUGE-L (0.4 both) gained nothing
+    assert "Families side by side" in page
+    assert '<span class="ok">✓</span> vqa_at_least_0.5' in page and '<span class="bad">✗</span> rouge_l_gain_at_least_0.2' in page
     # two test images (one per class first), the VQA per-type chart, both loss plots
     assert summary["embedded_images"] == page.count("<img ") == 2 + 3
     assert "particles" in page and "img-a" in page and "img-c" not in page  # round-robin: a (particles), b (lines)

@@ -251,7 +251,7 @@ class PrepareVLMConfig(Section):
     threads: int = Field(
         1, ge=1, description="torch CPU threads; params.yaml gives the pipeline 2 (stages run one at a time)"
     )
-    bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny"})
+    bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny", "mllama": "tiny"})
     tiny: TinyVLMConfig = TinyVLMConfig()
     pretrain: VLMPretrainConfig = VLMPretrainConfig()
 
@@ -315,6 +315,15 @@ class FinetuneVLMConfig(Section):
     )
     lora: LoraConfigSection = LoraConfigSection()
     trainer: TrainerSection = TrainerSection()
+
+
+class CompareVLMConfig(Section):
+    """The margins every family's fine-tune must clear over its base (compare_vlm)."""
+
+    min_vqa_ratio: float = Field(2.0, gt=0, description="fine-tuned VQA accuracy at least this times the base's")
+    min_vqa: float = Field(0.5, ge=0, le=1, description="and at least this")
+    min_rouge_gain: float = Field(0.2, description="caption ROUGE-L at least this much higher")
+    min_class: float = Field(0.8, ge=0, le=1, description="morphology-class accuracy at least this")
 
 
 class RegisterModelsConfig(Section):
@@ -527,6 +536,7 @@ class Config(Section):
     split_dataset: SplitDatasetConfig = SplitDatasetConfig()
     prepare_vlm: PrepareVLMConfig = PrepareVLMConfig()
     finetune_vlm: FinetuneVLMConfig = FinetuneVLMConfig()
+    compare_vlm: CompareVLMConfig = CompareVLMConfig()
     register_models: RegisterModelsConfig = RegisterModelsConfig()
     synth_corpus: SynthCorpusConfig = SynthCorpusConfig()
     extract_pdfs: ExtractPdfsConfig = ExtractPdfsConfig()

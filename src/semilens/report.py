@@ -191,6 +191,24 @@ def vlm_section(cfg: Config, family: str) -> str:
     )
 
 
+def compare_section(cfg: Config) -> str:
+    """The families side by side (compare_vlm): fine-tuned scores and the margins over each base."""
+    path = Path(cfg.paths.metrics) / "vlm" / "compare.json"
+    if not path.is_file():
+        return ""
+    comp = read_json(path)
+    keys = ["vqa_accuracy", "class_accuracy", "caption_rouge_l", "caption_bertscore_f1"]
+    rows = []
+    for family in comp["families"]:
+        metrics = comp["metrics"].get(family, {})
+        margins = comp["margins"].get(family, {})
+        row: dict[str, Any] = {"family": family}
+        row.update({k: metrics.get(k, {}).get("finetuned") for k in keys})
+        row["margins"] = Markup(" ".join(f"{mark(ok)} {esc(name)}" for name, ok in margins.items() if name != "all"))
+        rows.append(row)
+    return "<h3>Families side by side (fine-tuned)</h3>" + table(rows, ["family", *keys, "margins"])
+
+
 def _pick_images(by_image: Mapping[str, list[dict[str, Any]]], labels: Mapping[str, str], limit: int) -> list[str]:
     """Round-robin over classes (sorted image ids within each), so every class shows."""
     per_label: dict[str, list[str]] = defaultdict(list)
@@ -395,7 +413,7 @@ def build_report(cfg: Config) -> dict[str, Any]:
         for key in ("heldout_perplexity", "rouge_l"):
             vals = {m: _weighted(rs, key) for m, rs in by_model.items()}
             summary_rows.append({"model": "text", "metric": key, "base": vals.get("base"), "fine-tuned": vals.get("sft")})
-    vlm_html = "".join(vlm_section(cfg, f) for f in families)
+    vlm_html = compare_section(cfg) + "".join(vlm_section(cfg, f) for f in families)
     grids, grid_counts = [], {}
     for family in families:
         grid, counts = image_grid(cfg, family)

@@ -20,75 +20,13 @@ from semilens.cards import table, write_card
 from semilens.config import Config, TinyLLMConfig, dump_config
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
 from semilens.vlm.prepare import CONFIG_FILE, SOURCE_FILE
-from semilens.vlm.tokenizer import general_corpus, train_bpe
-
-# Llama-3's special tokens, appended after the learned vocabulary as in the real model.
-SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<|finetune_right_pad_id|>",
-]
-
-# Meta-Llama-3-8B-Instruct's chat template (it has no system-prompt default and no tools).
-LLAMA3_CHAT_TEMPLATE = (
-    "{% set loop_messages = messages %}{% for message in loop_messages %}"
-    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    "+ message['content'] | trim + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
-    "{{ content }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-
-def build_tokenizer(
-    vocab_size: int,
-    corpus: list[str] | None = None,
-    extra_special: tuple[str, ...] = (),
-    chat_template: str = LLAMA3_CHAT_TEMPLATE,
-) -> Any:
-    """A Llama-3 style tokenizer: byte-level BPE learned on ``corpus`` (general English by
-    default), then Llama-3's special tokens and ``extra_special`` (e.g. Llama-3.2-Vision's
-    ``<|image|>``), in that order, after the learned vocabulary."""
-    from transformers import PreTrainedTokenizerFast
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import Regex
-
-    from semilens.vlm.tokenizer import QWEN2_PRETOKENIZE
-
-    special = SPECIAL_TOKENS + list(extra_special)
-    vocab, merges = train_bpe(general_corpus() if corpus is None else corpus, vocab_size)
-    n = len(vocab)
-    for i, token in enumerate(special):
-        vocab[token] = n + i
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(special)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",  # what an instruct Llama-3 stops on
-        pad_token="<|finetune_right_pad_id|>",
-        model_max_length=4096,
-        clean_up_tokenization_spaces=False,
-        chat_template=chat_template,
-    )
-
+from semilens.vlm.tokenizer import llama3_tokenizer
 
 def build_tiny(tiny: TinyLLMConfig, seed: int) -> tuple[Any, Any]:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(tiny.vocab_size)
+    tokenizer = llama3_tokenizer(tiny.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=tiny.hidden_size,

@@ -134,7 +134,6 @@ def make_collator(processor: Any, family: Family, max_length: int, augment_seed:
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     markers = family.turn_markers(processor)
-    merge = processor.image_processor.merge_size
     draw = None if augment_seed is None else random.Random(augment_seed)
 
     class AnswerOnlyCollator(DataCollatorForVisionLanguageModeling):
@@ -144,8 +143,8 @@ def make_collator(processor: Any, family: Family, max_length: int, augment_seed:
             n_turns = [sum(m["role"] == "assistant" for m in ex["messages"]) for ex in examples]
             batch = super().torch_call(examples)
             ids = batch["input_ids"]
-            expected = int(batch["image_grid_thw"].prod(-1).sum()) // merge**2
-            check_image_tokens(ids, processor.image_token_id, expected)
+            n_images = sum(len(ex["images"]) for ex in examples)
+            check_image_tokens(ids, processor.image_token_id, family.image_tokens(processor, batch, n_images))
             batch["labels"] = labels = assistant_labels(ids, batch["attention_mask"], **markers)
             # Every answer must end inside the sequence: its closing token is supervised.
             closed = (labels == markers["end_id"]).sum(-1)

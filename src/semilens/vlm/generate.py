@@ -27,7 +27,10 @@ def greedy_answers(
                 processor.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                 for p in prompts[k : k + batch_size]
             ]
-            inputs = processor(text=texts, images=images[k : k + batch_size], padding=True, return_tensors="pt")
+            # the template wrote every special token; the tokenizer must not add a second BOS
+            inputs = processor(
+                text=texts, images=images[k : k + batch_size], padding=True, return_tensors="pt", add_special_tokens=False
+            )
             inputs = inputs.to(model.device)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -60,12 +60,13 @@ def validate_real_base(path: Path, family: Family) -> dict[str, Any]:
     }
 
 
-def _batch(samples: list[generic_task.Sample], processor: Any, markers: dict[str, Any], image_token_id: int, merge: int) -> dict:
+def _batch(samples: list[generic_task.Sample], processor: Any, family: Family, markers: dict[str, Any]) -> dict:
     texts = [processor.apply_chat_template(generic_task.conversation(s), tokenize=False) for s in samples]
-    batch = processor(text=texts, images=[[s.image] for s in samples], padding=True, return_tensors="pt")
+    # The template already wrote every special token (Llama's <|begin_of_text|> among them);
+    # the tokenizer adding its own would double it.
+    batch = processor(text=texts, images=[[s.image] for s in samples], padding=True, return_tensors="pt", add_special_tokens=False)
     batch["labels"] = assistant_labels(batch["input_ids"], batch["attention_mask"], **markers)
-    expected = int(batch["image_grid_thw"].prod(-1).sum()) // merge**2
-    check_image_tokens(batch["input_ids"], image_token_id, expected)
+    check_image_tokens(batch["input_ids"], processor.image_token_id, family.image_tokens(processor, batch, len(samples)))
     return batch
 
 
@@ -94,7 +95,6 @@ def pretrain_generic(model: Any, processor: Any, family: Family, pcfg: PrepareVL
     torch.manual_seed(pcfg.seed)
     rnd = random.Random(pcfg.seed)
     markers = family.turn_markers(processor)
-    merge = processor.image_processor.merge_size
     opt = torch.optim.AdamW(model.parameters(), lr=pre.learning_rate, weight_decay=0.0)
     steps = pre.steps
 
@@ -112,7 +112,7 @@ def pretrain_generic(model: Any, processor: Any, family: Family, pcfg: PrepareVL
     start = time.perf_counter()
     for step in range(1, steps + 1):
         samples = [generic_task.any_sample(rnd, pre.image_size) for _ in range(pre.batch_size)]
-        batch = _batch(samples, processor, markers, model.config.image_token_id, merge)
+        batch = _batch(samples, processor, family, markers)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

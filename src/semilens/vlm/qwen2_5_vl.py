@@ -13,6 +13,7 @@ from typing import Any
 
 from semilens.vlm.tokenizer import train_bpe
 
+MODEL_TYPE = "qwen2_5_vl"  # config.json's model_type, and the family's name in params and dvc.yaml
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -169,3 +170,9 @@ def turn_markers(processor: Any) -> dict[str, Any]:
         "end_id": tok.convert_tokens_to_ids("<|im_end|>"),
         "trailing": tok.encode("\n", add_special_tokens=False),
     }
+
+
+def image_tokens(processor: Any, batch: Any, n_images: int) -> int:
+    """Image tokens a batch must hold: one per merge_size x merge_size group of patches."""
+    merge = processor.image_processor.merge_size
+    return int(batch["image_grid_thw"].prod(-1).sum()) // merge**2

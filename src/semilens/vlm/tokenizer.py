@@ -6,6 +6,9 @@ regex, the family's special tokens appended after the learned vocabulary. It is 
 a corpus of general English that ships with Python (standard-library docstrings) plus the
 phrasings of the generic pretraining task, so it knows common words but no microscopy in
 particular: the domain vocabulary arrives with the fine-tune, as it would for a real base.
+
+``llama3_tokenizer`` wraps such a BPE with Llama-3's special tokens and chat template: the
+text preset's tokenizer, and (with ``<|image|>`` added) the Llama-3.2-Vision preset's.
 """
 
 from __future__ import annotations
@@ -71,3 +74,63 @@ def train_bpe(corpus: Iterable[str], vocab_size: int) -> tuple[dict[str, int], l
     # tokenizers serialises merges as [a, b] lists; transformers wants tuples
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges_raw]
     return tok.get_vocab(), merges  # type: ignore[return-value]
+
+
+# Llama-3's special tokens, appended after the learned vocabulary as in the real model.
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+]
+
+# Meta-Llama-3-8B-Instruct's chat template (it has no system-prompt default and no tools).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+
+def llama3_tokenizer(
+    vocab_size: int,
+    corpus: list[str] | None = None,
+    extra_special: tuple[str, ...] = (),
+    chat_template: str = LLAMA3_CHAT_TEMPLATE,
+) -> Any:
+    """A Llama-3 style tokenizer: byte-level BPE learned on ``corpus`` (general English by
+    default), then Llama-3's special tokens and ``extra_special`` (e.g. Llama-3.2-Vision's
+    ``<|image|>``), in that order, after the learned vocabulary."""
+    from transformers import PreTrainedTokenizerFast
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex
+
+    special = LLAMA3_SPECIAL_TOKENS + list(extra_special)
+    vocab, merges = train_bpe(general_corpus() if corpus is None else corpus, vocab_size)
+    n = len(vocab)
+    for i, token in enumerate(special):
+        vocab[token] = n + i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|begin_of_text|>",
+        eos_token="<|eot_id|>",  # what an instruct Llama-3 stops on
+        pad_token="<|finetune_right_pad_id|>",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
+        chat_template=chat_template,
+    )
