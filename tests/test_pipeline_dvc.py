@@ -27,6 +27,7 @@ import yaml
 from PIL import Image
 
 from semilens.io import read_json, read_jsonl
+from semilens.vlm.families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -144,7 +145,7 @@ def test_repro_builds_everything_then_is_clean(built):
     for split in ("train", "val", "test"):
         assert (repo / f"data/processed/vqa/{split}.parquet").is_file()
     families = list(params["prepare_vlm"]["bases"])
-    assert families == ["qwen2_5_vl", "mllama"]
+    assert families == list(FAMILIES)
     for family in families:
         assert (repo / f"models/{family}/base/model.safetensors").is_file()
         assert (repo / f"models/{family}/adapter/adapter_model.safetensors").is_file()
@@ -251,7 +252,7 @@ def test_lora_variant_reruns_only_finetune_evaluate_register_compare_and_report(
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     # for every family, then the comparison and the report, which show every evaluation;
     # nothing upstream, nothing of the text path
-    per_family = {f"{stage}@{f}" for stage in ("finetune_vlm", "evaluate_vlm", "register_models") for f in ("qwen2_5_vl", "mllama")}
+    per_family = {f"{stage}@{f}" for stage in ("finetune_vlm", "evaluate_vlm", "register_models") for f in FAMILIES}
     assert ran == per_family | {"compare_vlm", "report"}, out
     shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, stdout_only=True))
     ranks = {}
@@ -362,9 +363,9 @@ def test_verify_names_an_edited_raw_image_and_everything_downstream(built):
         # do not read the data), the comparison and the report
         assert stale[:4] == ["ingest_images", "measure_images", "annotate_images", "split_dataset"]
         assert set(stale[4:]) == {
-            f"{stage}@{f}" for stage in ("finetune_vlm", "evaluate_vlm", "register_models") for f in ("qwen2_5_vl", "mllama")
+            f"{stage}@{f}" for stage in ("finetune_vlm", "evaluate_vlm", "register_models") for f in FAMILIES
         } | {"compare_vlm", "report"}
-        assert sorted(m["name"] for m in report["affected_models"]) == ["semilens-mllama", "semilens-qwen2_5_vl"]
+        assert sorted(m["name"] for m in report["affected_models"]) == sorted(f"semilens-{f}" for f in FAMILIES)
         text = semilens_cli("verify", cwd=repo).stdout
         assert "raw_particles.png" in text and "models:/semilens-qwen2_5_vl/" in text
     finally:

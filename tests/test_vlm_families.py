@@ -3,7 +3,8 @@
 Per family: the preset is the real architecture (Auto classes load it, ids agree);
 answer tokens alone carry the loss; no image token is ever cut (a max_length that would
 cut one is refused); prepare -> fine-tune -> evaluate runs and writes what it should.
-The Qwen2.5-VL specifics are tested in test_vlm_prepare / test_vlm_finetune.
+The Qwen2.5-VL specifics are tested in test_vlm_prepare / test_vlm_finetune, PaliGemma's
+prefix and suffix in test_vlm_paligemma.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from semilens.vlm.finetune import finetune_vlm, make_collator
 from semilens.vlm.labels import IGNORE
 from semilens.vlm.prepare import prepare_vlm
 
-# what each family's chat template closes an assistant turn with
-TURN_END = {"qwen2_5_vl": "<|im_end|>\n", "mllama": "<|eot_id|>"}
-MODEL_CLASS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "mllama": "MllamaForConditionalGeneration"}
+# what closes an answer: each chat template's turn end, PaliGemma's <eos>
+TURN_END = {"qwen2_5_vl": "<|im_end|>\n", "mllama": "<|eot_id|>", "paligemma": "<eos>"}
+MODEL_CLASS = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "mllama": "MllamaForConditionalGeneration",
+    "paligemma": "PaliGemmaForConditionalGeneration",
+}
 
 
 def test_every_family_is_covered_here():

@@ -18,7 +18,7 @@ from semilens.config import Config, PathsConfig, PrepareVLMConfig, TinyVLMConfig
 from semilens.io import read_json
 from semilens.vlm import generic_task
 from semilens.vlm.families import get_family
-from semilens.vlm.labels import IGNORE, assistant_labels, check_image_tokens
+from semilens.vlm.labels import IGNORE, check_image_tokens
 from semilens.vlm.prepare import SOURCE_FILE, prepare_vlm, resolve_checkpoint, validate_real_base
 
 FAMILY = "qwen2_5_vl"
@@ -84,11 +84,10 @@ def test_only_answer_tokens_carry_the_loss(tiny):
 
     _, _, folder = tiny
     processor = AutoProcessor.from_pretrained(folder)
-    markers = get_family(FAMILY).turn_markers(processor)
     samples = [generic_task.sample(random.Random(i)) for i in range(3)]
-    texts = [processor.apply_chat_template(generic_task.conversation(s), tokenize=False) for s in samples]
-    batch = processor(text=texts, images=[[s.image] for s in samples], padding=True, return_tensors="pt")
-    labels = assistant_labels(batch["input_ids"], batch["attention_mask"], **markers)
+    chats = [generic_task.conversation(s) for s in samples]
+    batch = get_family(FAMILY).encode(processor, chats, [[s.image] for s in samples])
+    labels = batch["labels"]
     tok = processor.tokenizer
     for i, s in enumerate(samples):
         supervised = tok.decode(batch["input_ids"][i][labels[i] != IGNORE])

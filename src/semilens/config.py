@@ -251,7 +251,7 @@ class PrepareVLMConfig(Section):
     threads: int = Field(
         1, ge=1, description="torch CPU threads; params.yaml gives the pipeline 2 (stages run one at a time)"
     )
-    bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny", "mllama": "tiny"})
+    bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny", "mllama": "tiny", "paligemma": "tiny"})
     tiny: TinyVLMConfig = TinyVLMConfig()
     pretrain: VLMPretrainConfig = VLMPretrainConfig()
 

@@ -230,10 +230,9 @@ class LoadedCheckpoint:
             eos_id = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
             extra = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos_id}
         else:
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            enc = self.processor(
-                text=[text], images=[images] if images else None, padding=True, return_tensors="pt", add_special_tokens=False
-            )
+            from semilens.vlm.generate import prompt_inputs
+
+            enc = prompt_inputs(self.model, self.processor, [messages], [images] if images else None)
             eos_id = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
             extra = {}  # greedy_answers leaves pad/eos to the checkpoint's generation_config
         eos = set(eos_id if isinstance(eos_id, list) else [eos_id]) - {None}

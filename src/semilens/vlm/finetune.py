@@ -28,7 +28,7 @@ from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, wr
 from semilens.lineage import dvc_md5
 from semilens.training import clear_runtime_state, lora_target_pattern, open_run, sft_trainer, train_or_reuse
 from semilens.vlm.families import Family, get_family
-from semilens.vlm.labels import assistant_labels, check_image_tokens
+from semilens.vlm.labels import check_image_tokens
 from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
 
 
@@ -121,41 +121,40 @@ def augment_example(example: dict[str, Any], k: int) -> dict[str, Any]:
 
 
 def make_collator(processor: Any, family: Family, max_length: int, augment_seed: int | None = None):
-    """TRL's VLM collator with labels on the assistant's answer tokens only.
+    """Training batches with labels on the assistant's answer tokens only.
 
-    TRL's own assistant mask is refused for vision data below transformers 5.18, so the
-    labels are rebuilt from token ids; every batch is checked for truncated image tokens
-    and for answers cut off by ``max_length``. With ``augment_seed`` each example goes in
-    under one of the eight symmetries, drawn from a generator seeded with it (see
-    ``augment_example``). A run resumed from a checkpoint draws anew.
+    The family encodes the chats (chat families as TRL's VLM collator does, with labels
+    rebuilt from token ids because TRL's assistant mask is refused for vision data below
+    transformers 5.18; PaliGemma as prefix and suffix). Every batch is checked for
+    truncated image tokens and for answers cut off by ``max_length``. With
+    ``augment_seed`` each example goes in under one of the eight symmetries, drawn from a
+    generator seeded with it (see ``augment_example``). A run resumed from a checkpoint
+    draws anew.
     """
     import random
 
-    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
-
-    markers = family.turn_markers(processor)
+    # what closes an answer: <|im_end|> (Qwen), <|eot_id|> (Llama), <eos> (PaliGemma)
+    end_id = processor.tokenizer.eos_token_id
     draw = None if augment_seed is None else random.Random(augment_seed)
 
-    class AnswerOnlyCollator(DataCollatorForVisionLanguageModeling):
-        def torch_call(self, examples):
-            if draw is not None:
-                examples = [augment_example(ex, draw.randrange(len(_DIHEDRAL))) for ex in examples]
-            n_turns = [sum(m["role"] == "assistant" for m in ex["messages"]) for ex in examples]
-            batch = super().torch_call(examples)
-            ids = batch["input_ids"]
-            n_images = sum(len(ex["images"]) for ex in examples)
-            check_image_tokens(ids, processor.image_token_id, family.image_tokens(processor, batch, n_images))
-            batch["labels"] = labels = assistant_labels(ids, batch["attention_mask"], **markers)
-            # Every answer must end inside the sequence: its closing token is supervised.
-            closed = (labels == markers["end_id"]).sum(-1)
-            for i, turns in enumerate(n_turns):
-                if int(closed[i]) != turns:
-                    raise ValueError(
-                        f"an answer was truncated at max_length={max_length}; raise finetune_vlm.trainer.max_length"
-                    )
-            return batch
+    def collate(examples: list[dict[str, Any]]) -> Any:
+        if draw is not None:
+            examples = [augment_example(ex, draw.randrange(len(_DIHEDRAL))) for ex in examples]
+        n_turns = [sum(m["role"] == "assistant" for m in ex["messages"]) for ex in examples]
+        images = [ex["images"] for ex in examples]
+        batch = family.encode(processor, [ex["messages"] for ex in examples], images, max_length)
+        ids, labels = batch["input_ids"], batch["labels"]
+        check_image_tokens(ids, processor.image_token_id, family.image_tokens(processor, batch, sum(map(len, images))))
+        # Every answer must end inside the sequence: its closing token is supervised.
+        closed = (labels == end_id).sum(-1)
+        for i, turns in enumerate(n_turns):
+            if int(closed[i]) != turns:
+                raise ValueError(
+                    f"an answer was truncated at max_length={max_length}; raise finetune_vlm.trainer.max_length"
+                )
+        return batch
 
-    return AnswerOnlyCollator(processor, max_length=max_length)
+    return collate
 
 
 def _is_caption(user: dict[str, Any]) -> bool:

@@ -24,7 +24,7 @@ from semilens.io import atomic_write_text, hash_json, read_json, reset_dir, sha2
 from semilens.vlm import generic_task
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.generate import greedy_answers
-from semilens.vlm.labels import assistant_labels, check_image_tokens
+from semilens.vlm.labels import check_image_tokens
 from semilens.vlm.tokenizer import general_corpus
 
 SOURCE_FILE = "source.json"
@@ -60,12 +60,8 @@ def validate_real_base(path: Path, family: Family) -> dict[str, Any]:
     }
 
 
-def _batch(samples: list[generic_task.Sample], processor: Any, family: Family, markers: dict[str, Any]) -> dict:
-    texts = [processor.apply_chat_template(generic_task.conversation(s), tokenize=False) for s in samples]
-    # The template already wrote every special token (Llama's <|begin_of_text|> among them);
-    # the tokenizer adding its own would double it.
-    batch = processor(text=texts, images=[[s.image] for s in samples], padding=True, return_tensors="pt", add_special_tokens=False)
-    batch["labels"] = assistant_labels(batch["input_ids"], batch["attention_mask"], **markers)
+def _batch(samples: list[generic_task.Sample], processor: Any, family: Family) -> dict:
+    batch = family.encode(processor, [generic_task.conversation(s) for s in samples], [[s.image] for s in samples])
     check_image_tokens(batch["input_ids"], processor.image_token_id, family.image_tokens(processor, batch, len(samples)))
     return batch
 
@@ -94,7 +90,6 @@ def pretrain_generic(model: Any, processor: Any, family: Family, pcfg: PrepareVL
     pre = pcfg.pretrain
     torch.manual_seed(pcfg.seed)
     rnd = random.Random(pcfg.seed)
-    markers = family.turn_markers(processor)
     opt = torch.optim.AdamW(model.parameters(), lr=pre.learning_rate, weight_decay=0.0)
     steps = pre.steps
 
@@ -112,7 +107,7 @@ def pretrain_generic(model: Any, processor: Any, family: Family, pcfg: PrepareVL
     start = time.perf_counter()
     for step in range(1, steps + 1):
         samples = [generic_task.any_sample(rnd, pre.image_size) for _ in range(pre.batch_size)]
-        batch = _batch(samples, processor, family, markers)
+        batch = _batch(samples, processor, family)
         loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
