@@ -265,6 +265,44 @@ def test_lora_variant_reruns_only_finetune_evaluate_register_compare_and_report(
     assert 4 in ranks.values() and len(set(ranks.values())) >= 2, ranks
 
 
+def test_queued_variants_run_per_family_and_rank_beside_the_workspace(built):
+    """`dvc exp run --queue` over families (stage targets) and LoRA ranks, then the queue
+    run: each experiment trains and evaluates its own family in a temporary workspace, and
+    the workspace (on the rank-4 variant the test above left) is untouched."""
+    repo = built
+    before = (repo / "params.yaml").read_text()
+    grid = {"mllama": 2, "paligemma": 8}
+    for family, rank in grid.items():
+        out = dvc("exp", "run", "--queue", "-S", f"finetune_vlm.lora.r={rank}", "-n", f"{family}-r{rank}", f"evaluate_vlm@{family}", cwd=repo)
+        assert "Queued experiment" in out, out
+    dvc("exp", "run", "--run-all", cwd=repo)
+    assert (repo / "params.yaml").read_text() == before
+    shown = json.loads(sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, stdout_only=True))
+    found = {}
+    for commit in shown:
+        for exp in [e for ex in commit.get("experiments") or [] for e in ex.get("revs", [])]:
+            data = exp.get("data") or {}
+            if exp.get("name") in {f"{f}-r{r}" for f, r in grid.items()}:
+                params = data["params"]["params.yaml"]["data"]
+                metrics = data.get("metrics", {})
+                found[exp["name"]] = (params["finetune_vlm"]["lora"]["r"], metrics, exp["rev"])
+    assert set(found) == {f"{f}-r{r}" for f, r in grid.items()}, shown
+    here = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+    def adapter(stages: dict, family: str) -> str:
+        return next(o["md5"] for o in stages[f"finetune_vlm@{family}"]["outs"] if o["path"].endswith("/adapter"))
+
+    for family, rank in grid.items():
+        r, metrics, rev = found[f"{family}-r{rank}"]
+        assert r == rank
+        assert "vqa_accuracy" in metrics[f"metrics/vlm/{family}.json"]["data"]["finetuned"]
+        # the experiment trained its own family anew; the other family stayed as it was
+        lock = yaml.safe_load(sh(["git", "show", f"{rev}:dvc.lock"], repo, stdout_only=True))["stages"]
+        other = next(f for f in grid if f != family)
+        assert adapter(lock, family) != adapter(here, family)
+        assert adapter(lock, other) == adapter(here, other)
+
+
 def semilens_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
     env.pop("MLFLOW_TRACKING_URI", None)

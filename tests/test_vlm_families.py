@@ -1,7 +1,8 @@
 """Every VLM family through the shared code, on its tiny preset and tiny VQA rows.
 
 Per family: the preset is the real architecture (Auto classes load it, ids agree);
-answer tokens alone carry the loss; no image token is ever cut (a max_length that would
+answer tokens alone carry the loss, computed from logits at the labelled positions
+only; no image token is ever cut (a max_length that would
 cut one is refused); prepare -> fine-tune -> evaluate runs and writes what it should.
 The Qwen2.5-VL specifics are tested in test_vlm_prepare / test_vlm_finetune, PaliGemma's
 prefix and suffix in test_vlm_paligemma.
@@ -16,6 +17,7 @@ from test_vlm_finetune import _annotation, _config, _png
 
 from semilens.images.split import rows_for_image, write_parquet
 from semilens.io import read_json
+from semilens.training import supervised_forward, supervised_positions
 from semilens.vlm.evaluate import evaluate_vlm
 from semilens.vlm.families import FAMILIES, get_family
 from semilens.vlm.finetune import finetune_vlm, make_collator
@@ -87,6 +89,34 @@ def test_answer_tokens_alone_carry_the_loss(family_run):
     # one BOS at most: the chat template writes the special tokens, the tokenizer adds none
     if tok.bos_token_id is not None:
         assert (batch["input_ids"] == tok.bos_token_id).sum(-1).max() == 1
+
+
+@pytest.mark.e2e
+def test_the_loss_from_labelled_positions_is_the_models_own(family_run):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    name, cfg = family_run
+    processor, examples = _rows(cfg, name, 3)
+    batch = make_collator(processor, get_family(name), max_length=512)([dict(e) for e in examples])
+    model = AutoModelForImageTextToText.from_pretrained(cfg.paths.models / name / "base")
+
+    def loss_and_grad(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), model.get_output_embeddings().weight.grad.clone()
+
+    full, full_grad = loss_and_grad(lambda: model(**batch).loss)
+    loss, grad = loss_and_grad(lambda: supervised_forward(model, batch)[0])
+    torch.testing.assert_close(loss, full)
+    torch.testing.assert_close(grad, full_grad)
+    # fewer logits than positions: image tokens and prompts get none
+    _, outputs = supervised_forward(model, batch)
+    assert outputs.logits.shape[1] == len(supervised_positions(batch["labels"])) < batch["input_ids"].shape[1]
+    # with the Trainer's token count: the sum over that count
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    torch.testing.assert_close(supervised_forward(model, batch, num_items_in_batch=2 * n)[0], full / 2)
 
 
 @pytest.mark.e2e

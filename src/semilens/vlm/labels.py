@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = -100
+from semilens.training import IGNORE
 
 
 def assistant_labels(

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from semilens.training import IGNORE
+
 MODEL_TYPE = "paligemma"  # config.json's model_type (PaliGemma and PaliGemma-2 alike)
 IMAGE_TOKEN = "<image>"
 # Gemma's special tokens at Gemma's ids, then the 256 byte-fallback tokens.
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 PATCH = 16  # SigLIP's patch side in the tiny preset (real PaliGemma-2: 14 px at 224/448/896)
-IGNORE = -100
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 VISION_LORA_TARGETS = r".*vision_tower.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
@@ -214,12 +215,15 @@ def _pad(rows: list[tuple[list[int], list[int], list[int]]], pad_id: int, side: 
     width = max(len(ids) for ids, _, _ in rows)
     out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "token_type_ids": [], "labels": []}
     for ids, types, labels in rows:
-        gap = width - len(ids)
-        fill = (lambda seq, v: [v] * gap + seq) if side == "left" else (lambda seq, v: seq + [v] * gap)
-        out["input_ids"].append(fill(ids, pad_id))
-        out["attention_mask"].append(fill([1] * len(ids), 0))
-        out["token_type_ids"].append(fill(types, 0))  # as the tokenizer pads them
-        out["labels"].append(fill(labels, IGNORE))
+        row = {
+            "input_ids": (ids, pad_id),
+            "attention_mask": ([1] * len(ids), 0),
+            "token_type_ids": (types, 0),
+            "labels": (labels, IGNORE),
+        }
+        for key, (seq, value) in row.items():  # token types pad with 0, as the tokenizer pads them
+            gap = [value] * (width - len(ids))
+            out[key].append(gap + seq if side == "left" else seq + gap)
     return {k: torch.tensor(v) for k, v in out.items()}
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from semilens.cards import table, write_card
 from semilens.config import Config, PrepareVLMConfig, dump_config
 from semilens.io import atomic_write_text, hash_json, read_json, reset_dir, sha256_file, write_json
+from semilens.training import supervised_forward
 from semilens.vlm import generic_task
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.generate import greedy_answers
@@ -108,7 +109,7 @@ def pretrain_generic(model: Any, processor: Any, family: Family, pcfg: PrepareVL
     for step in range(1, steps + 1):
         samples = [generic_task.any_sample(rnd, pre.image_size) for _ in range(pre.batch_size)]
         batch = _batch(samples, processor, family)
-        loss = model(**batch).loss
+        loss, _ = supervised_forward(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
