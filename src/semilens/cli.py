@@ -9,6 +9,7 @@
     semilens trace ARTIFACT [--json]     the chain behind a path, stage or models:/name/version
     semilens verify [--json]             recompute hashes against dvc.lock and the registry
     semilens review export | import CSV  expert ratings out to a CSV and back, with agreement
+    semilens preset [NAME]               real-checkpoint presets: list, or one's settings and command
 
 Run it from the project root (where params.yaml and stages/ live). Heavy libraries are
 imported by the stage itself, so ``--help`` stays fast.
@@ -84,6 +85,33 @@ def config(
         err.print(f"[red]unknown section[/red] {section!r}; known: {', '.join(type(cfg).model_fields)}")
         raise typer.Exit(2)
     typer.echo(dump_config(getattr(cfg, section)), nl=False)
+
+
+@app.command()
+def preset(
+    name: Optional[str] = typer.Argument(None, help="a preset in presets/, e.g. qwen2_5_vl-7b-instruct"),
+    params: Path = typer.Option(DEFAULT_PARAMS, help="params file the preset is checked against"),
+) -> None:
+    """List the real-checkpoint presets, or show one: its settings and the `dvc exp run` for it."""
+    from semilens.presets import PRESETS_DIR, apply, available, command
+
+    try:
+        presets = available(PRESETS_DIR)
+        if name is None:
+            for p in presets.values():
+                typer.echo(f"{p.name}\t{p.family}\t{p.summary}")
+            return
+        if name not in presets:
+            err.print(f"[red]unknown preset[/red] {name!r}; known: {', '.join(presets) or 'none (not in the project root?)'}")
+            raise typer.Exit(2)
+        chosen = presets[name]
+        apply(yaml.safe_load(params.read_text(encoding="utf-8")) or {}, chosen)  # refuses what does not validate
+    except ConfigError as exc:
+        err.print(f"[red]config error[/red]: {exc}")
+        raise typer.Exit(2) from exc
+    typer.echo(f"# {chosen.summary}; copy into {params.name}, or run it as an experiment:")
+    typer.echo(yaml.safe_dump(chosen.params, sort_keys=False), nl=False)
+    typer.echo(command(chosen))
 
 
 @app.command()

@@ -566,13 +566,18 @@ def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return validate_config(raw, str(path))
+
+
+def validate_config(raw: dict, where: str) -> Config:
+    """The typed config of a params tree; ConfigError names ``where`` and every bad key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
         )
-        raise ConfigError(f"{path}: {problems}") from exc
+        raise ConfigError(f"{where}: {problems}") from exc
 
 
 def dump_config(cfg: BaseModel) -> str:
