@@ -7,7 +7,14 @@ import re
 import pytest
 import torch
 
-from semilens.llm.calculator import evaluate, expression_before_equals, fill_in, fmt, generate_with_calculator
+from semilens.llm.calculator import (
+    evaluate,
+    expression_before_equals,
+    fill_in,
+    fmt,
+    generate_with_calculator,
+    generate_with_calculator_batch,
+)
 from semilens.llm.evaluate import math_correct
 from semilens.text.etch_math import GENERATORS, problems
 
@@ -88,3 +95,70 @@ def test_the_decoding_loop_writes_the_value_after_each_equals_and_continues():
     # the model was called again after the calculator wrote, with the value in its context
     assert model.prompts[-1].endswith("630 / 214 = 2.94")
     assert math_correct(answer, {"value": 2.94, "unit": ""}, 0.02)
+
+
+class _ScriptedBatch:
+    """The stand-in for a batch: each prompt has its own script; rows come left-padded and
+    finished rows are padded to the longest, as transformers does."""
+
+    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
+        self.tok, self.scripts = tokenizer, {k: list(v) for k, v in scripts.items()}
+        self.device = torch.device("cpu")
+        self.generation_config = type("G", (), {"eos_token_id": tokenizer.eos_token_id})()
+        self.batches: list[int] = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, stop_strings, tokenizer, pad_token_id, **_):
+        self.batches.append(len(input_ids))
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            text = tokenizer.decode(ids[mask.bool()])
+            script = self.scripts[next(k for k in self.scripts if text.startswith(k))]
+            piece = script.pop(0) if script else ""
+            new = tokenizer(piece, add_special_tokens=False)["input_ids"]
+            if not piece.endswith("=") or not script:
+                new = new + [tokenizer.eos_token_id]
+            rows.append(new[:max_new_tokens])
+        width = max(len(r) for r in rows)
+        new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], dtype=input_ids.dtype)
+        return torch.cat([input_ids, new], dim=1)
+
+
+def test_the_batched_loop_gives_each_row_what_the_one_row_loop_gives():
+    from semilens.vlm.tokenizer import llama3_tokenizer
+
+    tok = llama3_tokenizer(400)
+    scripts = {
+        "A: ": ["Selectivity = ER_film / ER_mask =", " 630 / 214 =", " :1."],
+        "B: ": ["rate = 410 nm/min."],  # no '=' to fill: one call
+        "C: ": ["t = 500 nm / 250 nm/min =", " min, so x = 3 * 4 =", " in all."],
+        "D: ": ["a very long answer that runs past its budget = 1 + 1 ="],
+    }
+    one_by_one = [generate_with_calculator(_Scripted(tok, scripts[p]), tok, p, max_new_tokens=12 if p == "D: " else 64)
+                  for p in scripts]
+    model = _ScriptedBatch(tok, scripts)
+    side = tok.padding_side
+    # D's small budget is checked with its own call: a batch shares one budget per row list
+    batched = generate_with_calculator_batch(model, tok, ["A: ", "B: ", "C: "], max_new_tokens=64, batch_size=2)
+    assert batched == one_by_one[:3]
+    assert batched[0] == "Selectivity = ER_film / ER_mask = 630 / 214 = 2.94 :1."
+    assert batched[2] == "t = 500 nm / 250 nm/min = 2 min, so x = 3 * 4 = 12 in all."
+    assert model.batches[:2] == [2, 1]  # two rows, then the third; B finished in round one
+    assert tok.padding_side == side  # left padding was the loop's own, then undone
+    short = generate_with_calculator_batch(_ScriptedBatch(tok, {"D: ": scripts["D: "]}), tok, ["D: "], 12, batch_size=4)
+    assert short == [one_by_one[3]]
+
+
+def test_the_batched_loop_matches_one_row_at_a_time_on_a_real_model():
+    """Real generate with left padding: the same greedy text per row as one at a time."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from semilens.vlm.tokenizer import llama3_tokenizer
+
+    tok = llama3_tokenizer(400)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                                         eos_token_id=tok.eos_token_id)).eval()
+    prompts = ["Etch rate = 300 nm / 2 min =", "What is the selectivity?", "x"]
+    batched = generate_with_calculator_batch(model, tok, prompts, max_new_tokens=16, batch_size=3)
+    assert batched == [generate_with_calculator(model, tok, p, max_new_tokens=16) for p in prompts]

@@ -87,10 +87,6 @@ def repo(tmp_path_factory) -> Path:
             shutil.copy2(src, dst)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synth_images"].update(n_per_class=2, size=128)
-    # one torch thread per stage: the suite runs two xdist workers on two cores
-    for section in params.values():
-        if isinstance(section, dict) and "threads" in section:
-            section["threads"] = 1
     params["prepare_vlm"]["pretrain"].update(steps=3, batch_size=2, eval_samples=2)
     params["finetune_vlm"]["trainer"].update(max_steps=2, batch_size=2, save_steps=2)
     params["synth_corpus"].update(n_docs=2, max_units_per_doc=3)

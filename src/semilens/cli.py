@@ -2,6 +2,7 @@
 
     semilens stages                      list the stages
     semilens run STAGE [--dry-run]       run one stage (what `dvc repro` calls is the same code)
+    semilens repro [TARGET...] [-j N]    dvc repro with N independent stages at once
     semilens config [SECTION]            print the resolved, validated params.yaml
     semilens predict IMAGE QUESTION      answer with a VLM checkpoint
     semilens ask QUESTION                answer with a text-model checkpoint
@@ -143,6 +144,29 @@ def run(
     sys.path.insert(0, str(Path.cwd()))
     sys.argv = [f"stages.{stage}", *([item] if item else [])]
     runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
+
+
+@app.command()
+def repro(
+    targets: Optional[list[str]] = typer.Argument(None, help="stages (and all they depend on); default: every stage"),
+    jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="stages at once; each gets cores/jobs threads"),
+    first: Optional[list[str]] = typer.Option(
+        None, help="start the stages this target needs before the rest (repeatable, in order)"
+    ),
+) -> None:
+    """dvc repro, with up to JOBS independent stages running at once (one `dvc repro
+    --single-item` each). Logs per stage under paths.logs/repro/, timings in paths.logs/repro.json."""
+    from semilens.repro import ReproError
+    from semilens.repro import repro as run_repro
+
+    cfg = _load(DEFAULT_PARAMS)
+    try:
+        ok = run_repro(Path.cwd(), Path(cfg.paths.logs), targets or (), first or (), jobs, echo=typer.echo)
+    except ReproError as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -249,7 +249,7 @@ class PrepareVLMConfig(Section):
 
     seed: int = 0
     threads: int = Field(
-        1, ge=1, description="torch CPU threads; params.yaml gives the pipeline 2 (stages run one at a time)"
+        1, ge=1, description="torch CPU threads; a param because the count changes the weights' last bits"
     )
     bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny", "mllama": "tiny", "paligemma": "tiny"})
     tiny: TinyVLMConfig = TinyVLMConfig()

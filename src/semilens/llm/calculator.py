@@ -127,6 +127,68 @@ def generate_with_calculator(model: Any, tokenizer: Any, prompt_text: str, max_n
     return answer.strip()
 
 
+def generate_with_calculator_batch(
+    model: Any, tokenizer: Any, prompt_texts: list[str], max_new_tokens: int, batch_size: int, max_calls: int = 12
+) -> list[str]:
+    """``generate_with_calculator`` for many prompts: each round, the rows still writing go
+    through ``generate`` together (left-padded), each row with its own token budget.
+
+    The rows' text and budgets follow exactly the one-row loop; only the batching differs
+    (one row at a time took 66 s of the text evaluation for 72 maths questions). A row that
+    stops at "=" is padded to the longest row's end, so its own tokens end at the first pad;
+    with no pad token distinct from end-of-sequence that end cannot be told apart from a
+    finished answer, and the rows go one at a time.
+    """
+    import torch
+
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id
+    if pad is None or pad in eos:
+        return [generate_with_calculator(model, tokenizer, p, max_new_tokens, max_calls) for p in prompt_texts]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    answers = [""] * len(prompt_texts)
+    budgets = [max_new_tokens] * len(prompt_texts)
+    writing = list(range(len(prompt_texts)))
+    try:
+        for _ in range(max_calls + 1):
+            still: list[int] = []
+            for start in range(0, len(writing), batch_size):
+                rows = writing[start : start + batch_size]
+                enc = tokenizer([prompt_texts[i] + answers[i] for i in rows], return_tensors="pt", padding=True,
+                                add_special_tokens=False).to(model.device)
+                with torch.no_grad():
+                    gen = model.generate(
+                        **enc,
+                        max_new_tokens=max(budgets[i] for i in rows),
+                        do_sample=False,
+                        stop_strings=["="],
+                        tokenizer=tokenizer,
+                        pad_token_id=pad,
+                        eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+                    )
+                for row, i in enumerate(rows):
+                    new = gen[row, enc["input_ids"].shape[1] :].tolist()
+                    new = new[: new.index(pad)] if pad in new else new
+                    new = new[: budgets[i]]
+                    budgets[i] -= len(new)
+                    piece = tokenizer.decode(new, skip_special_tokens=True)
+                    answers[i] += piece
+                    ended = len(new) == 0 or new[-1] in eos
+                    if ended or budgets[i] <= 0 or "=" not in piece:
+                        continue
+                    answers[i] = answers[i][: answers[i].rindex("=") + 1]
+                    value = fill_in(answers[i])
+                    if value is not None:
+                        answers[i] = answers[i].rstrip() + " " + value
+                    still.append(i)
+            writing = still
+            if not writing:
+                break
+    finally:
+        tokenizer.padding_side = side
+    return [a.strip() for a in answers]
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
     return set(eos) if isinstance(eos, (list, tuple)) else {eos}

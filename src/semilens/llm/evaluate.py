@@ -23,7 +23,7 @@ from typing import Any
 
 from semilens.config import Config
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
-from semilens.llm.calculator import generate_with_calculator
+from semilens.llm.calculator import generate_with_calculator_batch
 from semilens.llm.judge import judge_report, resolve_judge
 from semilens.llm.pretrain import load_causal, pack, perplexity, split_corpus
 from semilens.vlm.metrics import caption_scores
@@ -154,9 +154,12 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
         answers = answer_batch(model, tokenizer, [r["instruction"] for r in rows], ecfg.max_new_tokens, ecfg.batch_size)
         scored = [{**r, "prediction": a} for r, a in zip(rows, answers)]
         if ecfg.calculator:
-            for r in scored:
-                if r["category"] == "etch_math":
-                    r["prediction_calc"] = generate_with_calculator(model, tokenizer, chat_prompt(tokenizer, r["instruction"]), ecfg.max_new_tokens)
+            maths = [r for r in scored if r["category"] == "etch_math"]
+            calc = generate_with_calculator_batch(
+                model, tokenizer, [chat_prompt(tokenizer, r["instruction"]) for r in maths], ecfg.max_new_tokens, ecfg.batch_size
+            )
+            for r, answer in zip(maths, calc):
+                r["prediction_calc"] = answer
         ppl = perplexity(model, pack(held, tokenizer, cfg.pretrain_llm.block_size))
         for difficulty in (*DIFFICULTIES, "all"):
             subset = [r for r in scored if difficulty == "all" or r["difficulty"] == difficulty]

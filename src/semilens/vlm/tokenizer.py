@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterable
+from typing import Any
 
 # The Qwen2 pre-tokenizer split (also used by Llama-3-style byte-level BPEs).
 QWEN2_PRETOKENIZE = (
