@@ -223,6 +223,6 @@ def repro(root: Path, logs: Path, targets: Sequence[str] = (), first: Sequence[s
           echo: Callable[[str], None] = print) -> bool:
     """Plan and run; True when every stage succeeded."""
     plan = load_plan(root, targets, first)
-    dvc = [str(Path(sys.executable).with_name("dvc"))] if Path(sys.executable).with_name("dvc").exists() else ["dvc"]
-    results = run_plan(plan, root, jobs, logs, dvc=dvc, echo=echo)
+    beside = Path(sys.executable).with_name("dvc")  # the venv's own dvc, as the stages' python
+    results = run_plan(plan, root, jobs, logs, dvc=[str(beside)] if beside.exists() else ["dvc"], echo=echo)
     return len(results) == len(plan.nodes) and all(r.returncode == 0 for r in results)
