@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ class Plan:
     """The stages to run, keyed by name, and the order in which ready stages start."""
 
     nodes: dict[str, StageNode]
-    priority: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    priority: dict[str, tuple[int, int, int]]
 
     def ready(self, done: set[str], running: set[str], held: set[str]) -> list[str]:
         """Stages whose upstream is done and whose exclusive resource is free, best first."""
@@ -140,8 +141,8 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def stage_env(jobs: int, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
+def stage_env(jobs: int) -> dict[str, str]:
+    env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // jobs)))
     return env
 
@@ -174,7 +175,7 @@ def run_plan(
                 if not ready:
                     break
                 name = ready[0]
-                log = stage_logs / f"{name.replace('@', '_')}.log"
+                log = stage_logs / (re.sub(r"[^\w.-]", "_", name) + ".log")  # `sub/dvc.yaml:x@y` too
                 fh = log.open("wb")
                 cmd = [*dvc, "--wait-for-lock", "repro", "--single-item", name]
                 proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=fh, stderr=subprocess.STDOUT)

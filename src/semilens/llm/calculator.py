@@ -112,19 +112,27 @@ def generate_with_calculator(model: Any, tokenizer: Any, prompt_text: str, max_n
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
             )
-        new = gen[0, enc["input_ids"].shape[1] :]
+        new = gen[0, enc["input_ids"].shape[1] :].tolist()
         budget -= len(new)
-        piece = tokenizer.decode(new, skip_special_tokens=True)
-        answer += piece
-        ended = len(new) == 0 or int(new[-1]) in _eos_ids(model, tokenizer)
-        if ended or budget <= 0 or "=" not in piece:
+        answer, writing = _continue(answer, new, tokenizer, _eos_ids(model, tokenizer), budget)
+        if not writing:
             break
-        # the stop may fall inside a token ("= (" as one token): cut back to the "="
-        answer = answer[: answer.rindex("=") + 1]
-        value = fill_in(answer)
-        if value is not None:
-            answer = answer.rstrip() + " " + value
     return answer.strip()
+
+
+def _continue(answer: str, new: list[int], tokenizer: Any, eos: set[int], budget: int) -> tuple[str, bool]:
+    """One generate call's tokens appended to ``answer``; if they stopped at an "=" with
+    budget left, the calculator's value written after it. Returns the answer and whether
+    the model goes on writing."""
+    piece = tokenizer.decode(new, skip_special_tokens=True)
+    answer += piece
+    ended = len(new) == 0 or new[-1] in eos
+    if ended or budget <= 0 or "=" not in piece:
+        return answer, False
+    # the stop may fall inside a token ("= (" as one token): cut back to the "="
+    answer = answer[: answer.rindex("=") + 1]
+    value = fill_in(answer)
+    return (answer if value is None else answer.rstrip() + " " + value), True
 
 
 def generate_with_calculator_batch(
@@ -133,7 +141,7 @@ def generate_with_calculator_batch(
     """``generate_with_calculator`` for many prompts: each round, the rows still writing go
     through ``generate`` together (left-padded), each row with its own token budget.
 
-    The rows' text and budgets follow exactly the one-row loop; only the batching differs
+    The rows' text and budgets follow the one-row loop (the same ``_continue``); only the batching differs
     (one row at a time took 66 s of the text evaluation for 72 maths questions). A row that
     stops at "=" is padded to the longest row's end, so its own tokens end at the first pad;
     with no pad token distinct from end-of-sequence that end cannot be told apart from a
@@ -171,16 +179,9 @@ def generate_with_calculator_batch(
                     new = new[: new.index(pad)] if pad in new else new
                     new = new[: budgets[i]]
                     budgets[i] -= len(new)
-                    piece = tokenizer.decode(new, skip_special_tokens=True)
-                    answers[i] += piece
-                    ended = len(new) == 0 or new[-1] in eos
-                    if ended or budgets[i] <= 0 or "=" not in piece:
-                        continue
-                    answers[i] = answers[i][: answers[i].rindex("=") + 1]
-                    value = fill_in(answers[i])
-                    if value is not None:
-                        answers[i] = answers[i].rstrip() + " " + value
-                    still.append(i)
+                    answers[i], writing_on = _continue(answers[i], new, tokenizer, eos, budgets[i])
+                    if writing_on:
+                        still.append(i)
             writing = still
             if not writing:
                 break
