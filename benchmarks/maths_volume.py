@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from semilens.config import TinyLLMConfig
+from semilens.config import EvaluateLLMConfig, TinyLLMConfig
 from semilens.llm.calculator import generate_with_calculator
 from semilens.llm.evaluate import chat_prompt, math_correct
 from semilens.llm.prepare import build_tiny
@@ -64,6 +64,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="metrics/bench_maths_volume.json")
     args = ap.parse_args()
+    for name in ("steps", "problems", "test"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
+    if args.induction_steps < 0:
+        ap.error("--induction-steps must be 0 or more")
+    scoring = EvaluateLLMConfig()  # evaluate_llm's own tolerance and answer length
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -103,8 +109,8 @@ def main() -> int:
     model.eval()
     answers = []
     for p in test_set:
-        out = generate_with_calculator(model, tok, chat_prompt(tok, p.question), 128)
-        answers.append({"kind": p.kind, "exact": math_correct(out, {"value": p.answer, "unit": p.unit}, 0.02), "answer": out, "reference": p.response})
+        out = generate_with_calculator(model, tok, chat_prompt(tok, p.question), scoring.max_new_tokens)
+        answers.append({"kind": p.kind, "exact": math_correct(out, {"value": p.answer, "unit": p.unit}, scoring.math_rel_tol), "answer": out, "reference": p.response})
     per_kind: dict[str, list[int]] = {}
     for a in answers:
         per_kind.setdefault(a["kind"], []).append(int(a["exact"]))
