@@ -9,8 +9,11 @@ problems with calculator-assisted decoding and is scored as ``evaluate_llm`` sco
 that forms induction heads), to see whether copying needs that first.
 
     python benchmarks/maths_volume.py --steps 1000 --problems 3000 --test 40
+    python benchmarks/maths_volume.py --steps 500 --tiny '{"layers": 4}' --out metrics/bench_maths_volume_l4.json
 
-writes ``metrics/bench_maths_volume.json``: exact answers, the losses, and the time taken.
+``--tiny`` changes the preset's sizes (``prepare_llm.tiny`` fields, as JSON) and ``--batch``
+the batch, to compare architectures at equal data. It writes ``--out``
+(``metrics/bench_maths_volume.json`` by default): exact answers, the losses, the time taken.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from pydantic import ValidationError
 
 from semilens.config import EvaluateLLMConfig, TinyLLMConfig
 from semilens.llm.calculator import generate_with_calculator
@@ -56,7 +60,9 @@ def train(model: Any, steps: int, batch: Callable[[], tuple[Any, Any]], lr: floa
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=1000, help="maths training steps (batches of 16)")
+    ap.add_argument("--steps", type=int, default=1000, help="maths training steps")
+    ap.add_argument("--batch", type=int, default=16, help="problems per step")
+    ap.add_argument("--tiny", type=json.loads, default={}, help='preset sizes to change, as JSON: {"layers": 4}')
     ap.add_argument("--problems", type=int, default=3000, help="distinct training problems")
     ap.add_argument("--induction-steps", type=int, default=0, help="copying-task steps first (batches of 32)")
     ap.add_argument("--test", type=int, default=40, help="held-out problems (every kind in turn)")
@@ -64,7 +70,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="metrics/bench_maths_volume.json")
     args = ap.parse_args()
-    for name in ("steps", "problems", "test"):
+    for name in ("steps", "batch", "problems", "test"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")
     if args.induction_steps < 0:
@@ -74,7 +80,13 @@ def main() -> int:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    model, tok = build_tiny(TinyLLMConfig(), args.seed)
+    try:
+        tiny = TinyLLMConfig(**args.tiny)
+    except ValidationError as e:
+        ap.error("--tiny: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    except TypeError:
+        ap.error('--tiny: a JSON object of preset sizes, e.g. {"layers": 4}')
+    model, tok = build_tiny(tiny, args.seed)
     symbols = [tok.convert_tokens_to_ids(c) for c in SYMBOLS]
     train_set, test_set = problems(args.problems, 1), problems(args.test, 99)
     assert not {p.question for p in train_set} & {p.question for p in test_set}, "held-out problems seen in training"
@@ -96,7 +108,7 @@ def main() -> int:
         return prompt + answer, [-100] * len(prompt) + answer
 
     def maths_batch() -> tuple[Any, Any]:
-        rows = [encode(rng.choice(train_set)) for _ in range(16)]
+        rows = [encode(rng.choice(train_set)) for _ in range(args.batch)]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.tensor([ids + [tok.pad_token_id] * (width - len(ids)) for ids, _ in rows])
         labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
@@ -116,6 +128,7 @@ def main() -> int:
         per_kind.setdefault(a["kind"], []).append(int(a["exact"]))
     result = {
         "args": vars(args),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "exact": sum(a["exact"] for a in answers),
         "n_test": len(answers),
         "exact_per_kind": {k: f"{sum(v)}/{len(v)}" for k, v in per_kind.items()},

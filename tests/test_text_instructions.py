@@ -19,7 +19,7 @@ from semilens.text.clean import clean_markdown
 from semilens.text.corpus import synth_corpus
 from semilens.text.etch_math import GENERATORS, problems
 from semilens.text.extract import extract_pdfs
-from semilens.text.instruct import SPLITS, assign_split, synth_instructions
+from semilens.text.instruct import SPLITS, assign_split, build_pairs, synth_instructions
 from semilens.text.knowledge import load_knowledge
 from semilens.text.tag import coverage, tag_chunk, tag_ontology, unit_patterns, unit_text
 
@@ -198,6 +198,30 @@ def test_instruction_dataset_has_sources_splits_and_difficulties(text_run, kb):
     assert len({r["instruction"] for r in rows}) == len(rows)
     metrics = read_json(Path(cfg.paths.metrics) / "instructions.json")
     assert sum(metrics["splits"][s]["rows"] for s in SPLITS) == len(rows)
+
+
+def test_maths_drills_go_to_train_only_and_leave_the_other_splits_alone(text_run):
+    cfg, *_ = text_run
+    kb = load_knowledge(cfg.paths.knowledge)
+    chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
+    tags = {t["chunk_id"]: t["units"] for t in read_jsonl(Path(cfg.paths.tags) / "tags.jsonl")}
+    icfg = cfg.synth_instructions
+    plain = build_pairs(kb, chunks, tags, icfg)
+    drilled = build_pairs(kb, chunks, tags, icfg.model_copy(update={"n_math_drill": 40}))
+
+    def held_out(pairs):
+        return sorted((p["id"], p["split"]) for p in pairs if p["split"] != "train")
+
+    assert held_out(drilled) == held_out(plain)  # the benchmark is the same with or without drills
+    drills = [p for p in drilled if p["group_key"].startswith("drill:")]
+    assert len(drills) == 40 and {p["split"] for p in drills} == {"train"}
+    assert {p["kind"] for p in drills} == set(GENERATORS)
+    assert not {p["instruction"] for p in drills} & {p["instruction"] for p in plain}
+    for p in drills:
+        ans = json.loads(p["answer"])
+        assert ans["value"] == pytest.approx(_recompute(p["kind"], ans["inputs"]), rel=6e-3)
+    # drills continue the problem sequence: the first n_math problems are the same either way
+    assert problems(5, 0, start=3) == problems(8, 0)[3:]
 
 
 def test_splits_are_stable_and_salted():

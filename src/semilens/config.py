@@ -391,6 +391,12 @@ class SynthInstructionsConfig(Section):
 
     seed: int = 0
     n_math: int = Field(400, ge=0, description="generated etching-maths problems")
+    n_math_drill: int = Field(
+        0,
+        ge=0,
+        description="further generated etching-maths problems for the train split only: more maths to learn "
+        "from without a larger benchmark (its questions are never repeated in them)",
+    )
     max_response_chars: int = Field(1200, ge=100, description="corpus-grounded answers are cut here")
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)

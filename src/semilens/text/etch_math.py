@@ -209,7 +209,8 @@ GENERATORS: dict[str, Callable[[random.Random], Problem]] = {
 }
 
 
-def problems(n: int, seed: int) -> list[Problem]:
-    """``n`` problems cycling through the kinds, each from its own seeded RNG."""
+def problems(n: int, seed: int, start: int = 0) -> list[Problem]:
+    """Problems ``start`` to ``start + n - 1`` of the seed's sequence, cycling through the
+    kinds, each from its own seeded RNG (so the first ``k`` never change as ``n`` grows)."""
     kinds = list(GENERATORS)
-    return [GENERATORS[kinds[i % len(kinds)]](random.Random(f"{seed}:math:{i}")) for i in range(n)]
+    return [GENERATORS[kinds[i % len(kinds)]](random.Random(f"{seed}:math:{i}")) for i in range(start, start + n)]

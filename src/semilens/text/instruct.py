@@ -18,8 +18,10 @@ Every pair keeps its ``source`` (``kb:<group/module/unit>``, ``chunk:<id>`` or
 ``generator:<kind>``) and a ``difficulty`` (easy / medium / hard). Splits are drawn by a
 salted hash of a group key: the module for knowledge-base and corpus pairs (a comparison
 quotes its sibling units, so a whole module goes to one split and no benchmark answer
-appears inside a training answer), the problem for maths. ``benchmark`` is a fourth,
-held-out split that keeps all three difficulty levels. The output is deterministic for given inputs.
+appears inside a training answer), the problem for maths. The ``n_math_drill`` further
+problems go to train only: more maths to learn from, the other splits unchanged.
+``benchmark`` is a fourth, held-out split that keeps all three difficulty levels. The
+output is deterministic for given inputs.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from semilens.text.knowledge import Knowledge, UnitRef, load_knowledge
 
 STAGE = "synth_instructions"
 SPLITS = ("train", "val", "test", "benchmark")
+DRILL = "drill"  # the split group prefix of the train-only maths problems
 
 
 def module_key(ref: UnitRef) -> str:
@@ -202,7 +205,8 @@ def control_pairs(kb: Knowledge, rng: random.Random) -> list[dict[str, Any]]:
     return out
 
 
-def math_pairs(n: int, seed: int) -> list[dict[str, Any]]:
+def math_pairs(n: int, seed: int, start: int = 0, group: str = "math") -> list[dict[str, Any]]:
+    """Problems ``start`` to ``start + n - 1`` as pairs, each its own split group."""
     return [
         _pair(
             "etch_math",
@@ -211,10 +215,10 @@ def math_pairs(n: int, seed: int) -> list[dict[str, Any]]:
             p.question,
             p.response,
             f"generator:{p.kind}",
-            f"math:{i}",
+            f"{group}:{i}",
             answer={"value": p.answer, "unit": p.unit, "inputs": p.inputs, "formula": p.formula},
         )
-        for i, p in enumerate(problems(n, seed))
+        for i, p in enumerate(problems(n, seed, start), start)
     ]
 
 
@@ -233,15 +237,18 @@ def assign_split(group_key: str, cfg: SynthInstructionsConfig) -> str:
 def build_pairs(kb: Knowledge, chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any]]], cfg: SynthInstructionsConfig) -> list[dict[str, Any]]:
     rng = random.Random(cfg.seed)
     pairs = concept_pairs(kb, rng) + chunk_pairs(chunks, tags, kb, rng, cfg.max_response_chars, cfg) + control_pairs(kb, rng) + math_pairs(cfg.n_math, cfg.seed)
+    # Drills continue the same problem sequence after the first n_math and come last, so
+    # the dedup below drops any that repeats a question already in a split
+    drills = math_pairs(cfg.n_math_drill, cfg.seed, start=cfg.n_math, group=DRILL)
     seen: set[str] = set()
     unique = []
-    for p in pairs:  # the same question twice (two chunks with one heading) would leak across splits
+    for p in pairs + drills:  # the same question twice (two chunks with one heading) would leak across splits
         if p["instruction"] in seen:
             continue
         seen.add(p["instruction"])
         unique.append(p)
     for p in unique:
-        p["split"] = assign_split(p["group_key"], cfg)
+        p["split"] = "train" if p["group_key"].startswith(f"{DRILL}:") else assign_split(p["group_key"], cfg)
         p["messages"] = [{"role": "user", "content": p["instruction"]}, {"role": "assistant", "content": p["response"]}]
     return unique
 
@@ -283,6 +290,7 @@ def synth_instructions(cfg: Config) -> dict[str, Any]:
         "pairs": len(pairs),
         "by_category": dict(sorted(Counter(p["category"] for p in pairs).items())),
         "by_kind": dict(sorted(Counter(p["kind"] for p in pairs).items())),
+        "math_drill": sum(p["group_key"].startswith(f"{DRILL}:") for p in pairs),
         "splits": counts,
         **backend,
     }
