@@ -19,7 +19,7 @@ from semilens.text.clean import clean_markdown
 from semilens.text.corpus import synth_corpus
 from semilens.text.etch_math import GENERATORS, problems
 from semilens.text.extract import extract_pdfs
-from semilens.text.instruct import SPLITS, assign_split, build_pairs, synth_instructions
+from semilens.text.instruct import SPLITS, assign_split, build_pairs, is_drill, synth_instructions
 from semilens.text.knowledge import load_knowledge
 from semilens.text.tag import coverage, tag_chunk, tag_ontology, unit_patterns, unit_text
 
@@ -213,7 +213,7 @@ def test_maths_drills_go_to_train_only_and_leave_the_other_splits_alone(text_run
         return sorted((p["id"], p["split"]) for p in pairs if p["split"] != "train")
 
     assert held_out(drilled) == held_out(plain)  # the benchmark is the same with or without drills
-    drills = [p for p in drilled if p["group_key"].startswith("drill:")]
+    drills = [p for p in drilled if is_drill(p)]
     assert len(drills) == 40 and {p["split"] for p in drills} == {"train"}
     assert {p["kind"] for p in drills} == set(GENERATORS)
     assert not {p["instruction"] for p in drills} & {p["instruction"] for p in plain}

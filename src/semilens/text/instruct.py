@@ -43,6 +43,10 @@ SPLITS = ("train", "val", "test", "benchmark")
 DRILL = "drill"  # the split group prefix of the train-only maths problems
 
 
+def is_drill(pair: dict[str, Any]) -> bool:
+    return pair["group_key"].startswith(f"{DRILL}:")
+
+
 def module_key(ref: UnitRef) -> str:
     """The split group of knowledge-base pairs: the module. A comparison quotes a sibling's
     description, so siblings must share a split or one split's answers leak into another's."""
@@ -248,7 +252,7 @@ def build_pairs(kb: Knowledge, chunks: list[dict[str, Any]], tags: dict[str, lis
         seen.add(p["instruction"])
         unique.append(p)
     for p in unique:
-        p["split"] = "train" if p["group_key"].startswith(f"{DRILL}:") else assign_split(p["group_key"], cfg)
+        p["split"] = "train" if is_drill(p) else assign_split(p["group_key"], cfg)
         p["messages"] = [{"role": "user", "content": p["instruction"]}, {"role": "assistant", "content": p["response"]}]
     return unique
 
@@ -290,7 +294,7 @@ def synth_instructions(cfg: Config) -> dict[str, Any]:
         "pairs": len(pairs),
         "by_category": dict(sorted(Counter(p["category"] for p in pairs).items())),
         "by_kind": dict(sorted(Counter(p["kind"] for p in pairs).items())),
-        "math_drill": sum(p["group_key"].startswith(f"{DRILL}:") for p in pairs),
+        "math_drill": sum(map(is_drill, pairs)),
         "splits": counts,
         **backend,
     }
