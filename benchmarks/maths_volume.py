@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from pydantic import ValidationError
 
-from semilens.config import EvaluateLLMConfig, TinyLLMConfig
+from semilens.config import EvaluateLLMConfig, TinyLLMConfig, validation_problems
 from semilens.llm.calculator import generate_with_calculator
 from semilens.llm.evaluate import chat_prompt, math_correct
 from semilens.llm.prepare import build_tiny
@@ -83,7 +83,7 @@ def main() -> int:
     try:
         tiny = TinyLLMConfig(**args.tiny)
     except ValidationError as e:
-        ap.error("--tiny: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+        ap.error(f"--tiny: {validation_problems(e)}")
     except TypeError:
         ap.error('--tiny: a JSON object of preset sizes, e.g. {"layers": 4}')
     model, tok = build_tiny(tiny, args.seed)

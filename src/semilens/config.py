@@ -575,15 +575,17 @@ def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
     return validate_config(raw, str(path))
 
 
+def validation_problems(exc: ValidationError) -> str:
+    """Every bad key of a validation error on one line: ``a.b: message; ...``."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
 def validate_config(raw: dict, where: str) -> Config:
     """The typed config of a params tree; ConfigError names ``where`` and every bad key."""
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{where}: {problems}") from exc
+        raise ConfigError(f"{where}: {validation_problems(exc)}") from exc
 
 
 def dump_config(cfg: BaseModel) -> str:
