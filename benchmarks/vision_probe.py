@@ -31,24 +31,16 @@ import torch
 SPLITS = ("train", "val", "test")
 
 
-def class_rows(vqa: Path, split: str) -> tuple[list[Any], list[str], list[str]]:
-    """(image, label, class question) for each image of a split, once per image."""
+def class_rows(vqa: Path, split: str) -> list[dict[str, Any]]:
+    """The split's class-question rows, one per image, as ``evaluate_vlm`` reads them."""
     import datasets
 
     rows = datasets.Dataset.from_parquet(str(vqa / f"{split}.parquet"))
     rows = rows.filter(lambda r: r["question_type"] == "class")
-    seen: set[str] = set()
-    images, labels, questions = [], [], []
-    for r in rows:
-        if r["image_id"] in seen:
-            continue
-        seen.add(r["image_id"])
-        images.append(r["images"][0].convert("RGB"))
-        labels.append(r["label"])
-        questions.append(r["question"])
-    if not images:
+    by_image = {r["image_id"]: dict(r) for r in rows}
+    if not by_image:
         raise ValueError(f"{vqa / split}.parquet has no class questions")
-    return images, labels, questions
+    return list(by_image.values())
 
 
 def pooled_features(model: Any, processor: Any, images: list[Any]) -> np.ndarray:
@@ -85,18 +77,19 @@ def probe(train: np.ndarray, y_train: list[str], others: dict[str, tuple[np.ndar
     return result
 
 
-def answered(model: Any, processor: Any, images: list[Any], labels: list[str], questions: list[str]) -> float:
+def answered(model: Any, processor: Any, rows: list[dict[str, Any]]) -> float:
+    """Class accuracy of the model's greedy answers, asked and scored as ``evaluate_vlm`` does."""
+    from semilens.vlm.evaluate import MAX_NEW_TOKENS
     from semilens.vlm.generate import greedy_answers
+    from semilens.vlm.metrics import class_accuracy
 
-    chats = [[{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": q}]}] for q in questions]
-    answers = greedy_answers(model, processor, chats, [[im] for im in images], max_new_tokens=12)
-    return round(sum(a.strip() == label for a, label in zip(answers, labels)) / len(labels), 4)
+    images = [[im.convert("RGB") for im in r["images"]] for r in rows]
+    answers = greedy_answers(model, processor, [r["messages"][:1] for r in rows], images, MAX_NEW_TOKENS["vqa"])
+    return round(class_accuracy({**r, "prediction": a} for r, a in zip(rows, answers)), 4)
 
 
 def main() -> None:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from semilens.vlm.prepare import resolve_checkpoint
+    from semilens.vlm.predict import load_vlm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoints", nargs="+", type=Path, help="checkpoint folders (base or merged)")
@@ -106,16 +99,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = {split: class_rows(args.vqa, split) for split in SPLITS}
-    report: dict[str, Any] = {"vqa": str(args.vqa), "images": {s: len(d[1]) for s, d in data.items()}, "checkpoints": {}}
+    labels = {s: [r["label"] for r in data[s]] for s in SPLITS}
+    report: dict[str, Any] = {"vqa": str(args.vqa), "images": {s: len(d) for s, d in data.items()}, "checkpoints": {}}
     for folder in args.checkpoints:
         start = time.perf_counter()
-        path = resolve_checkpoint(folder)
-        model = AutoModelForImageTextToText.from_pretrained(path).eval()
-        processor = AutoProcessor.from_pretrained(path)
-        feats = {s: pooled_features(model, processor, data[s][0]) for s in SPLITS}
+        try:
+            model, processor = load_vlm(folder)
+            feats = {s: pooled_features(model, processor, [r["images"][0].convert("RGB") for r in data[s]]) for s in SPLITS}
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(f"vision_probe: {exc}") from None
         row = {
-            "probe": probe(feats["train"], data["train"][1], {s: (feats[s], data[s][1]) for s in SPLITS[1:]}),
-            "answered": {s: answered(model, processor, *data[s]) for s in SPLITS},
+            "probe": probe(feats["train"], labels["train"], {s: (feats[s], labels[s]) for s in SPLITS[1:]}),
+            "answered": {s: answered(model, processor, data[s]) for s in SPLITS},
             "seconds": round(time.perf_counter() - start, 1),
         }
         report["checkpoints"][str(folder)] = row
