@@ -89,6 +89,7 @@ def answered(model: Any, processor: Any, rows: list[dict[str, Any]]) -> float:
 
 
 def main() -> None:
+    from semilens.io import write_json
     from semilens.vlm.predict import load_vlm
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -98,7 +99,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("metrics/bench_vision_probe.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    data = {split: class_rows(args.vqa, split) for split in SPLITS}
+    try:
+        data = {split: class_rows(args.vqa, split) for split in SPLITS}
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"vision_probe: {exc}") from None
     labels = {s: [r["label"] for r in data[s]] for s in SPLITS}
     report: dict[str, Any] = {"vqa": str(args.vqa), "images": {s: len(d) for s, d in data.items()}, "checkpoints": {}}
     for folder in args.checkpoints:
@@ -115,8 +119,7 @@ def main() -> None:
         }
         report["checkpoints"][str(folder)] = row
         print(folder, json.dumps(row))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(f"wrote {args.out}")
 
 
