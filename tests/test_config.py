@@ -66,3 +66,28 @@ def test_dump_roundtrips():
     cfg = load_config(ROOT / "params.yaml")
     again = Config.model_validate(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+
+
+def test_tiny_overrides_change_one_family_only(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["prepare_vlm"]["tiny_overrides"] = {"qwen2_5_vl": {"max_pixels": 336 * 336}}
+    pcfg = load_config(_write(tmp_path, raw)).prepare_vlm
+    assert pcfg.tiny_for("qwen2_5_vl").max_pixels == 336 * 336
+    for family in ("mllama", "paligemma"):
+        assert pcfg.tiny_for(family) == pcfg.tiny
+    assert pcfg.tiny_for("qwen2_5_vl").model_copy(update={"max_pixels": pcfg.tiny.max_pixels}) == pcfg.tiny
+
+
+@pytest.mark.parametrize(
+    "overrides,reason",
+    [
+        ({"qwen2_vl": {"max_pixels": 1}}, "'qwen2_vl', which is not a family"),
+        ({"qwen2_5_vl": {"max_pixel": 1}}, r"unknown keys \['max_pixel'\]"),
+        ({"qwen2_5_vl": {"heads": 3}}, "tiny_overrides.qwen2_5_vl: .*divide"),
+    ],
+)
+def test_bad_tiny_overrides_say_why(tmp_path, overrides, reason):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["prepare_vlm"]["tiny_overrides"] = overrides
+    with pytest.raises(ConfigError, match=f"prepare_vlm: .*{reason}"):
+        load_config(_write(tmp_path, raw))

@@ -161,3 +161,20 @@ def test_texture_answers_match_what_was_drawn():
     # every word the task answers with is in the tokenizer corpus
     corpus = " ".join(generic_task.phrasings())
     assert all(p in corpus for p in generic_task.PATTERNS)
+
+
+def test_a_tiny_override_sets_this_familys_input_size(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    base = _cfg(tmp_path, steps=1)
+    pcfg = base.prepare_vlm.model_copy(update={"tiny_overrides": {FAMILY: {"max_pixels": 336 * 336}}})
+    cfg = base.model_copy(update={"prepare_vlm": pcfg})
+    prepare_vlm(cfg, FAMILY)
+    folder = cfg.paths.models / FAMILY / "base"
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.image_processor.size["longest_edge"] == 336 * 336
+    # a 384-px micrograph goes in at 336 px: 24x24 patches, 144 image tokens
+    grid = processor.image_processor(images=[Image.new("RGB", (384, 384))], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 24, 24]]
+    assert "max_pixels: 112896" in (folder / "semilens_config.yaml").read_text()

@@ -253,7 +253,35 @@ class PrepareVLMConfig(Section):
     )
     bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny", "mllama": "tiny", "paligemma": "tiny"})
     tiny: TinyVLMConfig = TinyVLMConfig()
+    # The preset is shared, but a size can suit one family and not the others: each family
+    # derives its input side from max_pixels, and Qwen2.5-VL needs more pixels for the
+    # class than PaliGemma-2 (whose token count grows with the square of the side) can pay.
+    tiny_overrides: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="per family, keys of `tiny` replaced for that family only, e.g. {qwen2_5_vl: {max_pixels: 112896}}",
+    )
     pretrain: VLMPretrainConfig = VLMPretrainConfig()
+
+    @model_validator(mode="after")
+    def _check_overrides(self) -> "PrepareVLMConfig":
+        for family in self.tiny_overrides:
+            if family not in self.bases:
+                raise ValueError(
+                    f"tiny_overrides names {family!r}, which is not a family in prepare_vlm.bases ({sorted(self.bases)})"
+                )
+            self.tiny_for(family)
+        return self
+
+    def tiny_for(self, family: str) -> TinyVLMConfig:
+        """The tiny preset's sizes for one family: ``tiny`` with that family's overrides."""
+        override = self.tiny_overrides.get(family, {})
+        unknown = sorted(set(override) - set(TinyVLMConfig.model_fields))
+        if unknown:
+            raise ValueError(f"tiny_overrides.{family}: unknown keys {unknown}; the keys of `tiny` are allowed")
+        try:
+            return TinyVLMConfig.model_validate({**self.tiny.model_dump(), **override})
+        except ValidationError as exc:
+            raise ValueError(f"tiny_overrides.{family}: {exc.errors()[0]['msg']}") from None
 
 
 class LoraConfigSection(Section):

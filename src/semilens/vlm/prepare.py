@@ -150,7 +150,7 @@ def prepare_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
 
     torch.manual_seed(pcfg.seed)
     corpus = general_corpus() + generic_task.phrasings()
-    model, processor = family.build_tiny(pcfg.tiny, corpus)
+    model, processor = family.build_tiny(pcfg.tiny_for(family_name), corpus)
     report = pretrain_generic(model, processor, family, pcfg)
     model.save_pretrained(out)
     processor.save_pretrained(out)
