@@ -281,7 +281,7 @@ class PrepareVLMConfig(Section):
         try:
             return TinyVLMConfig.model_validate({**self.tiny.model_dump(), **override})
         except ValidationError as exc:
-            raise ValueError(f"tiny_overrides.{family}: {exc.errors()[0]['msg']}") from None
+            raise ValueError(f"tiny_overrides.{family}: {validation_problems(exc)}") from None
 
 
 class LoraConfigSection(Section):
