@@ -122,7 +122,8 @@ def test_every_answer_is_grounded(project):
     # no pixel size: sizes stay in pixels and say so
     b = by_id[recs[2].id]
     size = next(qa for qa in b["qa"] if qa["type"] == "size")
-    assert size["unit"] == "px" and size["answer"].endswith("px")
+    assert size["unit"] == "px" and size["answer"].startswith("about 21 px")
+    assert "pixel size is not known" in size["answer"] and "nm" not in size["answer"]
     assert "Pixel size unknown" in b["caption"]
     cls = next(qa for qa in b["qa"] if qa["type"] == "class")
     assert cls["answer"] == "particles" and cls["grounding"] == {"method": "particles"}
