@@ -240,6 +240,41 @@ def test_invalid_sidecar_is_quarantined_but_its_image_kept(tmp_path, make_cfg):
     assert sources == ["a.json", "metadata.csv"]
 
 
+def test_bad_sidecar_value_is_one_line_and_the_rest_of_the_record_kept(tmp_path, make_cfg):
+    raw = tmp_path / "raw" / "grains"
+    raw.mkdir(parents=True)
+    for i, name in enumerate(("a.png", "b.png", "c.png")):
+        (raw / name).write_bytes(png_bytes(_structured(64, 64, seed=i)))
+    (raw / "metadata.csv").write_text(
+        "file,label,pixel_size_nm,modality\n"
+        "a.png,particles,2.5,XRD\n"  # line 2: a modality that is none
+        "b.png,holes,-1,haadf-stem\n"  # line 3: a negative pixel size
+    )
+    (raw / "c.json").write_text(
+        '{"label": "pores", "pixel_size_nm": 4.0, "modality": "EDX", "colour": "red"}'
+    )
+    cfg = make_cfg(raw=tmp_path / "raw")
+    summary = ingest_images(cfg)
+    records, quarantine = _outputs(cfg)
+    assert summary["n_records"] == 3
+    got = {Path(r["source"]).name: r for r in records}
+    a, b, c = got["a.png"], got["b.png"], got["c.png"]
+    # Every valid field of the same row / file is still used.
+    assert (a["label"], a["pixel_size_nm"], a["modality"]) == ("particles", 2.5, "unknown")
+    assert (b["label"], b["pixel_size_nm"], b["modality"]) == ("holes", None, "STEM")
+    assert b["instrument"] == {"detector": "HAADF"}
+    assert (c["label"], c["pixel_size_nm"], c["modality"]) == ("pores", 4.0, "unknown")
+    reasons = {Path(q["source"]).name: q["reason"] for q in quarantine}
+    allowed = "SEM, TEM, STEM, FIB-SEM, unknown"
+    assert reasons == {
+        "metadata.csv": f"metadata.csv line 2 (a.png): modality 'XRD' is not one of {allowed}; "
+        "metadata.csv line 3 (b.png): pixel_size_nm '-1' must be > 0",
+        "c.json": f"c.json: modality 'EDX' is not one of {allowed}; "
+        "c.json: colour is not a sidecar field (pixel_size_nm, label, modality, group, "
+        "instrument, ground_truth)",
+    }
+
+
 def test_duplicate_content_is_ingested_once(tmp_path, make_cfg):
     raw = tmp_path / "raw"
     for folder in ("a", "b"):

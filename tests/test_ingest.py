@@ -17,9 +17,15 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from semilens.images.databar import detect_databar, low_information
+from semilens.images.databar import Databar, detect_databar, low_information
 from semilens.images.ingest import ingest_images, source_of
-from semilens.images.metadata import default_group, folder_label, to_nm
+from semilens.images.metadata import (
+    assign_groups,
+    default_group,
+    folder_label,
+    parse_modality,
+    to_nm,
+)
 from semilens.images.readers import decode, to_gray8
 from semilens.io import read_jsonl
 from semilens.records import GroundTruth, ImageRecord, Sidecar
@@ -177,7 +183,9 @@ def test_fei_tag_gives_pixel_size_instrument_and_exact_bar(tmp_path, make_cfg):
     cfg = make_cfg(raw=tmp_path / "raw")
     ingest_images(cfg)
     (rec,) = read_outputs(cfg)[0]
-    assert rec.pixel_size_nm == pytest.approx(2.5) and rec.pixel_size_source == "tiff:fei_34682"
+    # The sidecar is the user's word and wins over the tag; the note keeps the tag's value.
+    assert (rec.pixel_size_nm, rec.pixel_size_source) == (99.0, "sidecar:json")
+    assert "overrides tiff:fei_34682 2.5 nm" in rec.pixel_size_note
     assert (rec.height, rec.databar) == (96, "metadata:ResolutionY")
     assert rec.modality == "SEM" and rec.label == "override"  # tags > sidecar > folder
     assert rec.instrument["vendor"] == "FEI/Thermo Fisher"
@@ -186,7 +194,7 @@ def test_fei_tag_gives_pixel_size_instrument_and_exact_bar(tmp_path, make_cfg):
     assert rec.instrument["magnification"] == pytest.approx(0.127 / 3.2e-7, rel=1e-3)
 
 
-def test_imagej_resolution_beats_sidecar(tmp_path, make_cfg):
+def test_sidecar_beats_imagej_resolution_and_the_note_keeps_the_tag(tmp_path, make_cfg):
     raw = tmp_path / "raw"
     raw.mkdir()
     img = specimen(64, 64)
@@ -197,7 +205,8 @@ def test_imagej_resolution_beats_sidecar(tmp_path, make_cfg):
     cfg = make_cfg(raw=raw)
     ingest_images(cfg)
     (rec,) = read_outputs(cfg)[0]
-    assert (rec.pixel_size_nm, rec.pixel_size_source) == (0.5, "tiff:imagej")
+    assert (rec.pixel_size_nm, rec.pixel_size_source) == (7.0, "sidecar:json")
+    assert rec.pixel_size_note == "sidecar:json 7 nm overrides tiff:imagej 0.5 nm (+1300.0%)"
 
 
 def test_sidecar_json_beats_csv_beats_folder(tmp_path, make_cfg):
@@ -232,6 +241,59 @@ def test_sidecar_json_beats_csv_beats_folder(tmp_path, make_cfg):
     assert summary["n_skipped"] == 3  # metadata.csv, a.json, c.json
 
 
+@pytest.mark.parametrize(
+    "value,modality,detector",
+    [
+        ("SEM", "SEM", None), ("tem", "TEM", None), ("stem", "STEM", None),
+        ("HAADF-STEM", "STEM", "HAADF"), ("HAADF", "STEM", "HAADF"),
+        ("haadf stem", "STEM", "HAADF"),
+        ("BF-STEM", "STEM", "BF"), ("ADF", "STEM", "ADF"), ("ABF-STEM", "STEM", "ABF"),
+        ("FIB", "FIB-SEM", None), ("FIB-SEM", "FIB-SEM", None), ("fibsem", "FIB-SEM", None),
+        ("Unknown", "unknown", None),
+        ("XRD", None, None), ("BF", None, None), ("", None, None), (3, None, None),
+    ],
+)
+def test_parse_modality(value, modality, detector):
+    assert parse_modality(value) == (modality, detector)
+
+
+def test_modality_spellings_from_csv_and_json(tmp_path, make_cfg):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    names = "abcdefg"
+    for i, n in enumerate(names):
+        (raw / f"{n}.png").write_bytes(png(specimen(40, 40, seed=30 + i)))
+    (raw / "metadata.csv").write_text(
+        "file,modality,detector\n"
+        "a.png,stem,\nb.png,HAADF-STEM,\nc.png,HAADF-STEM,DF4\nd.png,ADF,\n"
+        "e.png,FIB,\nf.png,Fib-Sem,\n"
+    )
+    (raw / "g.json").write_text(json.dumps({"modality": "bf-stem"}))
+    cfg = make_cfg(raw=raw)
+    ingest_images(cfg)
+    records, quarantine = read_outputs(cfg)
+    assert quarantine == []
+    got = {Path(r.source).stem: (r.modality, r.instrument.get("detector")) for r in records}
+    assert got == {
+        "a": ("STEM", None), "b": ("STEM", "HAADF"),
+        "c": ("STEM", "DF4"),  # a detector column says more than the modality's name
+        "d": ("STEM", "ADF"), "e": ("FIB-SEM", None), "f": ("FIB-SEM", None),
+        "g": ("STEM", "BF"),
+    }
+
+
+def test_fei_ion_beam_image_is_fib_sem(tmp_path, make_cfg):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    ini = FEI_INI.replace("Beam=EBeam\r\n[EBeam]", "Beam=IBeam\r\n[IBeam]")
+    pixels = with_bar(specimen(96, 128), 17, background=0)
+    (raw / "ion.tif").write_bytes(tif(pixels, extratags=[(34682, "s", 0, ini, True)]))
+    cfg = make_cfg(raw=raw)
+    ingest_images(cfg)
+    (rec,) = read_outputs(cfg)[0]
+    assert rec.modality == "FIB-SEM" and rec.instrument["hv_kv"] == 10.0
+
+
 def test_labels_and_tile_groups_from_paths(tmp_path, make_cfg):
     raw = tmp_path / "raw"
     (raw / "wires" / "tiles").mkdir(parents=True)
@@ -240,29 +302,99 @@ def test_labels_and_tile_groups_from_paths(tmp_path, make_cfg):
         (raw / "wires" / "tiles" / name).write_bytes(png(specimen(40, 40, seed=i)))
     (raw / "wires" / "full" / "m1.png").write_bytes(png(specimen(80, 40, seed=9)))
     (raw / "loose.png").write_bytes(png(specimen(40, 40, seed=5)))
-    cfg = make_cfg(raw=raw)
-    ingest_images(cfg)
+    for i, rel in enumerate(["Nanowires/n.png", "particle/p.png", "deepsem_set/q.png"]):
+        (raw / rel).parent.mkdir(parents=True)
+        (raw / rel).write_bytes(png(specimen(40, 40, seed=20 + i)))
+    cfg = make_cfg(raw=raw, label_aliases={"wires": "nanowires"})
+    summary = ingest_images(cfg)
     got = by_name(read_outputs(cfg)[0])
     assert {got[n].group for n in ("m1_x0_y0.png", "m1_x1_y0.png", "m1.png")} == {"wires/m1"}
-    assert got["m2_x0_y0.png"].group == "wires/m2"
-    assert got["m1.png"].label == "wires" and got["m1.png"].label_source == "folder"
-    assert (got["loose.png"].label, got["loose.png"].label_source) == (None, "none")
+    assert got["m2_x0_y0.png"].group == "wires/tiles/m2"
+    # A folder is a label when it names a class (loosely) or an alias; otherwise none.
+    labels = {n: (r.label, r.label_source) for n, r in got.items()}
+    assert labels["m1.png"] == labels["n.png"] == ("nanowires", "folder")
+    assert labels["p.png"] == ("particles", "folder")
+    assert labels["q.png"] == labels["loose.png"] == (None, "none")
     assert got["loose.png"].group == "loose"
+    assert (summary["n_unlabelled"], summary["unlabelled_folders"]) == (2, [".", "deepsem_set"])
+    # Without the alias the data set's own folder name is no class answer either.
+    summary = ingest_images(make_cfg(raw=raw))
+    assert summary["n_unlabelled"] == 6
+    assert summary["unlabelled_folders"] == [".", "deepsem_set", "wires/full", "wires/tiles"]
+
+
+def test_mask_and_label_folders_are_excluded_unread(tmp_path, make_cfg):
+    raw = tmp_path / "raw"
+    masks = ["s/masks/3/obj1.png", "s/masks_slider/m.TIF", "s/SegMaps/m.png", "s/labels/m.png",
+             "s/m_mask.png", "s/deep/Masks/x/y.tif"]
+    kept = ["s/m.png", "s/masks.png", "s/masksets/m2.png", "s/mask_free/m3.png"]
+    for i, rel in enumerate(kept):
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(png(specimen(40, 40, seed=i)))
+    for rel in masks:
+        (raw / rel).parent.mkdir(parents=True, exist_ok=True)
+        (raw / rel).write_bytes(b"II*\x00not read: would be quarantined if it were")
+    cfg = make_cfg(raw=raw)
+    summary = ingest_images(cfg)
+    records, quarantine = read_outputs(cfg)
+    assert quarantine == []
+    assert sorted(Path(r.source).relative_to(raw).as_posix() for r in records) == sorted(kept)
+    assert summary["n_excluded"] == len(masks)
+    assert sorted(summary["excluded"]) == sorted(source_of(raw / m) for m in masks)
+    # A run of folders: only that run, wherever it sits.
+    cfg = make_cfg(raw=raw, exclude=["s/masksets/"])
+    summary = ingest_images(cfg)
+    assert summary["excluded"] == [source_of(raw / "s/masksets/m2.png")]
+
+
+CLASSES = ("particles", "nanowires", "cracked_film")
 
 
 @pytest.mark.parametrize(
     "rel,label,group",
     [
         ("a.tif", None, "a"),
-        ("cls/a_x1_y0.png", "cls", "cls/a"),
-        ("cls/sub/a-r2-c3.tif", "cls", "cls/a"),
-        ("cls/a_tile07.tif", "cls", "cls/a"),
-        ("cls/a_x1.tif", "cls", "cls/a_x1"),  # not a tile suffix
+        ("particles/a_x1_y0.png", "particles", "particles/a"),
+        ("Nanowires/sub/a-r2-c3.tif", "nanowires", "Nanowires/sub/a"),
+        ("nanowire/a_tile07.tif", "nanowires", "nanowire/a"),
+        ("Cracked-Films/a_x1.tif", "cracked_film", "Cracked-Films/a_x1"),  # not a tile suffix
+        ("particles/batch3/tiles/a.png", "particles", "particles/batch3/tiles/a"),
+        ("deepsem_nanowires/tiles/a.png", None, "deepsem_nanowires/tiles/a"),  # a data set
+        ("sem_wires_2023/a.png", "nanowires", "sem_wires_2023/a"),  # by alias
+        ("Particles/SEM-Wires-2023/a.png", "nanowires", "Particles/SEM-Wires-2023/a"),
     ],
 )
 def test_folder_label_and_default_group(rel, label, group):
     p = PurePosixPath(rel)
-    assert folder_label(p) == label and default_group(p) == group
+    assert folder_label(p, CLASSES, {"sem_wires_2023": "nanowires"}) == label
+    assert default_group(p) == group
+
+
+def test_groups_join_one_micrograph_and_never_two():
+    rels = [PurePosixPath(r) for r in (
+        "ds/tiles/m1_cropped_x0_y0.png", "ds/tiles/m1_cropped_x1_y0.png",
+        "ds/fullres/m1_cropped.png", "ds/raw_tiff/m1.tif",  # one micrograph, three folders
+        "ds/tiles/m2_cropped_x0_y0.png",  # a tile whose full frame is not here
+        "ds/batch1/img01.tif", "ds/batch2/img01.tif",  # two micrographs, one name
+        "ds/run1/s_x0_y0.png", "ds/run1/s_x1_y0.png",  # two runs tiled alike
+        "ds/run2/s_x0_y0.png", "ds/run2/s_x1_y0.png",
+        "other/tiles/m1_cropped_x0_y0.png",  # another data set's m1: not a sibling
+        "x.png", "x_x1_y0.png", "y/x.png",
+    )]
+    groups = assign_groups(rels)
+    got = {r.as_posix(): g for r, g in groups.items()}
+    m1 = {got[r] for r in ("ds/tiles/m1_cropped_x0_y0.png", "ds/tiles/m1_cropped_x1_y0.png",
+                           "ds/fullres/m1_cropped.png", "ds/raw_tiff/m1.tif")}
+    assert m1 == {"ds/m1"}
+    assert got["ds/tiles/m2_cropped_x0_y0.png"] == "ds/tiles/m2_cropped"
+    assert (got["ds/batch1/img01.tif"], got["ds/batch2/img01.tif"]) == (
+        "ds/batch1/img01", "ds/batch2/img01"
+    )
+    assert got["other/tiles/m1_cropped_x0_y0.png"] == "other/tiles/m1_cropped"
+    assert got["ds/run1/s_x1_y0.png"] == "ds/run1/s"
+    assert got["ds/run2/s_x0_y0.png"] == "ds/run2/s"
+    assert got["x.png"] == got["x_x1_y0.png"] == "x" and got["y/x.png"] == "y/x"
+    assert len(set(got.values())) == 9
 
 
 @pytest.mark.parametrize(
@@ -343,6 +475,112 @@ def test_databar_found_from_pixels(background, rows):
     img = with_bar(specimen(160, 192, seed=rows), rows, background)
     bar = detect_databar(img)
     assert bar.rows == rows and bar.method == "pixels:text_band"
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)  # Pillow's own font: no system font needed
+
+
+def thermo_fisher_export(width: int = 1536, seed: int = 0) -> bytes:
+    """A Thermo Fisher JPEG export: 2048 specimen rows over a 140-row black bar with
+    labels, large bold values in cells, grey separators and a boxed scale bar."""
+    from PIL import ImageDraw
+
+    bar = Image.new("L", (width, 140), 0)
+    draw = ImageDraw.Draw(bar)
+    cells = [("HV", "5.00 kV"), ("curr", "0.10 nA"), ("mag", "50 000 x"),
+             ("HFW", "5.97 um"), ("WD", "4.1 mm"), ("det", "TLD")]
+    for i, (label, value) in enumerate(cells):
+        x = 12 + 205 * i
+        draw.text((x, 10), label, fill=255, font=_font(32))
+        draw.text((x, 58), value, fill=255, font=_font(48), stroke_width=2, stroke_fill=255)
+        draw.line([(x + 191, 6), (x + 191, 134)], fill=160, width=2)
+    draw.rectangle([width - 300, 14, width - 16, 126], outline=255, width=3)
+    draw.text((width - 210, 22), "1 um", fill=255, font=_font(48), stroke_width=2,
+              stroke_fill=255)
+    draw.rectangle([width - 280, 96, width - 36, 108], fill=255)
+    frame = np.vstack([specimen(2048, width, seed=seed), np.asarray(bar)])
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def hitachi_frame(band_level: int, width: int = 640, seed: int = 0) -> np.ndarray:
+    """960 specimen rows over a 64-row band that is itself image-like (textured, no single
+    background value), with white text and a tick ruler drawn over it (Hitachi-style)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed + 1)
+    texture = ndimage.gaussian_filter(rng.normal(size=(64, width)), 1.5)
+    texture = band_level + 14 * texture / texture.std() + rng.normal(0, 4, (64, width))
+    band = Image.fromarray(np.clip(np.rint(texture), 0, 235).astype(np.uint8))
+    draw = ImageDraw.Draw(band)
+    draw.text((12, 18), "S-4800 5.0kV 8.1mm x50.0k SE(U)", fill=255, font=_font(22))
+    x0, x1 = width - 220, width - 40
+    for i in range(11):
+        x = x0 + i * (x1 - x0) // 10
+        draw.line([(x, 12), (x, 24)], fill=255, width=2)
+    draw.text((x1 - 80, 30), "1.00um", fill=255, font=_font(22))
+    return np.vstack([specimen(960, width, seed=seed), np.asarray(band)])
+
+
+def test_tall_bar_with_large_bold_text_is_found():
+    gray = np.asarray(Image.open(io.BytesIO(thermo_fisher_export())).convert("L"))
+    assert gray.shape[0] == 2188
+    assert detect_databar(gray) == Databar(140, "pixels:text_band")
+
+
+@pytest.mark.parametrize("band_level", [40, 215])  # darker or lighter than the specimen
+def test_text_over_an_image_like_band_is_found(band_level):
+    assert detect_databar(hitachi_frame(band_level)) == Databar(64, "pixels:text_over_band")
+
+
+def test_bars_from_every_layout_cropped_by_the_stage(tmp_path, make_cfg):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "thermo.jpg").write_bytes(thermo_fisher_export(width=768))
+    hitachi = hitachi_frame(40)
+    (raw / "hitachi.png").write_bytes(png(hitachi))
+    cfg = make_cfg(raw=raw)
+    ingest_images(cfg)
+    got = by_name(read_outputs(cfg)[0])
+    assert (got["thermo.jpg"].height, got["thermo.jpg"].databar) == (2048, "pixels:text_band")
+    rec = got["hitachi.png"]
+    assert (rec.height, rec.databar) == (960, "pixels:text_over_band")
+    assert np.array_equal(np.asarray(Image.open(rec.png)), hitachi[:960])
+
+
+def test_specimen_bands_are_not_bars():
+    """What sets a bar apart is a straight full-width top edge AND a bar's content (one
+    background value with marks, or rendered glyphs). A specimen band lacks one of them."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(3)
+    img = specimen(400, 320, seed=3)
+    # A substrate layer under a cross-section: straight edge, but noisy and unmarked.
+    layer = img.copy()
+    layer[-60:] = np.clip(rng.normal(30, 8, (60, 320)), 0, 255).astype(np.uint8)
+    assert detect_databar(layer).rows == 0
+    # The same with bright particles sitting in it (saturated blobs, not glyphs in a row).
+    dotted = layer.copy()
+    for y, x in zip(rng.integers(345, 395, 12), rng.integers(5, 310, 12)):
+        dotted[y - 1 : y + 2, x - 1 : x + 2] = 255
+    assert detect_databar(dotted).rows == 0
+    # A scale bar and its label burned into the specimen (a figure crop): no full-width edge.
+    labelled = Image.fromarray(img)
+    draw = ImageDraw.Draw(labelled)
+    draw.rectangle([200, 370, 300, 378], fill=255)
+    draw.text((215, 340), "200 nm", fill=255, font=_font(22))
+    assert detect_databar(np.asarray(labelled)).rows == 0
+    # A dark specimen region with text-like bright marks that fades in: no sharp edge.
+    dark = img.copy()
+    ramp = np.linspace(0, 1, 80)[:, None]
+    dark[-80:] = np.where(rng.random((80, 320)) < ramp, 0, dark[-80:])
+    dark_img = Image.fromarray(dark)
+    ImageDraw.Draw(dark_img).text((20, 360), "A", fill=255, font=_font(22))
+    assert detect_databar(np.asarray(dark_img)).rows == 0
 
 
 def test_no_bar_means_no_crop():
@@ -490,8 +728,10 @@ def test_stage_entry_point_runs_from_params(tmp_path):
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    (tmp_path / "data" / "raw" / "images" / "c").mkdir(parents=True)
-    (tmp_path / "data" / "raw" / "images" / "c" / "x.png").write_bytes(png(specimen(32, 32)))
+    (tmp_path / "data" / "raw" / "images" / "Grains").mkdir(parents=True)
+    (tmp_path / "data" / "raw" / "images" / "Grains" / "x.png").write_bytes(
+        png(specimen(32, 32))
+    )
     params = yaml.safe_load((root / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])}
@@ -503,7 +743,8 @@ def test_stage_entry_point_runs_from_params(tmp_path):
     log = json.loads((tmp_path / params["paths"]["logs"] / "ingest_images.json").read_text())
     assert log["n_records"] == 1 and log["cache"] == {"hits": 0, "misses": 1}
     rec = next(read_jsonl(tmp_path / params["paths"]["interim_images"] / "records.jsonl"))
-    assert rec["source"] == "data/raw/images/c/x.png" and rec["label"] == "c"
+    # The folder names a class of params.yaml's synth_images.classes, loosely spelt.
+    assert rec["source"] == "data/raw/images/Grains/x.png" and rec["label"] == "grains"
     assert rec["png"].startswith(params["paths"]["interim_images"] + "/png/")
 
 
@@ -619,7 +860,8 @@ def test_gatan_dm3_dm4_through_rosettasciio(tmp_path, make_cfg):
     records, quarantine = read_outputs(cfg)
     got = by_name(records)
     a, b = got["a.dm3"], got["b.dm4"]
-    assert (a.format, a.original_dtype, a.modality, a.label) == ("DM3", "float32", "TEM", "tem")
+    # "tem" says how, not what: no class, so no label.
+    assert (a.format, a.original_dtype, a.modality, a.label) == ("DM3", "float32", "TEM", None)
     assert (a.pixel_size_nm, a.pixel_size_source) == (25.0, "dm:axes")
     assert a.instrument == {
         "vendor": "Gatan", "hv_kv": 200.0, "magnification": 50000.0, "model": "JEM-2100"

@@ -139,10 +139,35 @@ class IngestImagesConfig(Section):
         "frame that also fails low_info_structure counts as noise only",
     )
     exclude: tuple[str, ...] = Field(
-        ("*_mask.*",),
-        description="glob patterns (file name or path under the input root) that are not "
-        "micrographs, e.g. label masks; skipped and counted",
+        ("*_mask.*", "masks/", "masks_*/", "segmaps/", "labels/"),
+        description="glob patterns (file name or path under the input root; one ending in "
+        "'/' matches any folder on the way) that are not micrographs, e.g. label masks; "
+        "skipped unread, counted and listed",
     )
+    read_scale_bars: bool = Field(
+        True,
+        description="read the burned-in scale bar (tesseract) when no sidecar gives the "
+        "pixel size: it fills a missing one and cross-checks a vendor tag",
+    )
+    scale_check_tolerance: float = Field(
+        0.02,
+        gt=0.0,
+        description="relative difference between a vendor tag's pixel size and the scale "
+        "bar's above which the record notes a disagreement",
+    )
+    label_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="folder name -> class label, for folders that do not already name a "
+        "class of synth_images.classes (case, separators and a plural 's' ignored); a "
+        "raw image under no such folder and without a sidecar label stays unlabelled",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "IngestImagesConfig":
+        bad = [k for k, label in self.label_aliases.items() if not k.strip() or not label.strip()]
+        if bad:
+            raise ValueError(f"label_aliases: empty folder name or class for {bad}")
+        return self
 
 
 class MeasureImagesConfig(Section):
@@ -156,6 +181,14 @@ class MeasureImagesConfig(Section):
     split_depth_px: float = Field(
         0.5, gt=0.0, description="a neck must be this much (px) thinner than both blobs to split"
     )
+    split_depth_rel: float = Field(
+        0.1, ge=0.0, description="... and this fraction of the typical particle radius thinner"
+    )
+    debris_rel_size: float = Field(
+        0.35, ge=0.0, lt=1.0,
+        description="particles below this fraction of the area-weighted median diameter are "
+        "speckle or debris: reported in the notes, not counted",
+    )
     dark_line_max_width_px: int = Field(
         5, ge=1, description="radius of the top-hat that finds cracks and grain boundaries"
     )
@@ -164,6 +197,10 @@ class MeasureImagesConfig(Section):
     )
     elongated_aspect: float = Field(
         3.0, gt=1.0, description="unlabelled objects longer than this aspect are measured as wires"
+    )
+    rod_max_aspect: float = Field(
+        8.0, gt=1.0,
+        description="... as rods instead when they are straight, convex and at most this long",
     )
     min_structure: float = Field(
         0.1, ge=0.0, description="lag-1 autocorrelation below which a frame is noise only"

@@ -10,7 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Modality = Literal["SEM", "TEM", "unknown"]
+# STEM contrast reads like TEM (transmitted beam), FIB-SEM like SEM (scanned surface). The
+# spellings users write ("HAADF-STEM", "fib") are mapped onto these by the sidecar reader
+# (semilens.images.metadata.parse_modality).
+Modality = Literal["SEM", "TEM", "STEM", "FIB-SEM", "unknown"]
+MODALITIES: tuple[str, ...] = ("SEM", "TEM", "STEM", "FIB-SEM", "unknown")
 
 
 class Record(BaseModel):
@@ -57,7 +61,17 @@ class ImageRecord(Record):
     modality: Modality
     instrument: dict[str, str | float | int] = Field(default_factory=dict)
     pixel_size_nm: float | None
-    pixel_size_source: str = Field(description="e.g. 'tiff:fei_34682', 'sidecar:json', 'none'")
+    pixel_size_source: str = Field(
+        description="e.g. 'sidecar:json', 'tiff:fei_34682', 'scalebar:ocr', 'databar:hfw', 'none'"
+    )
+    pixel_size_confidence: float | None = Field(
+        None, description="1 for a sidecar or vendor tag; the OCR and geometry score for the image's own"
+    )
+    pixel_size_note: str | None = Field(
+        None,
+        description="one line: how the image's own scale was read, why it gave none, or a "
+        "disagreement with the vendor tag",
+    )
     label: str | None
     label_source: Literal["folder", "sidecar", "ground_truth", "none"]
     group: str = Field(description="source micrograph: tiles of one image share it")
@@ -66,6 +80,11 @@ class ImageRecord(Record):
     low_information: bool = False
     low_information_reason: str | None = None
     ground_truth: GroundTruth | None = None
+    overlays: list[tuple[int, int, int, int]] = Field(
+        default_factory=list,
+        description="(left, top, right, bottom) boxes in PNG coordinates holding burned-in "
+        "scale bars, their labels and other annotations: not specimen, never measured",
+    )
 
 
 class QuarantineEntry(Record):

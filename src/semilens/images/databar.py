@@ -6,10 +6,14 @@ rows); writes nothing. Used by ``semilens.images.ingest``.
 FEI/Thermo store the scanned height ([Image] ResolutionY), so their bar is exact. Zeiss
 and most others do not, so the bar is found from the pixels: a full-width band at the
 bottom whose rows are dominated by one background value (white on Zeiss, black on FEI,
-whatever a renderer chose) with sparse text and separator lines, under a sharp boundary
-above which the image rows do not hold that value. A band taller than ``MAX_FRACTION``
-of the image, or one that fades into the image (a dark or saturated specimen region),
-is not a bar, so an image without a bar keeps every row.
+whatever a renderer chose) with text and separator lines (rows through one line of large
+bold text are bridged), under a sharp boundary above which the image rows do not hold
+that value. Where the band has no single background (text drawn over an image-like band,
+Hitachi-style), the bar is a straight full-width edge with a line of rendered glyphs below
+it. What a specimen band lacks is one of the two: a dark or saturated region fades in or
+has a ragged edge; a substrate layer has a straight edge but neither a flat background
+nor a line of glyphs. A band taller than ``MAX_FRACTION`` is never a bar, so an image
+without a bar keeps every row.
 """
 
 from __future__ import annotations
@@ -39,6 +43,26 @@ TOP_ROWS = 3
 ABOVE_ROWS = 8
 ABOVE_SHARE = 0.5
 BOUNDARY_STEP = 0.35
+# Rows through large or bold text (Thermo Fisher exports, old analogue frames) hold less
+# than BACKGROUND_SHARE background: still TEXT_ROW_SHARE, or CLEAN_ROW_SHARE when the rest
+# is ink (pixels at least INK_CONTRAST from it) with few mid-tones, which a specimen row near
+# the bar's value never is. Such rows join the bar only between bar rows, for at most one
+# text line (TEXT_LINE of the height), so a specimen band is never bridged into.
+TEXT_ROW_SHARE = 0.4
+CLEAN_ROW_SHARE = 0.25
+TEXT_ROW_CLEAN = 0.88
+INK_CONTRAST = 64
+TEXT_LINE = 0.05
+# Text drawn over an image-like band (Hitachi-style): no uniform background, so the bar
+# is a straight full-width edge (over STEP_ROWS rows each side, the mean steps by EDGE_STEP
+# grey levels in EDGE_CONSISTENCY of the columns) with a line of saturated glyphs below it
+# (at least MIN_GLYPHS components of text size in one line), with a quarter of that ink
+# density at most in as many rows above it.
+STEP_ROWS = 4
+EDGE_STEP = 12
+EDGE_CONSISTENCY = 0.9
+INK_LEVELS = (250, 5)  # white text, black text
+MIN_GLYPHS = 5
 
 
 @dataclass(frozen=True)
@@ -70,26 +94,39 @@ def detect_databar(gray: np.ndarray, image_rows: int | None = None) -> Databar:
 
 
 def _detect_from_pixels(gray: np.ndarray) -> Databar:
-    h = gray.shape[0]
-    if h < 4 * MIN_ROWS:
+    if gray.shape[0] < 4 * MIN_ROWS:
         return Databar(0, None)
+    bar = _uniform_bar(gray)
+    return bar if bar.rows else _text_over_band(gray)
+
+
+def _uniform_bar(gray: np.ndarray) -> Databar:
+    """A bar drawn on one background value (Zeiss, FEI, JEOL, Thermo Fisher, most others)."""
+    h = gray.shape[0]
     # The bar's background: the most common value of the bottom rows.
     bottom = gray[h - max(MIN_ROWS * 2, h // 20) :]
     background = int(np.bincount(bottom.ravel(), minlength=256).argmax())
 
     limit = min(h, int(MAX_FRACTION * h) + ABOVE_ROWS + MAX_GAP + 1)
     region = gray[h - limit :]
-    near = (np.abs(region.astype(np.int16) - background) <= TOL).mean(axis=1)
+    dist = np.abs(region.astype(np.int16) - background)
+    near = (dist <= TOL).mean(axis=1)
+    ink = (dist > INK_CONTRAST).mean(axis=1)
     line_share, _ = dominant(region)
     is_bar = (near >= BACKGROUND_SHARE) | (line_share >= LINE_SHARE)
-    is_bar = is_bar[::-1]  # index 0 = bottom row
+    clean = (near >= CLEAN_ROW_SHARE) & (near + ink >= TEXT_ROW_CLEAN)
+    is_text = ~is_bar & ((near >= TEXT_ROW_SHARE) | clean)
+    is_bar, is_text = is_bar[::-1], is_text[::-1]  # index 0 = bottom row
     start = next((i for i in range(EDGE_ROWS + 1) if is_bar[i]), None)
     if start is None:
         return Databar(0, None)
-    top, gap = start, 0  # top: index of the highest bar row found so far
+    max_text = max(MAX_GAP, int(TEXT_LINE * h))
+    top, gap, text = start, 0, 0  # top: index of the highest bar row found so far
     for i in range(start + 1, limit):
         if is_bar[i]:
-            top, gap = i, 0
+            top, gap, text = i, 0, 0
+        elif is_text[i] and text < max_text:
+            text += 1  # a row through a text line: bar only if background rows follow
         else:
             gap += 1
             if gap > MAX_GAP:
@@ -110,6 +147,58 @@ def _detect_from_pixels(gray: np.ndarray) -> Databar:
     # (letterboxing) is cropped too, and the method says which it was.
     has_marks = (np.abs(bar - background) > 64).mean() > 0.002
     return Databar(height, "pixels:text_band" if has_marks else "pixels:uniform_band")
+
+
+def _text_over_band(gray: np.ndarray) -> Databar:
+    """A bar whose text is drawn over an image-like band (Hitachi-style), or no bar.
+
+    Without a uniform background only two things set such a bar apart from a specimen: a
+    straight edge across the full width (a specimen's dark or bright region has a ragged
+    one) and a line of rendered glyphs in saturated ink below that edge, absent above it.
+    """
+    from scipy import ndimage
+
+    h, w = gray.shape
+    limit = int(MAX_FRACTION * h)
+    k = STEP_ROWS
+    if limit < MIN_ROWS + k or h < limit + 2 * k:
+        return Databar(0, None)
+    # Column means of the k rows above and below each candidate top row t (bottom part).
+    region = gray[h - limit - k :].astype(np.float64)
+    csum = np.vstack([np.zeros((1, w)), np.cumsum(region, axis=0)])
+    tops = np.arange(k, limit - MIN_ROWS + k + 1)  # row index of t within region
+    above = (csum[tops] - csum[tops - k]) / k
+    below = (csum[tops + k] - csum[tops]) / k
+    step = below - above
+    consistency = np.maximum((step > EDGE_STEP).mean(axis=1), (step < -EDGE_STEP).mean(axis=1))
+    strength = np.abs(step.mean(axis=1))
+    # Straight edges, nearest the bottom first (a bar is the last band); the rows next to
+    # an edge pass too, as their windows straddle it, so each run keeps its strongest row.
+    straight = np.flatnonzero(consistency >= EDGE_CONSISTENCY)
+    runs = np.split(straight, np.flatnonzero(np.diff(straight) > 1) + 1) if straight.size else []
+    for run in runs[::-1]:
+        i = run[np.argmax(strength[run])]
+        height = int(limit + k - tops[i])
+        if height < MIN_ROWS:
+            continue
+        # Text is only in the bar; a specimen's saturated spots are above the edge as well.
+        band, above_band = gray[h - height :], gray[max(0, h - 2 * height) : h - height]
+        for level in INK_LEVELS:
+            ink = band >= level if level > 128 else band <= level
+            ink_above = above_band >= level if level > 128 else above_band <= level
+            share = ink.mean()
+            if not 0.002 <= share <= 0.4 or ink_above.mean() > share / 4:
+                continue
+            # Glyphs: ink components of text size, standing side by side in one text line
+            # (specks of a saturated specimen are scattered, not lined up on a row).
+            per_row = np.zeros(height, int)
+            for box in ndimage.find_objects(ndimage.label(ink)[0]):
+                rows, cols = box
+                if 3 <= rows.stop - rows.start <= height and cols.stop - cols.start <= 0.2 * w:
+                    per_row[rows] += 1
+            if per_row.max() >= MIN_GLYPHS:
+                return Databar(height, "pixels:text_over_band")
+    return Databar(0, None)
 
 
 # ---------------------------------------------------------------------------------------

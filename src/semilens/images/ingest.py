@@ -2,7 +2,9 @@
 
 Reads everything under ``paths.raw_images`` (recursively; class sub-folders, ``<image>.json``
 sidecars and ``metadata.csv`` allowed; the folder may be empty or absent) and the synthetic
-set under ``paths.synthetic_images`` (``<class>/<id>.tif`` + ``<id>.json`` Sidecar).
+set under ``paths.synthetic_images`` (``<class>/<id>.tif`` + ``<id>.json`` Sidecar). Files and
+folders matching ``ingest_images.exclude`` (label masks, instance maps) are listed, never
+read.
 Writes ``<paths.interim_images>/png/<id>.png``, ``records.jsonl`` (records.ImageRecord, by
 id) and ``quarantine.jsonl`` (records.QuarantineEntry, by source).
 Run: ``python -m stages.ingest_images``.
@@ -35,7 +37,7 @@ from semilens.images.metadata import (
     SIDECAR_CSV,
     FileMeta,
     SidecarError,
-    default_group,
+    assign_groups,
     file_metadata,
     folder_label,
     load_metadata_csv,
@@ -43,6 +45,7 @@ from semilens.images.metadata import (
     sidecar_from_row,
 )
 from semilens.images.readers import Decoded, ReadError, decode, is_image_name, one_line, to_gray8
+from semilens.images.scalebar import ImageScale, image_scale
 from semilens.io import atomic_write_bytes, display_path, sha256_bytes, write_jsonl
 from semilens.records import ImageRecord, QuarantineEntry, Sidecar
 
@@ -53,6 +56,7 @@ VERSION = code_version(
     "semilens.images.readers",
     "semilens.images.metadata",
     "semilens.images.databar",
+    "semilens.images.scalebar",
     "semilens.records",
 )
 
@@ -93,9 +97,27 @@ def _quarantine(source: str, reason: str, sha256: str | None = None) -> Quaranti
 
 
 def _excluded(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
-    """Case-insensitive glob match on the file name or the path under the input root."""
+    """Case-insensitive glob match on the file name, the path under the input root, or,
+    for a pattern ending in ``/``, any folder on the way (``masks/`` matches
+    ``a/masks/3/x.png``; ``Super1/masks/`` matches that run of folders).
+
+    Folder patterns exist because data sets keep their label masks and instance maps as
+    images in folders of their own, named like the micrographs they annotate.
+    """
     name, path = rel.name.lower(), rel.as_posix().lower()
-    return any(fnmatchcase(name, p.lower()) or fnmatchcase(path, p.lower()) for p in patterns)
+    folders = [part.lower() for part in rel.parts[:-1]]
+    for pattern in (p.lower() for p in patterns):
+        if pattern.endswith("/"):
+            run = pattern.rstrip("/").split("/")
+            n = len(run)
+            if any(
+                all(fnmatchcase(f, q) for f, q in zip(folders[i : i + n], run))
+                for i in range(len(folders) - n + 1)
+            ):
+                return True
+        elif fnmatchcase(name, pattern) or fnmatchcase(path, pattern):
+            return True
+    return False
 
 
 def discover(
@@ -147,15 +169,15 @@ def discover(
 class SidecarIndex:
     """Sidecars of every folder, loaded once; problems are collected per sidecar file."""
 
-    csv_rows: dict[Path, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    csv_rows: dict[Path, dict[str, tuple[int, dict[str, Any]]]] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
 
     def _problem(self, path: Path, reason: str) -> None:
         self.problems.setdefault(source_of(path), []).append(reason)
 
-    def _csv(self, folder: Path) -> dict[str, dict[str, Any]]:
+    def _csv(self, folder: Path) -> dict[str, tuple[int, dict[str, Any]]]:
         if folder not in self.csv_rows:
-            rows: dict[str, dict[str, Any]] = {}
+            rows: dict[str, tuple[int, dict[str, Any]]] = {}
             path = folder / SIDECAR_CSV
             if path.is_file():
                 try:
@@ -168,21 +190,33 @@ class SidecarIndex:
         return self.csv_rows[folder]
 
     def lookup(self, image: Path) -> list[tuple[str, Sidecar, dict[str, Any]]]:
-        """[(kind, Sidecar, raw dict)] for ``image``, JSON before CSV (precedence order)."""
+        """[(kind, Sidecar, raw dict)] for ``image``, JSON before CSV (precedence order).
+
+        A bad value is reported (one line naming file, row and field) and only that field
+        is dropped: the rest of the sidecar still counts, and the image is always kept.
+        """
         found: list[tuple[str, Sidecar, dict[str, Any]]] = []
         json_path = image.with_suffix(".json")
         if json_path.is_file():
             try:
-                sidecar, raw = load_sidecar_json(json_path)
+                sidecar, raw, problems = load_sidecar_json(json_path)
                 found.append(("json", sidecar, raw))
+                for problem in problems:
+                    self._problem(json_path, problem)
             except SidecarError as exc:
                 self._problem(json_path, str(exc))
-        row = self._csv(image.parent).get(image.name)
+        line, row = self._csv(image.parent).get(image.name, (0, None))
         if row is not None:
+            csv_path = image.parent / SIDECAR_CSV
             try:
-                found.append(("csv", sidecar_from_row(row), row))
+                sidecar, problems = sidecar_from_row(
+                    row, f"{SIDECAR_CSV} line {line} ({image.name})"
+                )
+                found.append(("csv", sidecar, row))
+                for problem in problems:
+                    self._problem(csv_path, problem)
             except SidecarError as exc:
-                self._problem(image.parent / SIDECAR_CSV, f"row for {image.name}: {exc}")
+                self._problem(csv_path, str(exc))
         return found
 
 
@@ -223,13 +257,69 @@ def _pick_label(ctx: Context) -> tuple[str | None, str]:
     return None, "none"
 
 
-def _pick_pixel_size(meta: FileMeta, ctx: Context) -> tuple[float | None, str]:
-    if meta.pixel_size_nm:
-        return meta.pixel_size_nm, meta.pixel_size_source or "file"
+def _sidecar_pixel_size(ctx: Context) -> tuple[float, str] | None:
     for kind, sc in ctx.sidecars:
         if sc.pixel_size_nm:
             return sc.pixel_size_nm, f"sidecar:{kind}"
-    return None, "none"
+    return None
+
+
+@dataclass(frozen=True)
+class PixelSize:
+    value: float | None
+    source: str
+    confidence: float | None
+    note: str | None
+
+
+def _pick_pixel_size(
+    meta: FileMeta, ctx: Context, scale: ImageScale | None, tolerance: float
+) -> PixelSize:
+    """Sidecar > vendor tag > the image's own scale bar; a tag is cross-checked.
+
+    The person who wrote a sidecar knows the calibration best (a tag can be stale after a
+    resize, see the Zeiss half-size sample); a tag was written at acquisition; the bar is
+    read by OCR. When a tag and the bar both give one and differ by more than
+    ``tolerance``, the tag is kept and the note says by how much they disagree.
+    """
+    note = scale.reason if scale is not None else None
+    sidecar = _sidecar_pixel_size(ctx)
+    if sidecar is not None:
+        if meta.pixel_size_nm:
+            diff = sidecar[0] / meta.pixel_size_nm - 1.0
+            if abs(diff) > tolerance:
+                note = (
+                    f"{sidecar[1]} {sidecar[0]:g} nm overrides {meta.pixel_size_source} "
+                    f"{meta.pixel_size_nm:g} nm ({diff:+.1%})"
+                )
+        return PixelSize(sidecar[0], sidecar[1], 1.0, note)
+    image = scale.pixel_size_nm if scale is not None else None
+    if meta.pixel_size_nm:
+        tag = meta.pixel_size_nm
+        source = meta.pixel_size_source or "file"
+        if image is not None and scale is not None:
+            diff = image / tag - 1.0
+            verdict = "disagree" if abs(diff) > tolerance else "agree"
+            note = (
+                f"{source} {tag:g} nm and {scale.source} {image:g} nm {verdict} "
+                f"({diff:+.1%}): {scale.reason}"
+            )
+        return PixelSize(tag, source, 1.0, note)
+    if image is not None and scale is not None and scale.source:
+        return PixelSize(image, scale.source, scale.confidence, note)
+    return PixelSize(None, "none", None, note)
+
+
+def _png_overlays(scale: ImageScale | None, keep: int, width: int) -> list[tuple[int, int, int, int]]:
+    """The scale bar's boxes that fall in the kept rows, clipped to the PNG."""
+    if scale is None:
+        return []
+    out = []
+    for x0, y0, x1, y1 in scale.overlays:
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(keep, y1)
+        if x1 > x0 and y1 > y0:
+            out.append((x0, y0, x1, y1))
+    return sorted(set(out))
 
 
 def _pick_modality(meta: FileMeta, ctx: Context) -> str:
@@ -249,9 +339,9 @@ def page_record(
 ) -> tuple[dict[str, Any], bytes]:
     """Record (without ``source``/``png``, which depend on paths, not content) and PNG."""
     page = decoded.pages[index]
-    meta = file_metadata(page.tags)
     full = to_gray8(page.pixels, cfg.percentile_clip)
     height, width = full.shape
+    meta = file_metadata(page.tags, width)
     bar = detect_databar(full, meta.image_rows)
     keep = height - bar.rows
     if keep < cfg.min_side:  # a "bar" that leaves no image is not a bar
@@ -266,7 +356,17 @@ def page_record(
     )
     png = encode_png(gray)
     label, label_source = _pick_label(ctx)
-    pixel_size, pixel_source = _pick_pixel_size(meta, ctx)
+    # The bar's geometry is always found; its label (a tesseract call) is read when no
+    # sidecar settles the pixel size, or when the bar sits in the specimen area, where a
+    # read label marks it as not specimen.
+    if not cfg.read_scale_bars:
+        mode = "none"
+    elif _sidecar_pixel_size(ctx) is None:
+        mode = "all"
+    else:  # the sidecar settles the size; a bar in the specimen area is still masked
+        mode = "image_area"
+    scale = image_scale(full, bar.rows, ocr=mode)
+    pixel = _pick_pixel_size(meta, ctx, scale, cfg.scale_check_tolerance)
     instrument: dict[str, Any] = {}
     for _, sc in reversed(ctx.sidecars):  # JSON wins over CSV, the file over both
         instrument.update(sc.instrument)
@@ -289,8 +389,10 @@ def page_record(
         "databar": bar.method if bar.rows else None,
         "modality": _pick_modality(meta, ctx),
         "instrument": instrument,
-        "pixel_size_nm": pixel_size,
-        "pixel_size_source": pixel_source,
+        "pixel_size_nm": pixel.value,
+        "pixel_size_source": pixel.source,
+        "pixel_size_confidence": pixel.confidence,
+        "pixel_size_note": pixel.note,
         "label": label,
         "label_source": label_source,
         "group": group,
@@ -298,6 +400,7 @@ def page_record(
         "low_information": reason is not None,
         "low_information_reason": reason,
         "ground_truth": truth.model_dump(mode="json") if truth else None,
+        "overlays": _png_overlays(scale, keep, width),
     }
     return record, png
 
@@ -449,7 +552,15 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
 
     cache = ItemCache(cfg.paths.cache, STAGE, VERSION)
     # The exclude list decides which files are looked at, not what a file's record says.
-    params = icfg.model_dump(mode="json", exclude={"exclude"})
+    # label_aliases acts through the folder label, which is in the key itself.
+    params = icfg.model_dump(mode="json", exclude={"exclude", "label_aliases"})
+    classes = tuple(cfg.synth_images.classes)
+    # Groups depend on the neighbours of a file (its tiles, its full frame in a sibling
+    # folder), so they are decided once from all paths of each input root.
+    groups = {
+        origin: assign_groups([c.rel for c in found.candidates if c.origin == origin])
+        for origin in ("raw", "synthetic")
+    }
     sidecars = SidecarIndex()
     out_dir = Path(cfg.paths.interim_images)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -461,6 +572,7 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
     records: list[ImageRecord] = []
     quarantine = list(found.quarantine)
     seen: dict[str, str] = {}  # sha256 -> source of the first copy
+    unlabelled: dict[str, int] = {}  # folder under the raw root -> images without a label
     try:
         for cand in track(
             found.candidates, description="ingest_images", console=console, transient=True
@@ -482,8 +594,8 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
             ctx = Context(
                 origin=cand.origin,
                 sha256=sha,
-                folder_label=folder_label(cand.rel),
-                default_group=default_group(cand.rel),
+                folder_label=folder_label(cand.rel, classes, icfg.label_aliases),
+                default_group=groups[cand.origin][cand.rel],
                 sidecars=tuple((kind, sc) for kind, sc, _ in found_sidecars),
             )
             key = cache.key(
@@ -500,6 +612,9 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
             for record, png in zip(made, pngs):
                 atomic_write_bytes(png_dir / f"{record.id}.png", png)
             records.extend(made)
+            if cand.origin == "raw" and any(r.label is None for r in made):
+                folder = cand.rel.parent.as_posix()
+                unlabelled[folder] = unlabelled.get(folder, 0) + 1
             if problem:
                 quarantine.append(_quarantine(source, problem, sha))
 
@@ -513,6 +628,14 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if unlabelled:
+        # Not an error (measurements and captions need no class), but the class questions
+        # of these images will be missing: say which folders to name or alias.
+        console.print(
+            f"[yellow]ingest_images: {sum(unlabelled.values())} raw images have no label; "
+            f"folders {', '.join(sorted(unlabelled))} name no class of "
+            "synth_images.classes: add them to ingest_images.label_aliases[/yellow]"
+        )
 
     n_files = len({r.sha256 for r in records})
     return {
@@ -527,6 +650,8 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
         "n_low_information": sum(r.low_information for r in records),
         "n_databar_cropped": sum(r.databar is not None for r in records),
         "n_with_pixel_size": sum(r.pixel_size_nm is not None for r in records),
+        "n_unlabelled": sum(unlabelled.values()),
+        "unlabelled_folders": sorted(unlabelled),
         "cache": cache.stats(),
         "skipped": found.skipped,
         "excluded": found.excluded,
