@@ -186,6 +186,7 @@ def test_fei_tag_gives_pixel_size_instrument_and_exact_bar(tmp_path, make_cfg):
     # The sidecar is the user's word and wins over the tag; the note keeps the tag's value.
     assert (rec.pixel_size_nm, rec.pixel_size_source) == (99.0, "sidecar:json")
     assert "overrides tiff:fei_34682 2.5 nm" in rec.pixel_size_note
+    assert rec.pixel_size_check == "disagree"
     assert (rec.height, rec.databar) == (96, "metadata:ResolutionY")
     assert rec.modality == "SEM" and rec.label == "override"  # tags > sidecar > folder
     assert rec.instrument["vendor"] == "FEI/Thermo Fisher"

@@ -175,7 +175,7 @@ def test_scale_bar_read_from_the_pixels_agrees_with_the_tag(run, name):
     rec = _one(run, name)
     assert rec.pixel_size_source.startswith("tiff:") and rec.pixel_size_confidence == 1.0
     note = rec.pixel_size_note or ""
-    assert " agree (" in note and "scalebar:ocr" in note, note
+    assert rec.pixel_size_check == "agree" and " agree (" in note and "scalebar:ocr" in note, note
 
 
 def test_pixel_size_from_the_scale_bar_alone(run):

@@ -227,3 +227,47 @@ def test_field_width_read_from_an_fei_like_databar_grid():
     plain = np.asarray(img).copy()
     plain[h - bar + 2 : h - bar + 28, 290:360] = 0
     assert read_hfw(plain, bar) is None
+
+
+@needs_tesseract
+def test_jeol_like_bar_with_its_label_beside_it():
+    """A filled bar with the label to its right, the specimen's gray edge just above the
+    databar (it must not be read as a glyph)."""
+    h, w, bar = 420, 640, 32
+    img = Image.fromarray(np.vstack([_specimen(h - bar, w, 5), np.zeros((bar, w), np.uint8)]))
+    draw = ImageDraw.Draw(img)
+    font = _font(16)
+    draw.text((20, h - bar + 8), "SEI   15.0kV   X100,000   WD 5mm", fill=255, font=font)
+    draw.rectangle((470, h - bar + 6, 549, h - bar + 12), fill=255)
+    draw.text((560, h - bar + 2), "100nm", fill=255, font=font)
+    scale = image_scale(np.asarray(img), bar)
+    assert scale.source == "scalebar:ocr", scale.reason
+    assert scale.label is not None and scale.label.value_nm == 100
+    assert scale.pixel_size_nm == pytest.approx(100 / 80, rel=0.02)
+
+
+@needs_tesseract
+def test_a_tag_the_bar_contradicts_is_kept_and_flagged(tmp_path, make_cfg):
+    """FEI tag 2.5 nm/px, burned-in bar 10 um over 300 px (33.3 nm/px): the tag is the
+    record's pixel size, the check says disagree, and the note gives both numbers."""
+    import tifffile
+
+    from semilens.images.ingest import ingest_images
+    from semilens.io import read_jsonl
+
+    gray, bar_rows = _fei_like(300, "10 µm")
+    h, w = gray.shape
+    ini = (
+        "[System]\r\nSystemType=Quanta 250\r\n[Beam]\r\nHV=10000\r\nBeam=EBeam\r\n"
+        "[EBeam]\r\nHV=10000\r\n[Scan]\r\nPixelWidth=2.5e-09\r\n"
+        f"[Image]\r\nResolutionX={w}\r\nResolutionY={h - bar_rows}\r\n"
+    )
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    tifffile.imwrite(raw / "fei.tif", gray, extratags=[(34682, "s", 0, ini, True)])
+    cfg = make_cfg(raw=raw)
+    ingest_images(cfg)
+    (rec,) = list(read_jsonl(Path(cfg.paths.interim_images) / "records.jsonl"))
+    assert (rec["pixel_size_nm"], rec["pixel_size_source"]) == (2.5, "tiff:fei_34682")
+    assert rec["pixel_size_check"] == "disagree"
+    assert "tiff:fei_34682 2.5 nm and scalebar:ocr 33.3" in rec["pixel_size_note"]

@@ -67,6 +67,11 @@ class ImageRecord(Record):
     pixel_size_confidence: float | None = Field(
         None, description="1 for a sidecar or vendor tag; the OCR and geometry score for the image's own"
     )
+    pixel_size_check: Literal["agree", "disagree"] | None = Field(
+        None,
+        description="the vendor tag against the image's own scale bar (or a sidecar against "
+        "the tag): within ingest_images.scale_check_tolerance or not; None when only one spoke",
+    )
     pixel_size_note: str | None = Field(
         None,
         description="one line: how the image's own scale was read, why it gave none, or a "

@@ -270,6 +270,7 @@ class PixelSize:
     source: str
     confidence: float | None
     note: str | None
+    check: str | None = None  # "agree" | "disagree" when two sources gave one
 
 
 def _pick_pixel_size(
@@ -285,18 +286,21 @@ def _pick_pixel_size(
     note = scale.reason if scale is not None else None
     sidecar = _sidecar_pixel_size(ctx)
     if sidecar is not None:
+        check = None
         if meta.pixel_size_nm:
             diff = sidecar[0] / meta.pixel_size_nm - 1.0
-            if abs(diff) > tolerance:
+            check = "disagree" if abs(diff) > tolerance else "agree"
+            if check == "disagree":
                 note = (
                     f"{sidecar[1]} {sidecar[0]:g} nm overrides {meta.pixel_size_source} "
                     f"{meta.pixel_size_nm:g} nm ({diff:+.1%})"
                 )
-        return PixelSize(sidecar[0], sidecar[1], 1.0, note)
+        return PixelSize(sidecar[0], sidecar[1], 1.0, note, check)
     image = scale.pixel_size_nm if scale is not None else None
     if meta.pixel_size_nm:
         tag = meta.pixel_size_nm
         source = meta.pixel_size_source or "file"
+        verdict = None
         if image is not None and scale is not None:
             diff = image / tag - 1.0
             verdict = "disagree" if abs(diff) > tolerance else "agree"
@@ -304,7 +308,7 @@ def _pick_pixel_size(
                 f"{source} {tag:g} nm and {scale.source} {image:g} nm {verdict} "
                 f"({diff:+.1%}): {scale.reason}"
             )
-        return PixelSize(tag, source, 1.0, note)
+        return PixelSize(tag, source, 1.0, note, verdict)
     if image is not None and scale is not None and scale.source:
         return PixelSize(image, scale.source, scale.confidence, note)
     return PixelSize(None, "none", None, note)
@@ -392,6 +396,7 @@ def page_record(
         "pixel_size_nm": pixel.value,
         "pixel_size_source": pixel.source,
         "pixel_size_confidence": pixel.confidence,
+        "pixel_size_check": pixel.check,
         "pixel_size_note": pixel.note,
         "label": label,
         "label_source": label_source,

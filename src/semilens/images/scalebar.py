@@ -565,6 +565,9 @@ def read_label(gray: np.ndarray, bar: Bar, rows: tuple[int, int] | None = None) 
         tight = _tight(gray, box, bar.polarity, bar)
         if tight is None:
             continue
+        # Never past the region searched: above a databar is specimen, whose gray edge
+        # tesseract would read as a glyph.
+        tight = (tight[0], max(tight[1], rows[0]), tight[2], min(tight[3], rows[1]))
         crop = _text_crop(gray, tight, bar.polarity, bar.background)
         text, conf = _ocr(crop, 7)
         if _DATABAR_KEY.search(text):  # "WD 6.6mm", "HFW 31.7 um": a databar field
