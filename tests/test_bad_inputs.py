@@ -271,7 +271,7 @@ def test_bad_sidecar_value_is_one_line_and_the_rest_of_the_record_kept(tmp_path,
         "metadata.csv line 3 (b.png): pixel_size_nm '-1' must be > 0",
         "c.json": f"c.json: modality 'EDX' is not one of {allowed}; "
         "c.json: colour is not a sidecar field (pixel_size_nm, label, modality, group, "
-        "instrument, ground_truth)",
+        "instrument, ground_truth, measure)",
     }
 
 

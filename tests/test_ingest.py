@@ -881,3 +881,31 @@ def test_gatan_dm3_dm4_through_rosettasciio(tmp_path, make_cfg):
     assert "no 2-D image" in reasons["eels_si.dm4"]
     assert "max_pixels" in reasons["huge.dm3"]
     assert "no 2-D image" in reasons["spectrum.dm4"]
+
+
+def test_measure_settings_per_image_and_per_folder_from_sidecars(tmp_path, make_cfg):
+    """metadata.csv 'measure.<key>' columns (a '*' row for the whole folder, an image's row
+    over it) and a JSON 'measure' mapping over both; a bad key is one line and costs only
+    itself."""
+    raw = tmp_path / "raw" / "particles"
+    raw.mkdir(parents=True)
+    for i, name in enumerate(["a.png", "b.png"]):
+        (raw / name).write_bytes(png(specimen(48, 64, seed=10 + i)))
+    (raw / "metadata.csv").write_text(
+        "file,pixel_size_nm,measure.min_object_px,measure.smooth_sigma\n"
+        "*,,40,\n"
+        "a.png,2.0,20,1.5\n"
+    )
+    (raw / "a.json").write_text(
+        json.dumps({"measure": {"smooth_sigma": 2.0, "min_object_pixels": 9}})
+    )
+    cfg = make_cfg(raw=tmp_path / "raw")
+    ingest_images(cfg)
+    records, quarantine = read_outputs(cfg)
+    recs = by_name(records)
+    assert recs["a.png"].measure_settings == {"min_object_px": 20, "smooth_sigma": 2.0}
+    assert recs["a.png"].pixel_size_nm == 2.0
+    assert recs["b.png"].measure_settings == {"min_object_px": 40}
+    (bad,) = [q["reason"] for q in quarantine if q["source"].endswith("a.json")]
+    assert "measure setting 'min_object_pixels' is not one of" in bad
+    assert "min_object_px" in bad and "\n" not in bad

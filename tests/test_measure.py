@@ -135,7 +135,8 @@ def test_low_information_gives_method_none(image):
     "label,method",
     [
         ("nanowires", "elongated"), ("NW", "elongated"), ("Nanowire", "elongated"),
-        ("fibres", "elongated"), ("nanorods", "elongated"), ("particles", "particles"),
+        ("fibres", "elongated"), ("nanorods", "rods"), ("Au_nanorods", "rods"),
+        ("particles", "particles"),
         ("Nanoparticles", "particles"), ("Porous_Sponge", "porous"), ("cracked_film", "cracks"),
         ("lines", "periodic_lines"), ("holes", "periodic_holes"), ("grains", "grains"),
         ("Patterned_surface", "periodic"), ("Biological", None), (None, None),
@@ -231,3 +232,243 @@ def test_stage_writes_outputs_and_second_run_is_all_cache_hits(tmp_path, monkeyp
     sharper = CFG.model_copy(update={"smooth_sigma": 1.5})
     changed = cfg.model_copy(update={"measure_images": sharper})
     assert measure.measure_images(changed)["cache"]["misses"] == 3
+
+
+def test_stem_reads_like_tem_and_fib_sem_like_sem():
+    """On a 50/50 phase split the modality decides the polarity: STEM as TEM, FIB-SEM as SEM."""
+    stripes = np.full((64, 64), 0.1)
+    stripes[:, ::2] = 0.9
+    polarity = {m: measure._polarity(stripes, m) for m in ("SEM", "TEM", "STEM", "FIB-SEM")}
+    assert polarity == {"SEM": "bright", "TEM": "dark", "STEM": "dark", "FIB-SEM": "bright"}
+
+
+# ----------------------------------------------------------------------------- real-data failures
+
+
+def _blobs(mask: np.ndarray, fg: float = 170.0, bg: float = 50.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.where(mask, fg, bg) + rng.normal(0, 8, mask.shape)
+    return np.clip(ndi_gaussian(img, 1.0), 0, 255).astype(np.uint8)
+
+
+def ndi_gaussian(img: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(img, sigma)
+
+
+def test_speckle_is_set_apart_from_the_main_population():
+    # Six 40-px particles on a film with 60 specks of ~25 px (above the fixed 12-px floor):
+    # the specks outnumber the particles ten to one but are not the population.
+    size = 256
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = np.zeros((size, size), bool)
+    for cy, cx in [(50, 50), (50, 130), (50, 205), (170, 50), (170, 130), (170, 205)]:
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 20**2
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        cy, cx = rng.integers(5, size - 5, 2)
+        if not mask[max(cy - 25, 0) : cy + 25, max(cx - 25, 0) : cx + 25].any():
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 3**2
+    m = measure.measure_array(_blobs(mask), CFG, label="particles")
+    assert m.object_count == 6
+    assert m.median_size_px == pytest.approx(40.0, rel=0.08)
+    assert any("not counted" in n for n in m.notes)
+
+
+def _hex_packing(size: int = 200, radius: int = 12, pitch: int = 26) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = np.zeros((size, size), bool)
+    for row, cy in enumerate(range(0, size + pitch, int(pitch * 0.866))):
+        for cx in range((row % 2) * pitch // 2, size + pitch, pitch):
+            mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    return mask
+
+
+def test_close_packed_particles_keep_their_polarity_without_a_modality():
+    # Bright particles covering ~75% of the frame: "objects are the minority phase" would
+    # segment the gaps; the convex outlines say the particles are the bright phase.
+    mask = _hex_packing()
+    assert mask.mean() > 0.6
+    m = measure.measure_array(_blobs(mask), CFG, label="particles", modality="unknown")
+    assert m.median_size_px == pytest.approx(24.0, rel=0.1)
+    assert m.area_fraction == pytest.approx(float(mask.mean()), rel=0.1)
+
+
+def test_fibre_mat_polarity_comes_from_the_strands():
+    # Bright 7-px fibres covering half the frame, modality unknown: the gaps are convex
+    # polygons and a phase-balance rule picks them, yet the fibres are the objects.
+    size = 192
+    yy, xx = np.mgrid[0:size, 0:size].astype(float)
+    mask = np.zeros((size, size), bool)
+    for i, angle in enumerate(np.linspace(0, 175, 18)):
+        t = np.radians(angle)
+        offset = (i * 37) % 140 - 70
+        d = (xx - 96) * np.sin(t) + (yy - 96) * np.cos(t) - offset
+        mask |= np.abs(d) < 3.5
+    m = measure.measure_array(_blobs(mask), CFG, label="fibres", modality="unknown")
+    assert m.method == "elongated"
+    assert m.area_fraction == pytest.approx(float(mask.mean()), rel=0.05)
+    assert m.width_px == pytest.approx(7.0, rel=0.25)
+
+
+def _rods_image(size: int = 224) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(float)
+    mask = np.zeros((size, size), bool)
+    for (cy, cx), angle in zip(
+        [(40, 40), (40, 120), (40, 190), (120, 40), (120, 120), (120, 190), (190, 70), (190, 160)],
+        [0, 30, 60, 90, 120, 150, 10, 100],
+    ):
+        t = np.radians(angle)
+        u = (xx - cx) * np.cos(t) - (yy - cy) * np.sin(t)
+        v = (xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
+        mask |= (np.abs(u) < 18) & (np.abs(v) < 5)  # 36 x 10 px
+    return _blobs(mask)
+
+
+@pytest.mark.parametrize("label", ["nanorods", None])
+def test_rods_are_measured_as_rods(label):
+    m = measure.measure_array(_rods_image(), CFG, label=label)
+    assert m.method == "rods"
+    assert m.object_count == 8
+    assert m.width_px == pytest.approx(10.0, rel=0.15)
+    assert m.length_px == pytest.approx(36.0, rel=0.1)
+    assert m.aspect_ratio == pytest.approx(3.6, rel=0.2)
+    assert m.median_size_px == m.width_px
+
+
+def test_large_textured_particles_are_not_cut_into_pieces():
+    # Four 120-px particles with rough outlines: their bumps are deeper than the fixed
+    # 0.5-px split depth but shallow against the radius.
+    size = 300
+    yy, xx = np.mgrid[0:size, 0:size].astype(float)
+    mask = np.zeros((size, size), bool)
+    rng = np.random.default_rng(3)
+    for cy, cx in [(75, 75), (75, 225), (225, 75), (225, 225)]:
+        theta = np.arctan2(yy - cy, xx - cx)
+        bumps = sum(rng.uniform(1, 3) * np.cos(k * theta + rng.uniform(0, 6)) for k in (7, 11, 17))
+        mask |= np.hypot(yy - cy, xx - cx) <= 60 + bumps
+    m = measure.measure_array(_blobs(mask), CFG, label="particles")
+    assert m.object_count == 4
+    assert m.median_size_px == pytest.approx(120.0, rel=0.05)
+
+
+def _scale_bar_image() -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    # Four dark particles on a bright film, one of them touching a burned-in black bar.
+    size = 160
+    yy, xx = np.mgrid[0:size, 0:size]
+    mask = np.zeros((size, size), bool)
+    for cy, cx in [(40, 40), (40, 110), (100, 60), (128, 120)]:
+        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 12**2
+    bar = (slice(140, 150), slice(80, 155))
+    mask[bar] = True
+    return _blobs(mask, fg=40.0, bg=200.0), (80, 140, 155, 150)
+
+
+def test_overlay_pixels_and_the_objects_they_touch_are_not_measured():
+    img, box = _scale_bar_image()
+    plain = measure.measure_array(img, CFG, label="particles", modality="TEM")
+    assert plain.object_count == 4  # the bar merges with the particle it touches
+    m = measure.measure_array(img, CFG, label="particles", modality="TEM", overlays=[box])
+    assert m.object_count == 3
+    assert m.median_size_px == pytest.approx(24.0, rel=0.1)
+    assert max(m.eq_diameter_px) < 30
+
+
+def test_stage_passes_record_overlays_to_the_measurement(tmp_path):
+    from semilens.cache import ItemCache
+
+    img, box = _scale_bar_image()
+    png = tmp_path / "bar.png"
+    Image.fromarray(img).save(png)
+    rec = ImageRecord.model_validate(
+        _record("bar-p0", str(png), png_sha256=sha256_file(png), label="particles",
+                modality="TEM", overlays=[box])
+    )
+    cache = ItemCache(tmp_path / "cache", "measure_images", measure.VERSION)
+    assert measure.measure_record(rec, CFG, cache).object_count == 3
+    bare = rec.model_copy(update={"overlays": []})
+    assert measure.measure_record(bare, CFG, cache).object_count == 4
+
+
+def test_an_images_sidecar_settings_replace_the_stages_for_that_image(tmp_path):
+    """Four 24-px particles: a floor of 1,000 px (from the image's sidecar) sets them all
+    aside; the stage's own settings count them; the cache keeps the two apart."""
+    from semilens.cache import ItemCache
+
+    img, _ = _scale_bar_image()
+    png = tmp_path / "p.png"
+    Image.fromarray(img).save(png)
+    rec = ImageRecord.model_validate(
+        _record("p-p0", str(png), png_sha256=sha256_file(png), label="particles",
+                modality="TEM", overlays=[(80, 140, 155, 150)])
+    )
+    cache = ItemCache(tmp_path / "cache", "measure_images", measure.VERSION)
+    assert measure.measure_record(rec, CFG, cache).object_count == 3
+    strict = rec.model_copy(update={"measure_settings": {"min_object_px": 1000}})
+    assert measure.measure_record(strict, CFG, cache).object_count == 0
+    assert measure.measure_record(rec, CFG, cache).object_count == 3
+
+
+def test_labelled_wires_that_are_short_rods_are_counted_as_rods_beside_compact_blobs():
+    # A tilted growth array: short straight wires among compact parasitic crystallites. A
+    # skeleton would count every crystallite as a wire.
+    img = _rods_image()
+    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
+    blobs = np.zeros(img.shape, bool)
+    for cy, cx in [(80, 80), (80, 160), (160, 110), (200, 20), (15, 150)]:
+        blobs |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 7**2
+    img = np.where(blobs, 170, img).astype(np.uint8)
+    m = measure.measure_array(img, CFG, label="nanowires")
+    assert m.method == "rods"
+    assert m.object_count == 8
+    assert any("5 compact or irregular objects" in n for n in m.notes)
+
+
+def test_short_dark_arcs_and_dashes_are_not_cracks():
+    # One crack across a 400-px film plus a dozen 30-px dark dashes (pores, the shading
+    # beside particles): longer than a few line widths, but not cracks of this field.
+    size = 400
+    film = np.full((size, size), 150.0)
+    film[198:201, 10:390] = 40.0  # the crack, 3 px wide
+    rng = np.random.default_rng(4)
+    for _ in range(12):
+        y, x = rng.integers(20, 170), rng.integers(20, 360)
+        film[y : y + 3, x : x + 30] = 40.0
+    img = np.clip(
+        ndi_gaussian(film, 1.0) + rng.normal(0, 4, film.shape), 0, 255
+    ).astype(np.uint8)
+    m = measure.measure_array(img, CFG, label="cracked_film")
+    assert m.method == "cracks"
+    assert m.object_count == 1
+    assert m.crack_fraction == pytest.approx(3 * 380 / size**2, rel=0.35)
+
+
+def test_two_phase_split_uses_otsu_when_the_steepest_edges_lie_inside_a_phase():
+    # Soft-edged dark precipitates in a matrix whose own fine texture has sharp steps (as
+    # the bright rims of a superalloy's channels): the steepest-edge level sits inside the
+    # matrix and cuts it in half; the phases are separated by Otsu's level.
+    size = 160
+    yy, xx = np.mgrid[0:size, 0:size]
+    prec = np.zeros((size, size), bool)
+    rng = np.random.default_rng(5)
+    for _ in range(800):  # random rounded blocks, no lattice
+        cy, cx = rng.integers(0, size, 2)
+        r = rng.integers(12, 24)
+        block = (np.abs(yy - cy) ** 3 + np.abs(xx - cx) ** 3) <= r**3
+        if not (ndi_binary_dilation(block, 5) & prec).any():
+            prec |= block
+    matrix = np.where((xx // 3) % 2 == 0, 0.47, 0.53)
+    soft = ndi_gaussian(prec.astype(float), 3.0)
+    sm = 0.40 * soft + matrix * (1 - soft)
+    mask = measure._bright_mask(sm, "dark", phases=True)
+    assert (mask & prec).sum() / (mask | prec).sum() > 0.75
+    assert mask.mean() == pytest.approx(float(prec.mean()), rel=0.15)
+    # Particles (the default) keep the steepest-edge level, unbiased by blurred outlines.
+    assert measure._bright_mask(sm, "dark").mean() > 0.6
+
+
+def ndi_binary_dilation(mask: np.ndarray, iterations: int) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=iterations)

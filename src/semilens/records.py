@@ -85,6 +85,10 @@ class ImageRecord(Record):
     low_information: bool = False
     low_information_reason: str | None = None
     ground_truth: GroundTruth | None = None
+    measure_settings: dict[str, str | float | int | bool] = Field(
+        default_factory=dict,
+        description="measure_images settings the image's sidecars change (JSON over CSV)",
+    )
     overlays: list[tuple[int, int, int, int]] = Field(
         default_factory=list,
         description="(left, top, right, bottom) boxes in PNG coordinates holding burned-in "
@@ -150,3 +154,9 @@ class Sidecar(Record):
     group: str | None = None
     instrument: dict[str, str | float | int] = Field(default_factory=dict)
     ground_truth: GroundTruth | None = None
+    measure: dict[str, str | float | int | bool] = Field(
+        default_factory=dict,
+        description="measure_images settings for this image, any key of that params "
+        "section (e.g. {'min_object_px': 40} for a noisier detector); in metadata.csv as "
+        "'measure.<key>' columns, and a row with file '*' sets them for the whole folder",
+    )

@@ -34,6 +34,7 @@ from semilens.cache import ItemCache, code_version
 from semilens.config import Config, IngestImagesConfig
 from semilens.images.databar import Databar, detect_databar, low_information
 from semilens.images.metadata import (
+    FOLDER_ROW,
     SIDECAR_CSV,
     FileMeta,
     SidecarError,
@@ -205,7 +206,11 @@ class SidecarIndex:
                     self._problem(json_path, problem)
             except SidecarError as exc:
                 self._problem(json_path, str(exc))
-        line, row = self._csv(image.parent).get(image.name, (0, None))
+        rows = self._csv(image.parent)
+        line, row = rows.get(image.name, (0, None))
+        folder_line, folder_row = rows.get(FOLDER_ROW, (0, None))
+        if folder_row is not None:  # the folder's defaults under the image's own row
+            line, row = (line or folder_line), {**folder_row, **(row or {})}
         if row is not None:
             csv_path = image.parent / SIDECAR_CSV
             try:
@@ -377,6 +382,9 @@ def page_record(
     instrument.update(meta.instrument)
     group = next((sc.group for _, sc in ctx.sidecars if sc.group), ctx.default_group)
     truth = next((sc.ground_truth for _, sc in ctx.sidecars if sc.ground_truth), None)
+    settings: dict[str, Any] = {}
+    for _, sc in reversed(ctx.sidecars):  # JSON wins over CSV
+        settings.update(sc.measure)
     record = {
         "id": f"{ctx.sha256[:16]}-p{page.index}",
         "origin": ctx.origin,
@@ -405,6 +413,7 @@ def page_record(
         "low_information": reason is not None,
         "low_information_reason": reason,
         "ground_truth": truth.model_dump(mode="json") if truth else None,
+        "measure_settings": settings,
         "overlays": _png_overlays(scale, keep, width),
     }
     return record, png

@@ -57,6 +57,10 @@ _NM_PER_UNIT = {
 _TILE_SUFFIX = re.compile(r"[_-](x\d+[_-]y\d+|r\d+[_-]c\d+|tile\d+)$", re.IGNORECASE)
 
 SIDECAR_CSV = "metadata.csv"
+# metadata.csv columns 'measure.<key>' carry measure_images settings; a row whose file is
+# FOLDER_ROW applies to every image of the folder (an image's own row wins per column).
+MEASURE_PREFIX = "measure."
+FOLDER_ROW = "*"
 
 
 def to_nm(value: Any, unit: Any) -> float | None:
@@ -339,6 +343,36 @@ def _problem_text(loc: tuple[Any, ...], err: dict[str, Any]) -> str:
     return f"{field} {value}: {msg[:1].lower()}{msg[1:]}"
 
 
+def _valid_measure_settings(settings: Any, where: str) -> tuple[dict[str, Any], list[str]]:
+    """The measure_images settings of a sidecar that the config accepts; one line per bad one.
+
+    Each key is checked on its own against ``MeasureImagesConfig`` (names and value ranges),
+    so one typo costs only itself.
+    """
+    from pydantic import ValidationError
+
+    from semilens.config import MeasureImagesConfig
+
+    if not isinstance(settings, dict):
+        return {}, [f"{where}: measure is not a mapping of measure_images settings"]
+    known = set(MeasureImagesConfig.model_fields)
+    kept, problems = {}, []
+    for key, value in settings.items():
+        if key not in known:
+            problems.append(
+                f"{where}: measure setting {key!r} is not one of {', '.join(sorted(known))}"
+            )
+            continue
+        try:
+            MeasureImagesConfig.model_validate({key: value})
+        except ValidationError as exc:
+            msg = exc.errors()[0].get("msg", "invalid")
+            problems.append(f"{where}: measure setting {key} {value!r}: {msg[:1].lower()}{msg[1:]}")
+            continue
+        kept[key] = value
+    return kept, problems
+
+
 def validate_sidecar(data: Any, where: str) -> tuple[Sidecar, list[str]]:
     """``data`` -> (Sidecar of its valid fields, one line per bad field).
 
@@ -353,6 +387,9 @@ def validate_sidecar(data: Any, where: str) -> tuple[Sidecar, list[str]]:
     if not isinstance(data, dict):
         raise SidecarError(f"{where}: not a JSON object of sidecar fields")
     data, problems = dict(data), []
+    if "measure" in data:
+        data["measure"], bad = _valid_measure_settings(data["measure"], where)
+        problems.extend(bad)
     if data.get("modality") is not None:
         modality, detector = parse_modality(data["modality"])
         if modality is None:
@@ -437,14 +474,24 @@ def sidecar_from_row(
     rest as instrument keys."""
     known = {k: v for k, v in row.items() if k in _SIDECAR_KEYS}
     instrument: dict[str, Scalar] = {}
+    measure: dict[str, Any] = {}
     for key, value in row.items():
         if key in _SIDECAR_KEYS:
+            continue
+        if key.startswith(MEASURE_PREFIX):
+            setting = key[len(MEASURE_PREFIX) :]
+            measure[setting] = float(value) if re.fullmatch(r"[-+.\deE]+", value) else value
+            if isinstance(measure[setting], float) and measure[setting].is_integer():
+                measure[setting] = int(measure[setting])
             continue
         try:
             _put(instrument, key, float(value) if re.fullmatch(r"[-+.\deE]+", value) else value)
         except ValueError:
             _put(instrument, key, value)
-    return validate_sidecar({**known, "instrument": instrument}, where)
+    fields: dict[str, Any] = {**known, "instrument": instrument}
+    if measure:
+        fields["measure"] = measure
+    return validate_sidecar(fields, where)
 
 
 # ---------------------------------------------------------------------------------------
