@@ -76,11 +76,6 @@ _LENGTH = re.compile(
 _DATABAR_KEY = re.compile(r"\b(WD|HFW|FOV|EHT|HV|Spot|Width|Mag)\b", re.IGNORECASE)
 # The field-width header as one OCR word ("HFW", misread "HRW"/"HEW"; "FOV"; "Width").
 _HFW_HEAD = re.compile(r"H[FRE]W|FOV|Width", re.IGNORECASE)
-_HFW = re.compile(r"\b(HFW|FOV|H\.?F\.?W\.?|Width)\b", re.IGNORECASE)
-
-
-class ScaleBarError(ValueError):
-    """The image carries no usable scale; the message is the one-line reason."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ class Bar:
     line_rows: tuple[int, int]  # first and last row of the horizontal stroke
     length_px: float  # between the ends, by the end rule
     alt_length_px: float  # by the other end rule: the spread is the uncertainty
-    ends: str  # "ticks" (centre lines) | "caps" (outer edges) | "plain"
+    ends: str  # "ticks" (centre lines) | "caps" (midpoint of centre and outer) | "plain"
     polarity: str  # "bright" | "dark"
     gap: Box | None = None  # the text gap between two collinear strokes
     background: int | None = None  # the databar's background, when found on one
@@ -189,13 +184,12 @@ def _is_clear(ink: np.ndarray, top: int, bottom: int, x0: int, x1: int) -> bool:
     """Rows just above and below a line are mostly clear of ink along its middle."""
     h = ink.shape[0]
     inner = slice(x0 + (x1 - x0) // 8, x1 - (x1 - x0) // 8)
-    shares = []
-    for r in (top - 2, top - 1, bottom + 1, bottom + 2):
-        if 0 <= r < h:
-            shares.append(ink[r, inner].mean() if inner.stop > inner.start else 1.0)
-    return bool(shares) and max(shares[:2] or [0]) <= CLEAR_SHARE and max(
-        shares[2:] or [0]
-    ) <= CLEAR_SHARE
+    shares = [
+        ink[r, inner].mean() if inner.stop > inner.start else 1.0
+        for r in (top - 2, top - 1, bottom + 1, bottom + 2)
+        if 0 <= r < h
+    ]
+    return bool(shares) and max(shares) <= CLEAR_SHARE
 
 
 @dataclass
@@ -237,6 +231,8 @@ def _merge_gapped(strokes: list[_Stroke], ink: np.ndarray) -> list[tuple[_Stroke
         if a in used:
             continue
         sa = strokes[a]
+        # How far text may reach above and below the line (labels are taller than it).
+        pad = max(6, 4 * (sa.bottom - sa.top + 1))
         best = None
         for b in order:
             if b == a or b in used:
@@ -248,8 +244,6 @@ def _merge_gapped(strokes: list[_Stroke], ink: np.ndarray) -> list[tuple[_Stroke
             # A centred label: the two halves about equal, the gap under their sum.
             if not (0.6 <= la / lb <= 1.67) or gap > la + lb:
                 continue
-            thick = sa.bottom - sa.top + 1
-            pad = max(6, 4 * thick)
             window = ink[max(0, sa.top - pad) : sa.bottom + pad + 1, sa.x1 : sb.x0]
             if window.size and window.mean() > 0.03:  # text in the gap
                 if best is None or sb.x0 < strokes[best].x0:
@@ -259,8 +253,6 @@ def _merge_gapped(strokes: list[_Stroke], ink: np.ndarray) -> list[tuple[_Stroke
             continue
         sb = strokes[best]
         used.update((a, best))
-        thick = sa.bottom - sa.top + 1
-        pad = max(6, 4 * thick)
         gap_box = (sa.x1, max(0, sa.top - 3 * pad), sb.x0, min(ink.shape[0], sa.bottom + 3 * pad + 1))
         merged.append((_Stroke(sa.x0, sb.x1, min(sa.top, sb.top), max(sa.bottom, sb.bottom)), gap_box))
     return merged
