@@ -184,6 +184,11 @@ class MeasureImagesConfig(Section):
     split_depth_rel: float = Field(
         0.1, ge=0.0, description="... and this fraction of the typical particle radius thinner"
     )
+    outline_level: float = Field(
+        0.3, ge=0.0, le=0.5,
+        description="where a particle's outline is drawn on its blurred edge, as a share of "
+        "the step above the local background (0.5: the middle of the edge, no growth)",
+    )
     debris_rel_size: float = Field(
         0.35, ge=0.0, lt=1.0,
         description="particles below this fraction of the area-weighted median diameter are "
@@ -418,15 +423,21 @@ class ExtractPdfsConfig(Section):
     ocr_lang: str = "eng"
     ocr_timeout_s: int = Field(300, ge=1)
     max_garbled: float = Field(0.01, ge=0, le=1, description="pages above: counted as garbled")
+    word_gap: float = Field(0.15, gt=0, le=1, description="a gap between glyph runs of this many em is a space")
+    max_glued: float = Field(0.005, ge=0, le=1, description="pages whose text has more glued words: pdfium's reading if it has fewer")
+    reading_margin: float = Field(0.05, gt=0, le=1, description="pdfium's reading replaces the visitor's when it scores this much higher")
 
 
 class CleanMarkdownConfig(Section):
     """Rule-based PDF text -> Markdown (see semilens.text.clean for the rules)."""
 
-    margin_band: float = Field(0.08, gt=0, lt=0.5, description="top/bottom share of a page searched for running lines")
-    repeat_fraction: float = Field(0.5, gt=0, le=1, description="a band line on this share of pages is running")
+    margin_band: float = Field(0.08, gt=0, lt=0.5, description="top/bottom share of a page where a bare number is a page number even without a sequence")
+    repeat_fraction: float = Field(0.3, gt=0, le=1, description="an edge line repeating at one position on this share of pages (3 at least) is running")
+    edge_lines: int = Field(3, ge=1, le=10, description="baselines at the top and at the bottom of a page searched for running lines")
+    position_tolerance: float = Field(0.015, gt=0, lt=0.2, description="share of the page height within which a repeated line counts as at the same position")
     heading_ratio: float = Field(1.15, ge=1, description="font size / body size from which a line is a heading")
     max_heading_chars: int = Field(120, ge=10)
+    max_front_chars: int = Field(100, ge=20, description="a first-page line longer than this ends the title/author block")
     chunk_chars: int = Field(1500, ge=200, description="chunks are cut at headings and at this length")
     backend: Literal["rules", "llm"] = Field(
         "rules", description="rules: offline; llm: a model on an OpenAI-compatible server (``llm``) polishes each block, checked"
@@ -449,6 +460,29 @@ class TagOntologyConfig(Section):
     min_similarity_with_keyword: float = Field(0.25, ge=-1, le=1, description="a keyword hit needs this much")
     keyword_weight: float = Field(0.1, ge=0, description="score bonus per distinct term hit (up to 3)")
     top_k: int = Field(3, ge=1)
+    min_chunk_words: int = Field(
+        3, ge=0, description="a chunk with fewer words (2+ letters, headings included) is left untagged as too short"
+    )
+    context_min_terms: int = Field(
+        2,
+        ge=1,
+        description="an abbreviation (SE, RIE) counts for a unit when the document names the unit, or this many "
+        "distinct terms of its module; lower: more recall, more wrong expansions",
+    )
+    min_topic_share: float = Field(
+        0.05, ge=0, le=1, description="share of chunks tagged on their own evidence that makes a document on-topic"
+    )
+    context_units: int = Field(5, ge=1, description="leading units of a document that its untagged chunks may take")
+    context_min_share: float = Field(
+        0.1, ge=0, le=1, description="a leading unit is the first tag of at least this share of the directly tagged chunks"
+    )
+    min_similarity_in_context: float = Field(
+        0.2, ge=-1, le=1, description="similarity an untagged chunk needs to one of its document's leading units"
+    )
+    context_rank: int = Field(
+        25, ge=1, description="... and that unit must be among the chunk's this many most similar units of the ontology"
+    )
+    embed_headings: bool = Field(True, description="embed a chunk with its heading path in front")
 
 
 class SynthInstructionsConfig(Section):

@@ -26,6 +26,7 @@ Work is cached per document by the hash of its pages, so one new PDF cleans one 
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections import Counter
@@ -41,7 +42,14 @@ from semilens.text.extract import Line
 STAGE = "clean_markdown"
 
 LIGATURES = str.maketrans({"ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "st", "ﬆ": "st"})
-_PAGE_NUMBER = re.compile(r"^\W*(page|p\.|seite)?\s*\d{1,4}(\s*(of|/)\s*\d{1,4})?\W*$", re.IGNORECASE)
+# A line that is only a page number: "7", "- 7 -", "Page 7 of 26", "p. 7", "Seite 7 von 9".
+_PAGE_NUMBER = re.compile(
+    r"^\W*(?:page|pg\.?|p\.|seite|s\.|pagina|página)?\s*:?\s*(?P<n>\d{1,4})(?:\s*(?:of|/|von|de|sur)\s*\d{1,4})?\W*$",
+    re.IGNORECASE,
+)
+# A page label inside a short header line: "IHP Seite:2 -", "Report X, Page 3 of 26".
+_PAGE_LABEL = re.compile(r"\b(page|seite|pagina|página)\s*:?\s*(?P<n>\d{1,4})\b(?:\s*(?:of|/|von|de)\s*\d{1,4})?", re.IGNORECASE)
+_ENUMERATOR = re.compile(r"\(?(\d{1,2}|[a-z])[.)]")
 BULLETS = {"•", "▪", "◦", "‣", "●", "○", "■", "□", "–", "-", "*"}
 _SENTENCE_END = re.compile(r"[.!?:;)\]]['\"]?$")
 _NOT_HEADING_END = re.compile(r"[.!?;]$")  # bold lines ending so are emphasised prose
@@ -71,33 +79,288 @@ class Block:
 
 
 def _mask(text: str) -> str:
-    return re.sub(r"\d+", "#", text.lower()).strip()
+    """Lower case, digits masked, spaces dropped: "Page 3 of 26" and "Page 12 of 26" meet,
+    and so do "SG13G2Layout" and "SG13G2 Layout" however the extractor spaces glyphs."""
+    return re.sub(r"\d+", "#", "".join(text.lower().split()))
+
+
+def _baselines(lines: list[Ln]) -> list[list[Ln]]:
+    """The page's lines grouped by baseline, top first (a footer's pieces share one)."""
+    rows: list[list[Ln]] = []
+    for ln in sorted(lines, key=lambda ln: -ln.y):
+        if rows and abs(rows[-1][0].y - ln.y) <= 2:
+            rows[-1].append(ln)
+        else:
+            rows.append([ln])
+    return rows
+
+
+def _edge_lines(lines: list[Ln], k: int, height: float) -> list[tuple[Ln, str, float]]:
+    """Lines on the ``k`` outermost baselines at the top and at the bottom of a page, each
+    with its edge and its distance from that edge. Running lines sit outside the body
+    whatever the margins are, so the search goes by rank, not by a fixed band."""
+    top, bottom = _edge_rows(lines, k, height)
+    return [(ln, "top", height - ln.y) for row in top for ln in row] + [(ln, "bottom", ln.y) for row in bottom for ln in row]
+
+
+def _edge_rows(lines: list[Ln], k: int, height: float) -> tuple[list[list[Ln]], list[list[Ln]]]:
+    """The ``k`` outermost baselines from the top and from the bottom, each from its own half
+    of the page: on a sparse slide the bottom's third line may be the title."""
+    rows = _baselines(lines)
+    top = [row for row in rows[:k] if row[0].y > height / 2]
+    return top, [row for row in rows[::-1][:k] if row[0].y <= height / 2]
+
+
+def _page_number(text: str) -> int | None:
+    """The number a page-number line shows ("7", "- 7 -", "Page 7 of 26", "IHP Seite:2 -")."""
+    m = _PAGE_NUMBER.match(text) or _PAGE_LABEL.search(text)
+    if m is None:
+        return None
+    if m.re is _PAGE_LABEL and sum(c.isalpha() for c in text) - len(m.group(1)) > 12:
+        return None  # a sentence that mentions a page, not a page label
+    return int(m.group("n"))
+
+
+def _page_offset(found: list[tuple[int, int]], n_pages: int) -> int | None:
+    """The shift between printed page numbers and page order, if the candidates agree.
+
+    ``found`` holds (page, number shown) for number-like lines at the page edges. A shift
+    shared by at least two pages and a quarter of the document is the page numbering; a
+    number that merely happens to stand at an edge rarely follows the sequence.
+    """
+    shifts = Counter(n - page for page, n in set(found))
+    if not shifts:
+        return None
+    shift, pages = shifts.most_common(1)[0]
+    return shift if pages >= max(2, math.ceil(0.25 * n_pages)) else None
+
+
+def _clusters(positions: list[tuple[float, int]], tol: float) -> list[set[int]]:
+    """Pages of (distance-from-edge, page) points grouped where neighbours lie within ``tol``."""
+    groups: list[list[tuple[float, int]]] = []
+    for pos in sorted(positions):
+        if groups and pos[0] - groups[-1][-1][0] <= tol:
+            groups[-1].append(pos)
+        else:
+            groups.append([pos])
+    return [{page for _, page in g} for g in groups]
 
 
 def strip_running(pages: list[dict[str, Any]], cfg: CleanMarkdownConfig) -> tuple[list[list[Ln]], list[str]]:
-    """Drop running headers/footers and page numbers; return body lines per page and what went."""
-    bands: list[list[tuple[Ln, str]]] = []
-    per_page: list[list[Ln]] = []
-    for p in pages:
-        lines = [Ln(**ln, page=p["page"]) for ln in p["lines"]]
-        per_page.append(lines)
-        top, bottom = p["height"] * (1 - cfg.margin_band), p["height"] * cfg.margin_band
-        bands.append([(ln, "top" if ln.y >= top else "bottom") for ln in lines if ln.y >= top or ln.y <= bottom])
-    counts = Counter()
-    for page_band in bands:
-        counts.update({(band, _mask(ln.text)) for ln, band in page_band})
-    need = max(2, round(cfg.repeat_fraction * len(pages)))
+    """Drop running headers/footers and page numbers; return body lines per page and what went.
+
+    Three signals, none tied to a margin width (letter pages, A4 and slides differ):
+    - repetition: a line whose masked text comes back at about the same distance from the
+      same edge on ``repeat_fraction`` of the pages (at least 3; both pages of a two-page
+      document). Lines are peeled from the edge inwards and the peeling stops at the first
+      baseline that does not repeat, so a slide template's recurring axis label or a
+      subscript under a title stays. A heading that recurs once is not enough, and a
+      one-page document has no running lines;
+    - sequence: an edge line that is only a page number ("7", "Page 7 of 26", "Seite:2")
+      whose number follows the page order at a position shared with another page (or
+      spelled out as a page label); on a one-page document, one in the margin band;
+    - glued numbers: the page number that the extractor joined to the first or last line
+      of a page ("1 Figure 1:"), once the document's numbering is known.
+    """
+    per_page = [[Ln(**ln, page=p["page"]) for ln in p["lines"]] for p in pages]
+    edges = [_edge_lines(lines, cfg.edge_lines, p["height"]) for p, lines in zip(pages, per_page)]
+    n = len(pages)
+    tol = cfg.position_tolerance * max(p["height"] for p in pages) if pages else 0.0
+    drop: set[int] = set()
+    # page numbers: by sequence at a shared position, or in the margin band
+    numbered = [
+        (p, ln, edge, dist, num)
+        for p, page_edges in zip(pages, edges)
+        for ln, edge, dist in page_edges
+        if (num := _page_number(ln.text)) is not None
+    ]
+    shift = _page_offset([(p["page"], num) for p, *_, num in numbered], n) if n > 1 else None
+    in_sequence = [x for x in numbered if shift is not None and x[4] - x[0]["page"] == shift]
+    slots = {
+        (edge, page)
+        for edge in ("top", "bottom")
+        for group in _clusters([(dist, p["page"]) for p, _, e, dist, _ in in_sequence if e == edge], tol)
+        if len(group) >= 2
+        for page in group
+    }
+    numbers_at: list[tuple[str, float]] = []  # where this document prints its page numbers
+    for p, ln, edge, dist, _ in in_sequence:
+        if (edge, p["page"]) in slots or _PAGE_LABEL.search(ln.text):
+            drop.add(id(ln))
+            numbers_at.append((edge, dist))
+    for p, ln, *_ in numbered:
+        if _PAGE_NUMBER.match(ln.text) and not p["height"] * cfg.margin_band < ln.y < p["height"] * (1 - cfg.margin_band):
+            drop.add(id(ln))
+    # repetition at a position, peeled from each edge
+    if n > 1:
+        need = 2 if n == 2 else max(3, math.ceil(cfg.repeat_fraction * n))
+        seen: dict[tuple[str, str], list[tuple[float, int]]] = {}
+        for p, page_edges in zip(pages, edges):
+            for ln, edge, dist in page_edges:
+                if _mask(ln.text):
+                    seen.setdefault((edge, _mask(ln.text)), []).append((dist, p["page"]))
+        running = {
+            (key, page)
+            for key, positions in seen.items()
+            for group in _clusters(positions, tol)
+            if len(group) >= need
+            for page in group
+        }
+        for p, lines in zip(pages, per_page):
+            top, bottom = _edge_rows(lines, cfg.edge_lines, p["height"])
+            for edge, ranked in (("top", top), ("bottom", bottom)):
+                for row in ranked:
+                    hit = [ln for ln in row if ((edge, _mask(ln.text)), p["page"]) in running]
+                    drop.update(id(ln) for ln in hit)
+                    if not all(id(ln) in drop for ln in row):
+                        break
     removed: list[str] = []
     out = []
-    for lines, page_band in zip(per_page, bands):
-        drop = {
-            id(ln)
-            for ln, band in page_band
-            if _PAGE_NUMBER.match(ln.text) or (len(pages) > 1 and counts[(band, _mask(ln.text))] >= need)
-        }
+    for p, lines in zip(pages, per_page):
         removed += [ln.text for ln in lines if id(ln) in drop]
-        out.append([ln for ln in lines if id(ln) not in drop])
+        kept = [ln for ln in lines if id(ln) not in drop]
+        if shift is not None and numbers_at and not any(id(ln) in drop and _page_number(ln.text) for ln in lines):
+            removed += _unglue(kept, p["page"] + shift, p["height"], numbers_at, tol)
+        out.append(kept)
     return out, removed
+
+
+def _unglue(lines: list[Ln], number: int, height: float, numbers_at: list[tuple[str, float]], tol: float) -> list[str]:
+    """Cut the page number off the first or last line of a page where the extractor joined
+    it to its neighbour on the same baseline: only on a page whose number was not found on
+    its own, and only where the document prints its page numbers, since "11 years" at the
+    foot of page 11 is text."""
+    if not lines:
+        return []
+    rows = _baselines(lines)
+    cut: list[str] = []
+    for edge, row in (("top", rows[0]), ("bottom", rows[-1])):
+        for ln in row:
+            dist = height - ln.y if edge == "top" else ln.y
+            if not any(e == edge and abs(d - dist) <= tol for e, d in numbers_at):
+                continue
+            head = re.match(rf"^\W*{number}\W*\s+(?=\w)", ln.text)
+            tail = re.search(rf"(?<=\S)\s+\W*{number}\W*$", ln.text)
+            if head:
+                cut.append(head.group(0).strip())
+                ln.text = ln.text[head.end():]
+            elif tail:
+                cut.append(tail.group(0).strip())
+                ln.text = ln.text[: tail.start()]
+    return cut
+
+
+# ---------------------------------------------------------------- front matter
+
+_MONTHS = (
+    "jan(uary)?|feb(ruary)?|mar(ch)?|apr(il)?|may|june?|july?|aug(ust)?|sep(t(ember)?)?|oct(ober)?|nov(ember)?|dec(ember)?"
+    "|januar|februar|märz|mai|juni|juli|oktober|dezember"
+)
+_DATE = re.compile(
+    rf"\b(\d{{1,2}}\.?\s*({_MONTHS})\.?,?\s+\d{{4}}|({_MONTHS})\.?\s+(\d{{1,2}},?\s+)?\d{{4}}"
+    r"|\d{1,2}[./]\d{1,2}[./]\d{4}|\d{4}-\d{2}-\d{2})\b",
+    re.IGNORECASE,
+)
+_AFFILIATION = re.compile(
+    r"univ|institut|laborator|\blab\b|department|\bdept\b|school|college|cent(er|re)\b|faculty|academy|gmbh|\binc\b"
+    r"|\bltd\b|corporation|company|\bag\b|hochschule|@|e-?mail|\b\d{5}(-\d{4})?\b",
+    re.IGNORECASE,
+)
+_NAME = re.compile(r"^[A-ZÀ-Þ][\w'’.-]*\.?(\s+(van|von|de|der|da|di|le)?\s*[A-ZÀ-Þ][\w'’.-]*\.?){1,3}$")
+_AUTHOR_LABEL = re.compile(r"^\s*(authors?|by|autor(en)?)\s*[:\-]\s*", re.IGNORECASE)
+_FRONT_STOP = re.compile(r"^\W*(abstract|summary|keywords|index terms|introduction|contents|table of contents|zusammenfassung)\b", re.IGNORECASE)
+_MARKERS = "∗*†‡§¶,0123456789 "
+
+
+_NUMERIC = re.compile(r"[-+−±]?\d[\d.,]*\s*%?")
+
+
+def _is_sentence(text: str) -> bool:
+    """Prose: four words or more ending in a full stop (not "Inc." or an initial)."""
+    return len(text.split()) >= 4 and re.search(r"[a-z]{3,}[.!?]$", text.strip()) is not None
+
+
+def _names(text: str) -> list[str] | None:
+    """The author names a line lists ("A. Smith, B. Jones and C. Lee", "Fischer, Gerhard"), or None."""
+    text = text.strip().strip(_MARKERS)
+    if re.fullmatch(r"[A-ZÀ-Þ][\w'’-]+,\s*[A-ZÀ-Þ][\w'’.-]+( [A-ZÀ-Þ][\w'’.-]+)?", text):
+        return [text]  # "Surname, Given name"
+    parts = [x.strip().strip(_MARKERS) for x in re.split(r",|\band\b|&|;|\bund\b", text)]
+    parts = [x for x in parts if x]
+    return parts if parts and all(_NAME.match(x) for x in parts) else None
+
+
+def front_matter(lines: list[Ln], height: float, cfg: CleanMarkdownConfig) -> tuple[dict[str, Any], set[int]]:
+    """Title, authors, affiliations and date of a first page; the ids of the lines to leave out.
+
+    The title is the largest text in the upper half of the page. Below it, down to the first
+    long line or "Abstract" / "Introduction" / "Contents", come short lines: a date, names
+    (in the largest size names are set in, or after "Author:") and, under each name in
+    its own column, the affiliation lines. These go to the document record, not into
+    the Markdown as headings; a line that is none of these stays in the text.
+    """
+    body = _body_size(lines)
+    upper = [ln for ln in lines if ln.y > 0.4 * height and sum(c.isalpha() for c in ln.text) >= 3]  # title slides centre it
+    if not upper:
+        return {}, set()
+    big = max(ln.size for ln in upper)
+    if big < body * cfg.heading_ratio:
+        return {}, set()
+    rows = _baselines(lines)
+    first = next(i for i, row in enumerate(rows) if any(ln.size == big and ln in upper for ln in row))
+    i = first
+    while i < len(rows) and all(abs(ln.size - big) < 0.5 for ln in rows[i]):
+        i += 1
+    title = " ".join(ln.text for row in rows[first:i] for ln in sorted(row, key=lambda ln: ln.x0))
+    zone: list[Ln] = []
+    for row in rows[i:]:
+        if any(_FRONT_STOP.match(ln.text) or len(ln.text) > cfg.max_front_chars or _is_sentence(ln.text) for ln in row):
+            break  # the body begins
+        if len(zone) >= 40 or sum(_NUMERIC.fullmatch(ln.text.strip()) is not None for ln in row) >= 2:
+            return {"title": title}, set()  # a table or a data sheet, not a title block
+        zone += row
+    # names are set near body size; a subtitle in display type is not an author
+    name_sizes = [ln.size for ln in zone if _names(ln.text) and ln.size <= 1.3 * body]
+    author_size = max(name_sizes) if name_sizes else None
+    authors: list[str] = []
+    stacks: dict[int, list[Ln]] = {}  # author line id -> affiliation lines under it
+    date = ""
+    leave: set[int] = set()
+    for ln in zone:  # top to bottom
+        m_date = _DATE.search(ln.text)
+        labelled = _AUTHOR_LABEL.match(ln.text)
+        if labelled or (author_size and abs(ln.size - author_size) < 0.5 and _names(ln.text)):
+            authors += _names(ln.text[labelled.end():] if labelled else ln.text) or [ln.text[labelled.end():].strip()]
+            stacks[id(ln)] = [ln]
+            leave.add(id(ln))
+        elif m_date and not date:
+            date = m_date.group(0)
+            if sum(c.isalpha() for c in ln.text.replace(date, "")) < 12:
+                leave.add(id(ln))
+        elif not any(c.isalnum() for c in ln.text):
+            leave.add(id(ln))  # a lone footnote mark
+        else:
+            # under the nearest author line above it in the same column, or named as one
+            mid = (ln.x0 + ln.x1) / 2
+            owner = min(
+                (s for s in stacks.values() if abs((s[0].x0 + s[0].x1) / 2 - mid) < 0.15 * (s[0].x1 - s[0].x0 + 200)),
+                key=lambda s: s[0].y - ln.y if s[0].y > ln.y else 1e9,
+                default=None,
+            )
+            if owner is not None and owner[0].y > ln.y:
+                owner.append(ln)
+                leave.add(id(ln))
+            elif _AFFILIATION.search(ln.text):
+                stacks[id(ln)] = [ln]
+                leave.add(id(ln))
+    affiliations: list[str] = []
+    for stack in stacks.values():
+        text = ", ".join(ln.text.strip().strip(",") for ln in stack if not (id(ln) == id(stack[0]) and (_names(ln.text) or _AUTHOR_LABEL.match(ln.text))))
+        if text and text not in affiliations:
+            affiliations.append(text)
+    if not (authors or affiliations or date):
+        return {"title": title}, set()
+    return {"title": title, "authors": authors, "affiliations": affiliations, "date": date}, leave
 
 
 def reading_order(lines: list[Ln], width: float, ordered: bool) -> list[Ln]:
@@ -130,12 +393,99 @@ def reading_order(lines: list[Ln], width: float, ordered: bool) -> list[Ln]:
     return out
 
 
+def attach_scripts(lines: list[Ln]) -> list[Ln]:
+    """Sub- and superscripts joined to the text they belong to.
+
+    A piece set above or below a neighbour's baseline by 0.2 to 0.7 of its size (more
+    than a font's jitter, less than a line) and touching it on the left or right is one of
+    its scripts: "V" +
+    "BE", "x" + "2", a footnote mark "1" before "nSD". Left alone, each script is a line of
+    its own and lands as a lone number or a fake table cell somewhere else.
+    """
+    out = sorted(lines, key=lambda ln: len(ln.text), reverse=True)
+    merged: set[int] = set()
+    for small in sorted(lines, key=lambda ln: len(ln.text)):
+        if id(small) in merged or len(small.text.strip()) > 12:
+            continue
+        for host in out:
+            if host is small or id(host) in merged or len(host.text) <= len(small.text) or host.size < small.size:
+                continue
+            rise = small.y - host.y
+            if not 0.2 * host.size < abs(rise) <= 0.7 * host.size:  # less is a font's baseline jitter
+                continue
+            gap = 0.6 * host.size
+            if -1 <= small.x0 - host.x1 <= gap:
+                host.text, host.x1 = host.text + small.text.strip(), max(host.x1, small.x1)
+            elif -1 <= host.x0 - small.x1 <= gap:
+                host.text, host.x0 = small.text.strip() + host.text, min(host.x0, small.x0)
+            else:
+                continue
+            merged.add(id(small))
+            break
+    return [ln for ln in lines if id(ln) not in merged]
+
+
+_NUMBERS_ONLY = re.compile(r"[\s\d.,:;%()+\-−–±×/^]*\d[\s\d.,:;%()+\-−–±×/^]*")
+
+
+def _axis_like(texts: list[str], partial: bool = False) -> bool:
+    """Do these numbers read like an axis? ``partial``: could they still grow into one."""
+    values = []
+    for t in texts:
+        for tok in t.replace("−", "-").split():
+            try:
+                values.append(float(tok.replace(",", "")))
+            except ValueError:
+                return False
+    steps = [b - a for a, b in zip(values, values[1:])]
+    if not (all(d > 0 for d in steps) or all(d < 0 for d in steps)):
+        return False
+    if partial or len(values) < 3:
+        return partial
+    even = max(steps) - min(steps) <= 1e-6 * max(abs(d) for d in steps) + 1e-9
+    ratios = [b / a for a, b in zip(values, values[1:]) if a]
+    geometric = len(ratios) == len(steps) and max(ratios) - min(ratios) < 1e-6
+    return even or geometric or len(values) >= 5
+
+
+def drop_figure_numbers(lines: list[Ln]) -> tuple[list[Ln], list[str]]:
+    """Runs of lines that are nothing but numbers and read like an axis leave the text.
+
+    A run of such lines in a row on one page, none part of a table row, is a plot's tick
+    labels when its values step evenly (0 10 20 30; 128 256 512 1024) or, five or more,
+    run one way (8 7 4 3 2 1, where the tool split some ticks off). Anything else stays:
+    a rule table's values that lost their rows (0.18, 0.42, 5.00) are content.
+    """
+    bare = [len(ln.cells) < 2 and _NUMBERS_ONLY.fullmatch(ln.text) is not None for ln in lines]
+    drop = [False] * len(lines)
+    i = 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and bare[j] and lines[j].page == lines[i].page:
+            j += 1
+        # the longest stretches that run one way: a run often holds two axes, or a label
+        k = i
+        while k < j:
+            m = k + 1
+            while m < j and _axis_like([ln.text for ln in lines[k : m + 1]], partial=True):
+                m += 1
+            if _axis_like([ln.text for ln in lines[k:m]]):
+                drop[k:m] = [True] * (m - k)
+            k = m
+        i = max(j, i + 1)
+    return [ln for ln, d in zip(lines, drop) if not d], [ln.text for ln, d in zip(lines, drop) if d]
+
+
 def merge_rows(lines: list[Ln]) -> list[Ln]:
     """Lines of one column on one baseline become one row whose ``cells`` are the pieces."""
     out: list[Ln] = []
     for ln in lines:
         prev = out[-1] if out else None
-        if prev and prev.page == ln.page and prev.column == ln.column and abs(prev.y - ln.y) <= 2 and ln.x0 > prev.x1:
+        # a spanning line (-1) may still share a baseline with the piece before it ("1." + note)
+        same_column = prev is not None and (prev.column == ln.column or -1 in (prev.column, ln.column))
+        # one baseline: within 2 pt, or a fifth of the size (a heading's number set apart)
+        close = prev is not None and abs(prev.y - ln.y) <= max(2.0, 0.2 * max(prev.size, ln.size))
+        if prev and prev.page == ln.page and same_column and close and ln.x0 > prev.x1:
             prev.cells = (prev.cells or [prev.text]) + [ln.text]
             prev.text = f"{prev.text} {ln.text}"
             prev.x1 = ln.x1
@@ -145,6 +495,10 @@ def merge_rows(lines: list[Ln]) -> list[Ln]:
         # "•   item": a bullet set apart from its text is a list item, not a two-cell row
         if len(ln.cells) >= 2 and ln.cells[0] in BULLETS:
             ln.text, ln.cells, ln.item = "- " + " ".join(ln.cells[1:]), [], True
+        elif len(ln.cells) == 2 and ln.bold and re.fullmatch(r"\d+(\.\d+)*\.?", ln.cells[0]):
+            ln.cells = []  # "5" + "Physical Layer Design Rules": a numbered heading, not a row
+        elif len(ln.cells) == 2 and _ENUMERATOR.fullmatch(ln.cells[0]):
+            ln.text, ln.cells, ln.item = f"{ln.cells[0]} {ln.cells[1]}", [], True  # "1." set apart from its note
         elif ln.text[:1] in BULLETS and ln.text[1:2] == " ":
             ln.text, ln.item = "- " + ln.text[2:], True
     return out
@@ -269,14 +623,22 @@ def clean_document(pages: list[dict[str, Any]], cfg: CleanMarkdownConfig) -> dic
         for ln in p["lines"]:
             ln["text"] = ln["text"].translate(LIGATURES)
     body, removed = strip_running(pages, cfg)
+    meta, leave = front_matter(body[0], pages[0]["height"], cfg) if body and pages[0]["method"] != "ocr" else ({}, set())
+    if leave:
+        body[0] = [ln for ln in body[0] if id(ln) not in leave]
     ordered: list[Ln] = []
     for p, lines in zip(pages, body):
+        if p["method"] != "ocr":
+            lines = attach_scripts(lines)
         ordered += merge_rows(reading_order(lines, p["width"], ordered=p["method"] == "ocr"))
+    ordered, ticks = drop_figure_numbers(ordered)
+    removed += ticks
     blocks = to_markdown(blocks_from(ordered, cfg), _vocabulary(ordered))
     return {
         "markdown": "\n\n".join(b.text for b in blocks) + "\n",
         "blocks": [{"kind": b.kind, "text": b.text, "pages": b.pages} for b in blocks],
         "removed": removed,
+        "front_matter": meta,
     }
 
 
@@ -395,6 +757,7 @@ def clean_markdown(cfg: Config) -> dict[str, Any]:
                 "ocr_pages": sum(p["method"] == "ocr" for p in pages),
                 "chars": len(result["markdown"]),
                 "removed_running_lines": len(result["removed"]),
+                "front_matter": result.get("front_matter", {}),
             }
         )
         for n, c in enumerate(chunk(result["blocks"], ccfg.chunk_chars)):

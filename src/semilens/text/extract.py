@@ -123,17 +123,74 @@ def _font_name(font: Any) -> str:
         return ""
 
 
-def _width(text: str, size: float, font: Any) -> float:
-    """Rendered width in points: the font's /Widths, the standard-14 metrics, or 0.5 em/char.
+_HEX = re.compile(rb"<([0-9A-Fa-f]+)>")
+
+
+def _cid_widths(font: Any) -> tuple[dict[str, float], float] | None:
+    """Glyph widths by Unicode character of a composite (Type0) font, and its default width.
+
+    A Type0 font keeps its widths by CID in the descendant font's /W array, and only the
+    /ToUnicode map says which character a CID shows. Without them every glyph would count
+    0.5 em, which misplaces the end of a run by more than a word gap ("insideThickGateOx":
+    Arial's "inside" is 0.26 em per letter).
+    """
+    if str(font.get("/Subtype", "")) != "/Type0":
+        return None
+    desc = font["/DescendantFonts"].get_object()[0].get_object()
+    default = float(desc.get("/DW", 1000))
+    by_cid: dict[int, float] = {}
+    w = desc.get("/W")
+    items = list(w.get_object()) if w is not None else []
+    i = 0
+    while i + 1 < len(items):
+        first, nxt = int(items[i]), items[i + 1].get_object() if hasattr(items[i + 1], "get_object") else items[i + 1]
+        if isinstance(nxt, list):
+            by_cid.update({first + k: float(v) for k, v in enumerate(nxt)})
+            i += 2
+        else:
+            by_cid.update({c: float(items[i + 2]) for c in range(first, int(nxt) + 1)})
+            i += 3
+    widths: dict[str, float] = {}
+    cmap = font.get("/ToUnicode")
+    data = cmap.get_object().get_data() if cmap is not None else b""
+    for block in re.findall(rb"beginbfchar(.*?)endbfchar", data, re.S):
+        hexes = _HEX.findall(block)
+        for src, dst in zip(hexes[::2], hexes[1::2]):
+            char = bytes.fromhex(dst.decode()).decode("utf-16-be", "ignore")
+            if len(char) == 1:
+                widths.setdefault(char, by_cid.get(int(src, 16), default))
+    for lo, hi, dst in re.findall(rb"<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>", b"".join(re.findall(rb"beginbfrange(.*?)endbfrange", data, re.S))):
+        base = bytes.fromhex(dst.decode()).decode("utf-16-be", "ignore")
+        if len(base) == 1:
+            for k, cid in enumerate(range(int(lo, 16), int(hi, 16) + 1)):
+                widths.setdefault(chr(ord(base) + k), by_cid.get(cid, default))
+    return widths, default
+
+
+def _width(text: str, size: float, font: Any, cache: dict[int, Any] | None = None) -> float:
+    """Rendered width in points: the font's /Widths (or a Type0 font's /W), the standard-14
+    metrics, or 0.5 em/char.
 
     Widths matter: a gap between fragments wider than ``SPLIT_GAP`` em separates two
-    columns (or two table cells) that share a baseline.
+    columns (or two table cells) that share a baseline, and one of ``word_gap`` em is a
+    space. ``cache`` keeps parsed Type0 widths per font object for one page.
     """
     try:
         widths = font["/Widths"].get_object()
         first = int(font.get("/FirstChar", 0))
         return sum(float(widths[ord(c) - first]) if 0 <= ord(c) - first < len(widths) else 500.0 for c in text) * size / 1000.0
     except Exception:
+        pass
+    try:
+        cache = {} if cache is None else cache
+        if id(font) not in cache:
+            cache[id(font)] = _cid_widths(font)
+        if cache[id(font)] is not None:
+            by_char, default = cache[id(font)]
+            # A space the font has no glyph for was put in by pypdf for a TJ offset:
+            # count it as a typical word gap (the gaps in those offsets are 0.2-0.35 em).
+            return sum(by_char.get(c, 280.0 if c == " " else default) for c in text) * size / 1000.0
+    except Exception:  # a broken /W or /ToUnicode only costs the metrics
         pass
     from reportlab.pdfbase.pdfmetrics import standardFonts, stringWidth
 
@@ -148,15 +205,67 @@ def _width(text: str, size: float, font: Any) -> float:
 
 # Fragments on one baseline further apart than this many em are different blocks.
 SPLIT_GAP = 1.2
+# Default word gap in em (ExtractPdfsConfig.word_gap). Across the real PDFs in
+# shared/realdata, kerning inside TJ arrays stays under 0.15 em and word gaps start at
+# 0.2 em (tight justified LaTeX lines); between separately placed runs (Word) gaps of
+# 0.15-0.18 em are word gaps, and 0.18 glues two words in GIFT2.pdf. 0.12-0.15 read
+# every file alike; 0.15 leaves the most room for kerning.
+WORD_GAP = 0.15
+# A TJ offset below the word gap is handed to pypdf in pieces this small (in thousandths
+# of an em), so that no piece looks like a space to pypdf whatever it thinks the font's
+# space width is; a larger one is followed by a -_FORCE/+_FORCE pair, which makes pypdf
+# write one space and leaves the pen where it was.
+_PIECE = 20.0
+_FORCE = 1e6
 
 
-def text_lines(page: Any) -> list[Line]:
+def _respace_tj(items: list[Any], word_gap: float) -> list[Any]:
+    """A TJ array whose offsets make pypdf put spaces exactly at gaps >= ``word_gap`` em.
+
+    pypdf inserts a space inside a TJ array when an offset exceeds half the font's space
+    width as it reads it from the font, and it misreads subset fonts that carry no space
+    glyph (LuaTeX's Arial in the IHP layout rules comes out 584/1000 em wide, twice the
+    real width), gluing every justified line: "Licensedunderthe". Producers that draw no
+    space glyph put the word gap only in these offsets, so the gap in em decides here.
+    """
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            value = float(item)
+            if -value / 1000.0 >= word_gap:
+                out += [value, -_FORCE, _FORCE]
+            elif value < -_PIECE:
+                n = int(-value // _PIECE) + 1
+                out += [value / n] * n
+            else:
+                out.append(value)
+        else:
+            out.append(item)
+    return out
+
+
+def text_lines(page: Any, word_gap: float = WORD_GAP) -> list[Line]:
     """The page's text as positioned lines, from pypdf's text visitor.
 
     Fragments are grouped into a line when their baselines are within a third of the font
-    size; within a line they are ordered by x, and a gap wider than a space becomes one.
+    size; within a line they are ordered by x, and a gap of ``word_gap`` em or more
+    becomes a space, both between fragments and inside TJ arrays (``_respace_tj``).
     """
     frags: list[tuple[float, float, float, float, bool, str]] = []
+    swapped: list[tuple[list[Any], list[Any]]] = []
+    widths: dict[int, Any] = {}
+
+    # The TJ operands are rewritten just for pypdf's pass over them and put back after,
+    # so the page object is left as it was read.
+    def before(op: bytes, args: Any, cm: Any, tm: Any) -> None:
+        if op == b"TJ" and args and isinstance(args[0], list):
+            swapped.append((args[0], list(args[0])))
+            args[0][:] = _respace_tj(args[0], word_gap)
+
+    def after(op: bytes, args: Any, cm: Any, tm: Any) -> None:
+        if op == b"TJ" and swapped and args and args[0] is swapped[-1][0]:
+            array, original = swapped.pop()
+            array[:] = original
 
     def visit(text: str, cm: Any, tm: Any, font: Any, size: float) -> None:
         if not text or not text.strip():
@@ -168,9 +277,9 @@ def text_lines(page: Any) -> list[Line]:
         eff = float(size) * scale if size else 10.0
         for k, part in enumerate(text.split("\n")):
             if part.strip():
-                frags.append((x, y - k * eff * 1.2, x + _width(part, eff, font), eff, _font_bold(font), part))
+                frags.append((x, y - k * eff * 1.2, x + _width(part, eff, font, widths), eff, _font_bold(font), part))
 
-    page.extract_text(visitor_text=visit)
+    page.extract_text(visitor_text=visit, visitor_operand_before=before, visitor_operand_after=after)
     frags.sort(key=lambda f: (-f[1], f[0]))
     lines: list[list[tuple]] = []
     for f in frags:
@@ -188,14 +297,14 @@ def text_lines(page: Any) -> list[Line]:
                 segments.append([f])
             else:
                 segments[-1].append(f)
-        out += [ln for ln in (_join(seg) for seg in segments) if ln is not None]
+        out += [ln for ln in (_join(seg, word_gap) for seg in segments) if ln is not None]
     return out
 
 
-def _join(seg: list[tuple]) -> Line | None:
+def _join(seg: list[tuple], word_gap: float = WORD_GAP) -> Line | None:
     text, x1 = "", None
     for f in seg:
-        if x1 is not None and f[0] - x1 > 0.15 * f[3] and not text.endswith(" ") and not f[5].startswith(" "):
+        if x1 is not None and f[0] - x1 >= word_gap * f[3] and not text.endswith(" ") and not f[5].startswith(" "):
             text += " "
         text += f[5]
         x1 = f[2]
@@ -210,6 +319,73 @@ def _join(seg: list[tuple]) -> Line | None:
         bold=all(f[4] for f in seg),
         text=text,
     )
+
+
+def pdfium_lines(textpage: Any) -> list[Line]:
+    """The page's text as lines from pdfium's text rectangles (runs of one line and font).
+
+    pdfium decides spaces from glyph positions itself and reads every real file right,
+    so it is the fallback reading; its runs carry position and font size like the
+    visitor's lines, but no bold flag from the font name (pdfium reports the weight).
+    """
+    import pypdfium2.raw as raw
+
+    out = []
+    for i in range(textpage.count_rects()):
+        left, bottom, right, top = textpage.get_rect(i)
+        text = repair_glyphs(" ".join(textpage.get_text_bounded(left, bottom, right, top).split()))
+        if not text:
+            continue
+        size, weight = top - bottom, 400
+        index = textpage.get_index((left + right) / 2, (bottom + top) / 2, max(1.0, right - left) / 2, (top - bottom) / 2)
+        if index is not None and index >= 0:
+            size = raw.FPDFText_GetFontSize(textpage.raw, index) or size
+            weight = raw.FPDFText_GetFontWeight(textpage.raw, index)
+        # pdfium's rectangle spans ascender to descender; the baseline sits about a fifth
+        # of the size above its bottom, where the visitor's y is.
+        out.append(
+            Line(
+                x0=round(left, 1),
+                x1=round(right, 1),
+                y=round(bottom + 0.2 * (top - bottom), 1),
+                size=round(float(size), 1),
+                bold=weight >= 600,
+                text=text,
+            )
+        )
+    return out
+
+
+def choose_reading(lines: list[Line], textpage: Any, page: Any, cfg: ExtractPdfsConfig) -> tuple[list[Line], dict[str, Any]]:
+    """The lines to keep for one page, and the ``reading`` record that says why.
+
+    Three readings are scored with ``semilens.text.words.check``: the visitor's lines,
+    pdfium's plain text and pypdf's layout mode. The visitor's lines are kept unless they
+    are clearly worse (glued-word rate above ``max_glued`` and above the best other
+    reading's, or a reading score ``reading_margin`` below it): their positions, sizes and
+    bold flags are what clean_markdown uses for columns and headings. pdfium's lines have
+    positions too, so they replace the visitor's; layout mode is scored for the record
+    only, as its text has no positions.
+    """
+    from semilens.text.words import check
+
+    texts = {"visitor": "\n".join(ln.text for ln in lines), "pdfium": textpage.get_text_range()}
+    try:
+        texts["layout"] = page.extract_text(extraction_mode="layout")
+    except Exception:  # layout mode fails on some malformed pages; it is only compared
+        texts["layout"] = ""
+    checks = {name: check(text) for name, text in texts.items()}
+    scores = {name: {"glued": round(c.glued_rate, 4), "score": round(c.score, 4), "words": c.words} for name, c in checks.items()}
+    vis, alt = checks["visitor"], checks["pdfium"]
+    worse = alt.words > 0 and (
+        (vis.glued_rate > cfg.max_glued and alt.glued_rate < vis.glued_rate)
+        or alt.score - vis.score >= cfg.reading_margin
+    )
+    if worse:
+        alt_lines = pdfium_lines(textpage)
+        if alt_lines:
+            return alt_lines, {"used": "pdfium", "scores": scores}
+    return lines, {"used": "visitor", "scores": scores}
 
 
 def tesseract_available() -> bool:
@@ -297,7 +473,7 @@ def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
     for i in range(n):
         try:
             page = reader.pages[i]
-            lines = text_lines(page)
+            lines = text_lines(page, cfg.word_gap)
             height = float(page.mediabox.height)
             width = float(page.mediabox.width)
         except PdfProblem:
@@ -305,6 +481,15 @@ def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
         except Exception as exc:
             raise PdfProblem(f"corrupt PDF: page {i + 1}: {type(exc).__name__}: {str(exc)[:200]}") from None
         method = "text"
+        reading: dict[str, Any] = {"used": "visitor"}
+        if lines:
+            if pdf is None:
+                pdf = pypdfium2.PdfDocument(data)
+            textpage = pdf[i].get_textpage()
+            try:
+                lines, reading = choose_reading(lines, textpage, page, cfg)
+            finally:
+                textpage.close()
         if sum(len(ln.text.replace(" ", "")) for ln in lines) < cfg.ocr_min_chars:
             if not cfg.ocr:
                 method = "none"
@@ -313,6 +498,7 @@ def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
                     pdf = pypdfium2.PdfDocument(data)
                 lines = ocr_lines(pdf, i, height, cfg)
                 method = "ocr"
+                reading = {"used": "ocr"}
         text = "\n".join(ln.text for ln in lines)
         pages.append(
             {
@@ -323,6 +509,7 @@ def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
                 "method": method,
                 "chars": len(text),
                 "garbled": garbled_ratio(text),
+                "reading": reading,
                 "text": text,
                 "lines": [asdict(ln) for ln in lines],
             }
@@ -351,7 +538,8 @@ def extract_pdfs(cfg: Config) -> dict[str, Any]:
     from semilens.runlog import console
 
     ecfg = cfg.extract_pdfs
-    cache = ItemCache(cfg.paths.cache, STAGE, code_version("semilens.text.extract"))
+    # words.py decides which reading a page keeps, so an edit there redoes the pages too.
+    cache = ItemCache(cfg.paths.cache, STAGE, code_version("semilens.text.extract", "semilens.text.words"))
     params = ecfg.model_dump(mode="json")
     records: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
