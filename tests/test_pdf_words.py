@@ -1,7 +1,8 @@
 """Words come out apart on PDFs whose producer draws no space glyphs.
 
 The PDFs here carry no space characters between words: the gap is only a TJ offset or
-a new text position. The real files are read by path from ../shared/realdata.
+a new text position. The real files come from the committed sample (data/raw/pdfs) where
+it has them, else by path from ../shared/realdata (skipped where that is absent).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import io
 
 import pytest
+from conftest import lazy_pdf_pages
 
 from semilens.config import ExtractPdfsConfig
 from semilens.text.extract import _respace_tj, extract_pdf, text_lines
@@ -149,14 +151,14 @@ REAL_TEXT_PDFS = [
 
 
 @pytest.fixture(scope="module")
-def real_words(realdata):
-    cfg = ExtractPdfsConfig(ocr=False)
-    return {name: extract_pdf((realdata / "pdfs" / name).read_bytes(), cfg) for name in REAL_TEXT_PDFS}
+def real_words():
+    """name -> extracted pages, each file read once and only when a test asks for it."""
+    return lazy_pdf_pages(ExtractPdfsConfig(ocr=False))
 
 
 @pytest.mark.parametrize("name", REAL_TEXT_PDFS)
 def test_real_pdfs_have_at_most_half_a_percent_glued_words(real_words, name):
-    pages = real_words[name]
+    pages = real_words(name)
     total = sum((check(p["text"]) for p in pages), check(""))
     assert total.words > 100
     assert total.glued_rate <= 0.005, (name, glued_words("\n".join(p["text"] for p in pages))[:10])
@@ -165,11 +167,16 @@ def test_real_pdfs_have_at_most_half_a_percent_glued_words(real_words, name):
 def test_the_visitor_keeps_its_geometry_where_it_reads_well(real_words):
     # LuaTeX's justified lines were glued before; the respaced visitor reads the prose
     # pages itself, and a page that falls back says so and still has positioned lines
-    pages = real_words["ihp_open_pdk/SG13G2_os_layout_rules.pdf"]
+    pages = real_words("ihp_open_pdk/SG13G2_os_layout_rules.pdf")
     used = [p["reading"]["used"] for p in pages]
     assert used.count("visitor") > len(pages) / 2
     assert "Licensed under the Apache License" in pages[1]["text"]
     for p in pages:
         assert p["lines"] and all({"x0", "x1", "y", "size", "bold", "text"} <= set(ln) for ln in p["lines"])
-    for name in ("nist_mist/Blattner_etal_Hybrid_CPU-GPU_Stitching_Microscopy_Images.pdf", "pypdf_sample_files/multicolumn.pdf"):
-        assert all(p["reading"]["used"] == "visitor" for p in real_words[name])
+    nist = real_words("nist_mist/Blattner_etal_Hybrid_CPU-GPU_Stitching_Microscopy_Images.pdf")
+    assert all(p["reading"]["used"] == "visitor" for p in nist)
+
+
+def test_the_visitor_reads_the_pdftex_two_column_file(real_words):
+    pages = real_words("pypdf_sample_files/multicolumn.pdf")  # CC BY-SA: the full set only
+    assert all(p["reading"]["used"] == "visitor" for p in pages)

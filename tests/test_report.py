@@ -32,7 +32,7 @@ def _png(seed: int) -> bytes:
 
 def _outputs(root: Path) -> Config:
     """Every file the report reads, tiny: one VLM family, the text model, the datasets."""
-    paths = {k: root / v for k, v in Config().paths.model_dump().items()}
+    paths = {k: root / v if isinstance(v, Path) else v for k, v in Config().paths.model_dump().items()}
     # one family evaluated: the report covers what is there
     cfg = Config(paths=paths, report={"max_images": 2}, prepare_vlm={"bases": {"qwen2_5_vl": "tiny"}})
     m = cfg.paths.metrics
@@ -41,7 +41,10 @@ def _outputs(root: Path) -> Config:
               "vqa_per_type": {"class": {"n": 2, "accuracy": 1.0}, "count": {"n": 2, "accuracy": 0.0}}}
     base = {**scores, "vqa_accuracy": 0.0, "class_accuracy": 0.0,
             "vqa_per_type": {"class": {"n": 2, "accuracy": 0.0}, "count": {"n": 2, "accuracy": 0.0}}}
-    write_json(m / "vlm/qwen2_5_vl.json", {"base": base, "finetuned": scores, "delta": {"vqa_accuracy": 0.5}, "n_test_rows": 6})
+    real = {"n_rows": 3, "n_images": 1, "base": {**base, "caption_rouge_l": 0.123}, "finetuned": {**scores, "caption_rouge_l": 0.456}}
+    synthetic = {"n_rows": 3, "n_images": 1, "base": base, "finetuned": scores}
+    write_json(m / "vlm/qwen2_5_vl.json", {"base": base, "finetuned": scores, "delta": {"vqa_accuracy": 0.5},
+                                          "n_test_rows": 6, "real": real, "synthetic": synthetic})
     write_json(m / "vlm/prepare_qwen2_5_vl.json", {"base": "tiny", "generic_accuracy_before": 0.0, "generic_accuracy_after": 0.8})
     (m / "vlm/loss_qwen2_5_vl.csv").write_text("step,loss\n5,3.0\n10,1.5\n15,0.9\n")
     images = [("img-a", "particles"), ("img-b", "lines"), ("img-c", "lines")]
@@ -94,6 +97,8 @@ def test_report_shows_models_images_and_quarantine_and_renders_in_chromium(tmp_p
     assert "particles" in page and "img-a" in page and "img-c" not in page  # round-robin: a (particles), b (lines)
     # fine-tuned: class right, count wrong (30 vs 10); base the other way round
     assert "fine-tuned 2/4, base 2/4" in page
+    # real micrographs scored apart, before the synthetic ones
+    assert "1 images, 3 rows" in page and page.index("0.456") < page.index(">synthetic<")
     assert "&lt;b&gt;not html&lt;/b&gt;" in page and "<b>not html</b>" not in page
     assert "unreadable" in page and "no judge endpoint configured" in page
     assert "no ontology tagging yet" in page  # absent inputs are said, not crashed on

@@ -435,7 +435,7 @@ def test_a_generation_failure_is_500_and_the_server_goes_on(text_model, monkeypa
         error = openai_error(httpx.post(f"{url}/chat/completions", json={**body, "stream": True}), 500)
         assert "out of memory (simulated)" in error["message"]
         assert httpx.post(f"{url}/chat/completions", json=body).status_code == 200
-        assert stats(url) == {"requests": 3, "completed": 1, "faults": dict.fromkeys(["429", "500", "timeout", "malformed"], 0)}
+        assert stats(url) == {"requests": 3, "completed": 1, "busy": 0, "faults": dict.fromkeys(["429", "500", "timeout", "malformed"], 0)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -489,7 +489,7 @@ def test_timeout_fault_holds_past_the_client_timeout(text_model):
         assert time.monotonic() - start >= 1.0 and reply.choices[0].message.content is not None
         time.sleep(0.3)  # the first request notices its client is gone
         counts = stats(url)
-    assert counts == {"requests": 2, "completed": 1, "faults": {"429": 0, "500": 0, "timeout": 2, "malformed": 0}}
+    assert counts == {"requests": 2, "completed": 1, "busy": 0, "faults": {"429": 0, "500": 0, "timeout": 2, "malformed": 0}}
 
 
 def test_faults_follow_the_seed_and_the_rate(text_model):

@@ -29,7 +29,6 @@ from semilens.text.tag import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_PDFS = ROOT.parent / "shared" / "realdata" / "pdfs"
 
 
 def _doc(*sections: tuple[str, str]) -> list[dict]:
@@ -165,8 +164,8 @@ def test_off_topic_document_gets_no_tags_and_says_so(tagger):
 # ---------------------------------------------------------------- benchmark
 
 
-@pytest.mark.skipif(not (REAL_PDFS / "ihp_open_pdk" / "S380.pdf").is_file(), reason="../shared/realdata not present")
-def test_pdf_real_benchmark_runs_on_one_small_file(tmp_path):
+def test_pdf_real_benchmark_runs_on_one_small_file(realdata, tmp_path):
+    # the benchmark reads the full set (../shared/realdata or SEMILENS_REALDATA) itself
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "pdf_real.py"), "--only", "S380", "--synthetic", "1", "--out", str(out)],

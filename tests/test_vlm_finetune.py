@@ -56,7 +56,9 @@ def _png(seed: int) -> bytes:
 
 def _annotation(i: int) -> dict:
     return {
-        "id": f"img{i}", "group": f"img{i}", "label": "particles", "source": f"raw/img{i}.png",
+        "id": f"img{i}", "group": f"img{i}", "label": "particles",
+        # Odd images are drawn by the project, even ones are a user's micrographs.
+        "source": f"data/synthetic/images/particles/img{i}.tif" if i % 2 else f"data/raw/images/img{i}.png",
         "sha256": f"{i:064x}", "page": 0, "png": "unused",
         "caption": f"SEM image of particles: {6 + i} particles, median diameter 10 nm.",
         "qa": [
@@ -372,6 +374,22 @@ def test_evaluate_scores_base_and_finetuned_side_by_side(run):
     assert len(preds) == 6
     assert all({"reference", "base", "finetuned", "source", "question"} <= set(p) for p in preds)
     assert set(report["delta"]) >= {"vqa_accuracy", "caption_rouge_l"}
+    # The test rows are images 0 (real) and 1 (synthetic), three rows each, scored apart.
+    for kind in ("real", "synthetic"):
+        block = report[kind]
+        assert block["n_rows"] == 3 and block["n_images"] == 1
+        assert block["base"]["n_captions"] == 1 and block["finetuned"]["n_vqa"] == 2
+    assert [p["origin"] for p in preds] == ["real"] * 3 + ["synthetic"] * 3
+
+
+def test_origin_tells_drawn_images_from_real_ones():
+    from semilens.vlm.evaluate import origin
+
+    root = "data/synthetic/images"
+    assert origin("data/synthetic/images/particles/a.tif", root) == "synthetic"
+    assert origin("data/synthetic/images/", root + "/") == "synthetic"
+    assert origin("data/raw/images/sem/a.tif", root) == "real"
+    assert origin("data/synthetic/images_extra/a.tif", root) == "real"
 
 
 @pytest.mark.e2e

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from semilens.config import Config
-from semilens.io import read_jsonl, sha256_file
+from semilens.io import read_json, read_jsonl, sha256_file
 from semilens.lineage import LOCK_FILE, Hashed, LineageError, LockStage, dvc_md5, parse_lock, run_git
 from semilens.registry import flatten
 
@@ -138,6 +138,8 @@ class Sources:
     knowledge: set[str] = field(default_factory=set)  # knowledge-base files (git-tracked)
     generated: dict[str, int] = field(default_factory=dict)  # generator -> rows with no source file
     from_artifacts: set[str] = field(default_factory=set)  # the record files these came from
+    # checkpoints a base was converted from (a GGUF a package ships): package, version, file, sha256
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     def add_image(self, source: str, sha: str, page: int, split: str) -> None:
         self.images.setdefault((source, sha, int(page)), set()).add(split)
@@ -211,6 +213,15 @@ def _instruction_records(folder: Path, sources: Sources, cfg: Config) -> None:
             sources.generated[str(ref)] = sources.generated.get(str(ref), 0) + int(n)
 
 
+def _base_checkpoint(folder: Path, sources: Sources, cfg: Config) -> None:
+    """The GGUF file a text base was converted from (``base/gguf.json``); the tiny preset and
+    a referenced folder have none, and add nothing."""
+    from semilens.llm.prepare import GGUF_SOURCE_FILE
+
+    if (folder / GGUF_SOURCE_FILE).is_file():
+        sources.checkpoints.append(read_json(folder / GGUF_SOURCE_FILE))
+
+
 def record_readers(cfg: Config) -> dict[str, Any]:
     """Artifacts (dvc.lock paths) whose files name their sources, and how to read them."""
     p = cfg.paths
@@ -220,6 +231,7 @@ def record_readers(cfg: Config) -> dict[str, Any]:
         Path(p.instructions).as_posix(): _instruction_records,
         Path(p.markdown).as_posix(): _markdown_records,
         Path(p.pages).as_posix(): _page_records,
+        (Path(p.models) / "llm" / "base").as_posix(): _base_checkpoint,
     }
 
 
@@ -470,6 +482,7 @@ def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = No
             "pdfs": pdfs,
             "knowledge": sorted(sources.knowledge),
             "generated": dict(sorted(sources.generated.items())),
+            "checkpoints": sources.checkpoints,
         },
         "warnings": target.warnings,
     }

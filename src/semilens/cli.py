@@ -177,11 +177,26 @@ def predict(
         Path("models/qwen2_5_vl/merged"), help="any semilens VLM folder: base, merged or adapter"
     ),
     max_new_tokens: int = typer.Option(64, min=1),
+    max_pixels: Optional[int] = typer.Option(
+        None, min=1, help="refuse images whose header claims more pixels (default: ingest_images.max_pixels of params.yaml)"
+    ),
 ) -> None:
     """Answer a question about an image with a VLM checkpoint (greedy)."""
     from semilens.vlm.predict import predict as run_predict
 
-    _answer(lambda: run_predict(checkpoint, image, question, max_new_tokens))
+    cap = max_pixels or _ingest_max_pixels()
+    _answer(lambda: run_predict(checkpoint, image, question, max_new_tokens, max_pixels=cap))
+
+
+def _ingest_max_pixels(params: Path = Path("params.yaml")) -> int:
+    """The ingest stage's decompression-bomb cap: params.yaml's where there is one (run
+    from the project root), else the config default, so predict and serve refuse what
+    ingest refuses."""
+    from semilens.config import IngestImagesConfig
+
+    if params.is_file():
+        return _load(params).ingest_images.max_pixels
+    return IngestImagesConfig().max_pixels
 
 
 @app.command()
@@ -216,6 +231,15 @@ def serve(
     fault_seed: int = typer.Option(0, help="seed of the fault draw"),
     fault_hold_s: float = typer.Option(30.0, min=0, help="how long a `timeout` fault holds the reply"),
     fault_retry_after_s: int = typer.Option(1, min=0, help="Retry-After seconds of an injected 429"),
+    max_tokens_cap: int = typer.Option(4096, min=1, help="requests asking for more max_tokens get 400"),
+    context_tokens: Optional[int] = typer.Option(None, min=2, help="prompt + max_tokens limit (default: the model's positions)"),
+    max_image_pixels: Optional[int] = typer.Option(
+        None, min=1, help="images claiming more pixels get 400, undecoded (default: ingest_images.max_pixels of params.yaml)"
+    ),
+    max_images: int = typer.Option(8, min=0, help="images per request"),
+    max_json_depth: int = typer.Option(64, min=2, help="deeper-nested request bodies get 400"),
+    max_in_flight: int = typer.Option(32, min=1, help="requests queued or generating; more get 429 with Retry-After"),
+    busy_retry_after_s: int = typer.Option(1, min=0, help="Retry-After seconds of a 429 for a full queue"),
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/models, /v1/chat/completions) until Ctrl-C."""
     import os
@@ -236,7 +260,9 @@ def serve(
         options = ServeOptions(
             model_name=model_name, api_key=key, max_request_bytes=max_request_bytes, default_max_tokens=default_max_tokens,
             threads=threads, latency_ms=latency_ms, fault_rate=fault_rate, fault_kinds=fault_kinds, fault_seed=fault_seed,
-            fault_hold_s=fault_hold_s, fault_retry_after_s=fault_retry_after_s,
+            fault_hold_s=fault_hold_s, fault_retry_after_s=fault_retry_after_s, max_tokens_cap=max_tokens_cap,
+            context_tokens=context_tokens, max_image_pixels=max_image_pixels or _ingest_max_pixels(), max_images=max_images,
+            max_json_depth=max_json_depth, max_in_flight=max_in_flight, busy_retry_after_s=busy_retry_after_s,
         )
         server = make_app(checkpoint, options)
     except ValidationError as exc:
@@ -320,6 +346,8 @@ def _tree_text(data: dict) -> "object":
             files.add(f"knowledge base: {', '.join(rec['knowledge'])}")
         for ref, n in rec["generated"].items():
             files.add(f"{escape(ref)}: {n} rows generated (no source file)")
+        for c in rec.get("checkpoints", []):
+            files.add(f"base checkpoint {escape(c['file'])} from the package {escape(c['package'])} {escape(c['version'])}, sha256 {c['sha256']}")
     return top
 
 

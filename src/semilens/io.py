@@ -91,6 +91,12 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                     raise ValueError(f"{path}:{n}: not valid JSON: {exc.msg}") from exc
 
 
+def leaves_folder(path: Path | str, root: Path | str) -> bool:
+    """True when ``path`` resolves (symlinks followed, nothing opened) outside ``root``:
+    a link planted in an input folder must not pull a file from elsewhere into the outputs."""
+    return not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
 def display_path(path: Path | str) -> str:
     """A path as printable text, even when the file name is not valid UTF-8.
 

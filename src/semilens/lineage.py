@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from semilens.config import PathsConfig
 from semilens.io import file_digest
 
 LOCK_FILE = "dvc.lock"
@@ -133,6 +134,16 @@ def verified_hashes(paths: dict[str, Path], root: Path = Path(".")) -> dict[str,
             + ". Rebuild them with `dvc repro` (or `dvc commit` if the change is intended)."
         )
     return result
+
+
+def path_allowance(paths: PathsConfig, root: Path = Path(".")) -> dict[str, str]:
+    """Lineage tags for ``paths.allow_outside``: the allowance and every folder outside the
+    project it let in, so a model made from a mounted data disk says so. Nothing when all
+    paths are inside, so the identities of models made the usual way do not change."""
+    outside = paths.outside(root) if paths.allow_outside else {}
+    if not outside:
+        return {}
+    return {"paths.allow_outside": "true", **{f"paths.outside.{key}": str(full) for key, full in outside.items()}}
 
 
 def run_git(root: Path, *args: str) -> str | None:

@@ -169,6 +169,20 @@ def vlm_section(cfg: Config, family: str) -> str:
     per_type = [{"type": t, "n": rep["finetuned"]["vqa_per_type"][t]["n"],
                  "base": rep["base"]["vqa_per_type"].get(t, {}).get("accuracy"),
                  "fine-tuned": rep["finetuned"]["vqa_per_type"][t]["accuracy"]} for t in types]
+    # Real micrographs first: the synthetic ones are drawn by the project and say less
+    # about what a user's images will get.
+    origins = [
+        {"images": kind, "n": f"{rep[kind]['n_images']} images, {rep[kind]['n_rows']} rows",
+         **{f"{m} {k}": rep[kind][m].get(k) for m in ("base", "finetuned")
+            for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")}}
+        for kind in ("real", "synthetic") if kind in rep
+    ]
+    origin_cols = ["images", "n"] + [f"{m} {k}" for m in ("base", "finetuned")
+                                      for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")]
+    by_origin = (
+        table(origins, origin_cols) if origins
+        else "<p class='muted'>No real micrograph in the test split: every score below is on synthetic images.</p>"
+    )
     plots = []
     if types:
         plots.append(img(bar_plot(types, {"base": [r["base"] for r in per_type], "fine-tuned": [r["fine-tuned"] for r in per_type]},
@@ -185,6 +199,7 @@ def vlm_section(cfg: Config, family: str) -> str:
     return (
         f"<h3>{esc(family)}</h3>{extra}<p>Test split: {esc(fmt(rep.get('n_test_rows')))} rows, "
         f"{esc(fmt(rep['finetuned'].get('n_vqa')))} questions, {esc(fmt(rep['finetuned'].get('n_captions')))} captions.</p>"
+        + by_origin
         + table(rows, ["metric", "base", "fine-tuned", "change"])
         + table(per_type, ["type", "n", "base", "fine-tuned"], ["question type", "n", "base", "fine-tuned"])
         + f"<div class='plots'>{''.join(plots)}</div>"

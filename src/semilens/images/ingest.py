@@ -47,7 +47,7 @@ from semilens.images.metadata import (
 )
 from semilens.images.readers import Decoded, ReadError, decode, is_image_name, one_line, to_gray8
 from semilens.images.scalebar import ImageScale, image_scale
-from semilens.io import atomic_write_bytes, display_path, sha256_bytes, write_jsonl
+from semilens.io import atomic_write_bytes, display_path, leaves_folder, sha256_bytes, write_jsonl
 from semilens.records import ImageRecord, QuarantineEntry, Sidecar
 
 STAGE = "ingest_images"
@@ -155,6 +155,11 @@ def discover(
             # Hidden files include macOS "._x.tif" resource forks, which are not images.
             if name.startswith(".") or not is_image_name(name):
                 found.skipped.append(source_of(path))
+            elif leaves_folder(path, root):
+                # Quarantined unread: its bytes (or hash) must not reach any output.
+                found.quarantine.append(
+                    _quarantine(source_of(path), f"symbolic link leaving {display_path(root)} (not followed, not read)")
+                )
             elif _excluded(rel, exclude):
                 found.excluded.append(source_of(path))
             else:

@@ -29,6 +29,7 @@ from semilens.io import read_json
 from semilens.lineage import git_state, verified_hashes
 from semilens.llm.evaluate import DIFFICULTIES, MODELS
 from semilens.llm.judge import CRITERIA
+from semilens.llm.prepare import GGUF_SOURCE_FILE
 from semilens.registry import Registration, describe_uri, flatten, lineage_tags, params_hash, parquet_dataset, register, tracking_uri
 from semilens.vlm.prepare import SOURCE_FILE
 
@@ -169,7 +170,11 @@ def register_llm(cfg: Config) -> dict[str, Any]:
     lineage = verified_hashes(lineage_paths(cfg))
     source_file = models / "base" / SOURCE_FILE
     real = read_json(source_file) if source_file.is_file() else None  # a referenced real base
+    gguf_file = models / "base" / GGUF_SOURCE_FILE
+    gguf = read_json(gguf_file) if gguf_file.is_file() else None  # a base converted from a packaged GGUF
     base_source = "the tiny preset (random init)" if real is None else f"`{real['path']}`"
+    if gguf is not None:
+        base_source = f"{cfg.prepare_llm.base}, from `{gguf['file']}` of the package `{gguf['package']}` {gguf['version']} (sha256 `{gguf['sha256']}`)"
     phash = params_hash(cfg, MODEL_SECTIONS)
     names = {kind: f"{cfg.register_models.model_prefix}{suffix}" for kind, suffix in SUFFIXES.items()}
     git = git_state()
@@ -177,6 +182,8 @@ def register_llm(cfg: Config) -> dict[str, Any]:
     common = {"base": cfg.prepare_llm.base, "params_hash": phash, **lineage_tags(lineage, git)}
     if real is not None:
         common["base.config_sha256"] = real["config_sha256"]
+    if gguf is not None:
+        common.update({f"base.gguf.{k}": str(gguf[k]) for k in ("package", "version", "file", "sha256")})
     datasets = [
         (parquet_dataset(Path(cfg.paths.instructions) / f"{split}.parquet", f"instructions-{split}", DATASET_COLUMNS, "response"), context, {"dvc.dataset.md5": lineage["dataset"]["md5"]})
         for split, context in (("train", "training"), ("benchmark", "evaluation"))

@@ -12,13 +12,19 @@ The rules, in order, each for a problem real PDFs have:
    on many pages once digits are masked, and bare page numbers, are dropped;
 2. reading order: a page whose body lines rarely cross the middle is two-column; lines
    spanning both columns cut it into bands, each read left column then right;
-3. tables: two or more consecutive rows of two or more cells on one baseline;
+3. tables: two or more consecutive rows of two or more cells on one baseline whose cell
+   boundaries line up (a gap of whitespace running down both rows, with the next cells
+   starting, ending or centred at one x); a lone row, or rows whose gaps fall anywhere, is
+   justified prose split at a font change or a wide word space. Display equations (a
+   number "(3)" at the end of a line of math) and numbered code listings are blocks of
+   their own, kept line by line; small-caps words ("C OMPUTATION") are joined;
 4. headings: lines set larger than the body text (or bold at body size and short),
    levelled by size;
 5. paragraphs: re-joined across lines, columns and pages; a paragraph breaks at a gap
    wider than the line spacing or after a sentence end followed by a new column;
 6. de-hyphenation: ``wo-`` + ``rd`` -> ``word`` unless the hyphenated form is used
-   elsewhere in the document; ligatures (ﬁ, ﬂ) spelled out.
+   elsewhere in the document, also when a table or figure text stands between the two
+   halves; ligatures (ﬁ, ﬂ) spelled out.
 
 OCR pages come in tesseract's reading order and go through the same rules from 3 on.
 Work is cached per document by the hash of its pages, so one new PDF cleans one PDF.
@@ -62,12 +68,19 @@ class Ln(Line):
     page: int = 0
     column: int = 0
     cells: list[str] = field(default_factory=list)
+    spans: list[tuple[float, float]] = field(default_factory=list)  # (x0, x1) of each cell
     item: bool = False  # a bulleted list item: always starts a block
+    role: str = ""  # "equation" | "code": a display line kept as it is
+    gapped: bool = False  # pieces far apart that are no table row: never a heading
+
+    def flatten(self, gapped: bool = False) -> None:
+        """No longer a table row: the text stays, joined with spaces."""
+        self.cells, self.spans, self.gapped = [], [], gapped
 
 
 @dataclass
 class Block:
-    kind: str  # heading | paragraph | table
+    kind: str  # heading | paragraph | table | equation | code
     lines: list[Ln]
     level: int = 0
     rows: list[list[str]] = field(default_factory=list)
@@ -370,7 +383,9 @@ def reading_order(lines: list[Ln], width: float, ordered: bool) -> list[Ln]:
     mid = width / 2
     crossing = sum(ln.x0 < mid - 4 and ln.x1 > mid + 4 for ln in lines)
     right = sum(ln.x0 >= mid for ln in lines)
-    lines = sorted(lines, key=lambda ln: (-ln.y, ln.x0))
+    # by baseline, then left to right: a table cell set 0.1 pt lower than its neighbour
+    # ("MIM.a" beside "Min. MIM") still belongs to the same row
+    lines = [ln for row in _baselines(lines) for ln in sorted(row, key=lambda ln: ln.x0)]
     if right == 0 or crossing > 0.3 * len(lines):
         return lines
     out: list[Ln] = []
@@ -457,7 +472,10 @@ def drop_figure_numbers(lines: list[Ln]) -> tuple[list[Ln], list[str]]:
     a rule table's values that lost their rows (0.18, 0.42, 5.00) are content.
     """
     bare = [len(ln.cells) < 2 and _NUMBERS_ONLY.fullmatch(ln.text) is not None for ln in lines]
-    drop = [False] * len(lines)
+    # a bare number set far smaller than the text is a plot's label wherever it stands
+    # (scripts were attached to their symbols before)
+    body = _body_size(lines)
+    drop = [b and ln.size < 0.6 * body for b, ln in zip(bare, lines)]
     i = 0
     while i < len(lines):
         j = i
@@ -476,8 +494,13 @@ def drop_figure_numbers(lines: list[Ln]) -> tuple[list[Ln], list[str]]:
     return [ln for ln, d in zip(lines, drop) if not d], [ln.text for ln, d in zip(lines, drop) if d]
 
 
-def merge_rows(lines: list[Ln]) -> list[Ln]:
-    """Lines of one column on one baseline become one row whose ``cells`` are the pieces."""
+def merge_rows(lines: list[Ln], cell_gap: float = 0.8) -> list[Ln]:
+    """Lines of one column on one baseline become one row whose ``cells`` are the pieces.
+
+    Pieces closer than ``cell_gap`` em are one cell: a reader that starts a new run at
+    each font change (pdfium; an italic word in a justified line) leaves word spaces
+    between runs, and a word space is no column gap.
+    """
     out: list[Ln] = []
     for ln in lines:
         prev = out[-1] if out else None
@@ -485,23 +508,188 @@ def merge_rows(lines: list[Ln]) -> list[Ln]:
         same_column = prev is not None and (prev.column == ln.column or -1 in (prev.column, ln.column))
         # one baseline: within 2 pt, or a fifth of the size (a heading's number set apart)
         close = prev is not None and abs(prev.y - ln.y) <= max(2.0, 0.2 * max(prev.size, ln.size))
-        if prev and prev.page == ln.page and same_column and close and ln.x0 > prev.x1:
-            prev.cells = (prev.cells or [prev.text]) + [ln.text]
+        # a row is set in one size: a plot's tick label beside a body line is no cell of it
+        one_size = prev is not None and max(prev.size, ln.size) < 1.8 * min(prev.size, ln.size)
+        if prev and prev.page == ln.page and same_column and close and one_size and ln.x0 > prev.x1:
+            prev.cells = prev.cells or [prev.text]
+            prev.spans = prev.spans or [(prev.x0, prev.x1)]
+            if ln.x0 - prev.x1 < cell_gap * max(prev.size, ln.size):
+                prev.cells[-1] = f"{prev.cells[-1]} {ln.text}"
+                prev.spans[-1] = (prev.spans[-1][0], ln.x1)
+            else:
+                prev.cells.append(ln.text)
+                prev.spans.append((ln.x0, ln.x1))
             prev.text = f"{prev.text} {ln.text}"
             prev.x1 = ln.x1
+            prev.bold = prev.bold and ln.bold  # a bold first cell does not make the row a heading
         else:
             out.append(ln)
     for ln in out:
         # "•   item": a bullet set apart from its text is a list item, not a two-cell row
         if len(ln.cells) >= 2 and ln.cells[0] in BULLETS:
-            ln.text, ln.cells, ln.item = "- " + " ".join(ln.cells[1:]), [], True
+            ln.text, ln.item = "- " + " ".join(ln.cells[1:]), True
+            ln.flatten()
         elif len(ln.cells) == 2 and ln.bold and re.fullmatch(r"\d+(\.\d+)*\.?", ln.cells[0]):
-            ln.cells = []  # "5" + "Physical Layer Design Rules": a numbered heading, not a row
+            ln.flatten()  # "5" + "Physical Layer Design Rules": a numbered heading, not a row
         elif len(ln.cells) == 2 and _ENUMERATOR.fullmatch(ln.cells[0]):
-            ln.text, ln.cells, ln.item = f"{ln.cells[0]} {ln.cells[1]}", [], True  # "1." set apart from its note
+            ln.text, ln.item = f"{ln.cells[0]} {ln.cells[1]}", True  # "1." set apart from its note
+            ln.flatten()
+        elif len(ln.cells) == 1:
+            ln.flatten()  # every piece within a word space of the last: one line of text
         elif ln.text[:1] in BULLETS and ln.text[1:2] == " ":
             ln.text, ln.item = "- " + ln.text[2:], True
     return out
+
+
+# "C OMPUTATION", "TABLE I. O PERATION": small caps set as a capital in the text font and
+# the rest in a smaller one, which the extractor reads as two words.
+_SMALL_CAPS = re.compile(r"(?<![\w.'’-])([A-Z]) ([A-Z]{2,})(?![a-z])")
+_LONE_CAPITAL = re.compile(r"(?:^|(?<=\s))([A-Z])$")
+
+
+def _caps_word(head: str, tail: str, vocabulary: set[str]) -> bool:
+    """Is ``head`` + ``tail`` one small-caps word? When the joined word is a word and the
+    tail alone is not ("OMPUTATION"), or the head is no word by itself ("R UN" -> "RUN";
+    "A LOT" stays apart)."""
+    from semilens.text.words import is_word
+
+    joined = head + tail
+    if not (is_word(joined) or joined.lower() in vocabulary):
+        return False
+    return not is_word(tail) or head not in "AI"
+
+
+def join_small_caps(lines: list[Ln], vocabulary: set[str]) -> None:
+    """Small-caps words made whole, in a line's text and across the cells of a row: a lone
+    capital that ends a cell and the capitals that start the next are one word, not a
+    column gap ("| TABLE I. O | PERATION COUNTS |" is one caption)."""
+
+    def fix(text: str) -> str:
+        return _SMALL_CAPS.sub(lambda m: m.group(1) + m.group(2) if _caps_word(m.group(1), m.group(2), vocabulary) else m.group(0), text)
+
+    for ln in lines:
+        k = 0
+        while k + 1 < len(ln.cells):
+            head = _LONE_CAPITAL.search(ln.cells[k])
+            tail = re.match(r"[A-Z]{2,}(?![a-z])", ln.cells[k + 1])
+            if head and tail and _caps_word(head.group(1), tail.group(0), vocabulary):
+                ln.cells[k : k + 2] = [ln.cells[k] + ln.cells[k + 1]]
+                ln.spans[k : k + 2] = [(ln.spans[k][0], ln.spans[k + 1][1])]
+            else:
+                k += 1
+        if ln.cells:
+            ln.cells = [fix(c) for c in ln.cells]
+            ln.text = " ".join(ln.cells)
+        else:
+            ln.text = fix(ln.text)
+        if len(ln.cells) == 1:
+            ln.flatten()
+
+
+def _aligned(a: Ln, b: Ln) -> bool:
+    """Do two rows share their column structure? Each gap between cells of one row must
+    meet a gap of the other (whitespace running down both) with the cells after the gaps
+    starting, ending or centred at one x, for half of the gaps of the row with fewer.
+
+    The right ends of two last cells do not count: every justified line ends at the
+    column's edge, so two prose lines split at a wide space would line up there.
+    """
+    if len(a.spans) == len(b.spans) == 2 and _running(a.cells[0]) and _running(b.cells[0]):
+        return False  # two lines of running text split once each: prose, wherever the splits fall
+    tol = 0.5 * max(a.size, b.size)
+    gaps_a = [(a.spans[k][1], a.spans[k + 1][0], a.spans[k + 1], k + 2 == len(a.spans)) for k in range(len(a.spans) - 1)]
+    gaps_b = [(b.spans[k][1], b.spans[k + 1][0], b.spans[k + 1], k + 2 == len(b.spans)) for k in range(len(b.spans) - 1)]
+    matched = 0
+    for lo_a, hi_a, (x0_a, x1_a), last_a in gaps_a:
+        for lo_b, hi_b, (x0_b, x1_b), last_b in gaps_b:
+            if min(hi_a, hi_b) - max(lo_a, lo_b) <= 0:
+                continue  # the gaps do not overlap: no column of whitespace
+            starts = abs(x0_a - x0_b) <= tol
+            centres = abs((x0_a + x1_a) - (x0_b + x1_b)) / 2 <= tol
+            ends = abs(x1_a - x1_b) <= tol and not (last_a and last_b)
+            if starts or centres or ends:
+                matched += 1
+                break
+    return matched >= max(1, math.ceil(min(len(gaps_a), len(gaps_b)) / 2))
+
+
+def _running(text: str) -> bool:
+    """Running text: five words or more, most of them in lower case."""
+    words = text.split()
+    return len(words) >= 5 and sum(w[:1].islower() for w in words) >= 0.6 * len(words)
+
+
+def confirm_tables(lines: list[Ln]) -> None:
+    """Rows of cells stay table rows only next to a row they line up with (``_aligned``);
+    any other row is a line of text again. A justified prose line whose word space the
+    extractor took for a column gap, or a caption set in two pieces, has no such
+    neighbour, while a real table repeats its columns row after row."""
+    i = 0
+    while i < len(lines):
+        if len(lines[i].cells) < 2 or lines[i].role:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(lines) and len(lines[j + 1].cells) >= 2 and not lines[j + 1].role and lines[j + 1].page == lines[i].page:
+            j += 1
+        keep: set[int] = set()
+        for k in range(i, j):
+            if _aligned(lines[k], lines[k + 1]):
+                keep |= {k, k + 1}
+        for k in range(i, j + 1):
+            if k not in keep:
+                lines[k].flatten(gapped=True)
+        i = j + 1
+
+
+# A display equation's number at the end of its line: "(3)", "(2.4)", "(7b)".
+_EQ_NUMBER = re.compile(r"\(\s*\d{1,3}(?:\.\d{1,3})?[a-z]?\s*\)$")
+_RELATION = re.compile(r"[=<>≤≥≈≠∝≡→⇒]|:=")
+_PROSE_WORD = re.compile(r"^[a-z]{4,}[,.;:]?$")
+# A listing's line numbers count up by one; the code shows in assignments, comments,
+# brackets and the keywords pseudo-code is written in.
+_LISTING_LINE = re.compile(r"^(\d{1,3})\s+(\S.*)$")
+_CODE = re.compile(r"←|:=|//|[{};]|\b(begin|end|for|foreach|while|if|then|else|return|do|def|function|repeat|until)\b")
+
+
+def _mathy(text: str) -> bool:
+    """A line of math rather than prose: a relation sign and few running words."""
+    words = text.split()
+    prose = sum(_PROSE_WORD.match(w) is not None for w in words)
+    return bool(_RELATION.search(text)) and prose <= max(1, len(words) // 4) and not _is_sentence(text)
+
+
+def mark_display(lines: list[Ln]) -> None:
+    """Display equations and numbered code listings marked (``role``) and made one line each.
+
+    An equation is a line of math ending in its number, with any math lines right above it
+    on the page (a multi-line display). A listing is three or more lines in a row whose
+    leading numbers count up by one, a third of them reading as code. Both are kept line
+    by line as one block, never cut into table cells; their sub- and superscripts were
+    joined to their symbols before (``attach_scripts``).
+    """
+    for k, ln in enumerate(lines):
+        body = _EQ_NUMBER.sub("", ln.text).strip()
+        if ln.role or not _EQ_NUMBER.search(ln.text) or not body or not _mathy(body) or len(ln.text) > 160:
+            continue
+        ln.role = "equation"
+        m = k - 1
+        while m >= 0 and lines[m].page == ln.page and not lines[m].role and _mathy(lines[m].text) and len(lines[m].text) <= 160:
+            lines[m].role = "equation"
+            m -= 1
+    i = 0
+    while i < len(lines):
+        j = i
+        while j < len(lines) and (m := _LISTING_LINE.match(lines[j].text)) and int(m.group(1)) == int(_LISTING_LINE.match(lines[i].text).group(1)) + j - i:  # type: ignore[union-attr]
+            j += 1
+        run = lines[i:j]
+        if len(run) >= 3 and 3 * sum(_CODE.search(ln.text) is not None for ln in run) >= len(run) and not any(ln.role for ln in run):
+            for ln in run:
+                ln.role = "code"
+        i = max(j, i + 1)
+    for ln in lines:
+        if ln.role:
+            ln.flatten()
 
 
 def _body_size(lines: Iterable[Ln]) -> float:
@@ -527,6 +715,8 @@ def blocks_from(lines: list[Ln], cfg: CleanMarkdownConfig) -> list[Block]:
 
     def heading_level(ln: Ln) -> int:
         letters = sum(c.isalpha() for c in ln.text)
+        if ln.gapped:
+            return 0  # a broken-up table row or labels of a figure, not a title
         if letters < 3 or letters < 0.5 * len(ln.text.replace(" ", "")):
             return 0  # plot tick labels and numbers set large are not headings
         if round(ln.size) in heading_sizes:
@@ -539,6 +729,13 @@ def blocks_from(lines: list[Ln], cfg: CleanMarkdownConfig) -> list[Block]:
     i = 0
     while i < len(lines):
         ln = lines[i]
+        if ln.role:  # a display equation or a listing: its lines as they are
+            j = i
+            while j < len(lines) and lines[j].role == ln.role and lines[j].page == ln.page:
+                j += 1
+            blocks.append(Block(ln.role, lines[i:j]))
+            i = j
+            continue
         # tables: a run of rows with 2+ cells
         if len(ln.cells) >= 2:
             j = i
@@ -611,9 +808,35 @@ def to_markdown(blocks: list[Block], vocabulary: set[str]) -> list[Block]:
             rows = [r + [""] * (width - len(r)) for r in b.rows]
             lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * width]
             b.text = "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows[1:]])
+        elif b.kind == "equation":
+            b.text = "\n".join(ln.text for ln in b.lines)
+        elif b.kind == "code":
+            b.text = "```\n" + "\n".join(ln.text for ln in b.lines) + "\n```"
         else:
             b.text = dehyphenate([ln.text for ln in b.lines], vocabulary)
-    return blocks
+    return rejoin_split_words(blocks, vocabulary)
+
+
+def rejoin_split_words(blocks: list[Block], vocabulary: set[str]) -> list[Block]:
+    """A paragraph that ends in "compo-" goes on in the next paragraph that starts in lower
+    case ("nents ..."), past any table, equation or listing set between them: the layout
+    put a float inside the sentence, the reader reads over it."""
+    out: list[Block] = []
+    for b in blocks:
+        host = None
+        if b.kind == "paragraph" and b.text[:1].islower():
+            for prev in reversed(out):
+                if prev.kind == "paragraph":
+                    host = prev if re.search(r"[^\W\d_]{2,}-$", prev.text) else None
+                    break
+                if prev.kind not in ("table", "equation", "code"):
+                    break
+        if host is not None:
+            host.text = dehyphenate([host.text, b.text], vocabulary)
+            host.lines += b.lines
+        else:
+            out.append(b)
+    return out
 
 
 def clean_document(pages: list[dict[str, Any]], cfg: CleanMarkdownConfig) -> dict[str, Any]:
@@ -630,9 +853,12 @@ def clean_document(pages: list[dict[str, Any]], cfg: CleanMarkdownConfig) -> dic
     for p, lines in zip(pages, body):
         if p["method"] != "ocr":
             lines = attach_scripts(lines)
-        ordered += merge_rows(reading_order(lines, p["width"], ordered=p["method"] == "ocr"))
+        ordered += merge_rows(reading_order(lines, p["width"], ordered=p["method"] == "ocr"), cfg.cell_gap)
+    join_small_caps(ordered, _vocabulary(ordered))
     ordered, ticks = drop_figure_numbers(ordered)
     removed += ticks
+    mark_display(ordered)
+    confirm_tables(ordered)
     blocks = to_markdown(blocks_from(ordered, cfg), _vocabulary(ordered))
     return {
         "markdown": "\n\n".join(b.text for b in blocks) + "\n",

@@ -28,7 +28,7 @@ from typing import Any
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import Config, ExtractPdfsConfig
-from semilens.io import display_path, sha256_bytes, write_jsonl
+from semilens.io import display_path, leaves_folder, sha256_bytes, write_jsonl
 
 STAGE = "extract_pdfs"
 
@@ -522,13 +522,22 @@ def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
     return pages
 
 
-def discover(cfg: Config) -> list[tuple[Path, str]]:
-    """(path, origin) for every PDF, sorted so outputs do not depend on directory order."""
+def discover(cfg: Config, quarantine: list[dict[str, Any]] | None = None) -> list[tuple[Path, str]]:
+    """(path, origin) for every PDF, sorted so outputs do not depend on directory order.
+    A symlink resolving outside its folder is not returned but added to ``quarantine``
+    (its bytes are never read, so neither they nor their hash reach an output)."""
     found = []
     for root, origin in ((cfg.paths.raw_pdfs, "raw"), (cfg.paths.synthetic_pdfs, "synthetic")):
         root = Path(root)
         if root.is_dir():
-            found += [(p, origin) for p in sorted(root.rglob("*")) if p.is_file() and p.suffix.lower() == ".pdf"]
+            for p in sorted(root.rglob("*")):
+                if p.suffix.lower() != ".pdf" or not p.is_file():
+                    continue
+                if leaves_folder(p, root):
+                    if quarantine is not None:
+                        quarantine.append({"source": display_path(p), "reason": f"symbolic link leaving {display_path(root)} (not followed, not read)"})
+                    continue
+                found.append((p, origin))
     return found
 
 
@@ -545,7 +554,7 @@ def extract_pdfs(cfg: Config) -> dict[str, Any]:
     quarantine: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     methods: dict[str, int] = {}
-    for path, origin in track(discover(cfg), description=STAGE, console=console, transient=True):
+    for path, origin in track(discover(cfg, quarantine), description=STAGE, console=console, transient=True):
         source = display_path(path)
         data = path.read_bytes()
         sha = sha256_bytes(data)

@@ -5,7 +5,9 @@ generation for every row, then caption BLEU / ROUGE-L / BERTScore, VQA accuracy 
 and per question type (numbers within a tolerance, units understood) and morphology-class
 accuracy, for both models. Writes ``<paths.metrics>/vlm/<family>.json`` and
 ``<paths.models>/<family>/eval/predictions.jsonl`` (each prediction beside its reference
-and the image it came from). Run: ``python -m stages.evaluate_vlm <family>``.
+and the image it came from). Real micrographs (``paths.raw_images``) and the synthetic ones
+are also scored apart (``real`` and ``synthetic`` blocks of the JSON, where the test split
+has any). Run: ``python -m stages.evaluate_vlm <family>``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ def score(rows: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
     }
 
 
+def origin(source: str, synthetic_root: str) -> str:
+    """"synthetic" for an image the project drew (under ``paths.synthetic_images``), else
+    "real": every other source is a user's micrograph (``paths.raw_images``)."""
+    root = synthetic_root.rstrip("/")
+    return "synthetic" if source == root or source.startswith(root + "/") else "real"
+
+
 def evaluate_vlm(cfg: Config, family: str) -> dict[str, Any]:
     import datasets
     import torch
@@ -80,6 +89,24 @@ def evaluate_vlm(cfg: Config, family: str) -> dict[str, Any]:
     for name, folder in (("base", models / "base"), ("finetuned", models / "merged")):
         predictions[name] = generate_answers(folder, rows)
         report[name] = score(rows, predictions[name])
+    # Real micrographs apart from the drawn ones: a model can learn the renderer's look
+    # and score well on synthetic images while real ones say otherwise. Real comes first.
+    from semilens.images.ingest import source_of
+
+    synthetic_root = source_of(cfg.paths.synthetic_images)
+    kinds = [origin(r["source"], synthetic_root) for r in rows]
+    for kind in ("real", "synthetic"):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if idx:
+            part = [rows[i] for i in idx]
+            report[kind] = {
+                "n_rows": len(idx),
+                "n_images": len({r["image_id"] for r in part}),
+                **{
+                    name: score(part, [predictions[name][i] for i in idx])
+                    for name in ("base", "finetuned")
+                },
+            }
     report["delta"] = {
         k: round(report["finetuned"][k] - report["base"][k], 4)
         for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l", "caption_bleu", "caption_bertscore_f1")
@@ -94,6 +121,7 @@ def evaluate_vlm(cfg: Config, family: str) -> dict[str, Any]:
                 "id": r["id"],
                 "image_id": r["image_id"],
                 "source": r["source"],
+                "origin": kinds[i],
                 "task": r["task"],
                 "question_type": r["question_type"],
                 "question": r["question"],

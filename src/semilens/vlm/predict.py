@@ -52,13 +52,34 @@ def load_vlm(folder: Path):
     return model.eval(), AutoProcessor.from_pretrained(folder)
 
 
-def predict(folder: Path, image: Path, question: str, max_new_tokens: int = 64) -> str:
+def predict(folder: Path, image: Path, question: str, max_new_tokens: int = 64, max_pixels: int | None = None) -> str:
+    """The greedy answer; ValueError (one line, naming the file) for an unreadable image or
+    one whose header claims more than ``max_pixels`` (ingest's cap; nothing is decoded)."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    from semilens.config import IngestImagesConfig
+
+    max_pixels = max_pixels or IngestImagesConfig().max_pixels
     try:
-        picture = Image.open(image).convert("RGB")
+        # open() reads the header only; the cap below replaces Pillow's bomb warning.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(image)
+        with opened:
+            if opened.width * opened.height > max_pixels:
+                raise ValueError(
+                    f"{image}: header claims {opened.width}x{opened.height} = {opened.width * opened.height} pixels "
+                    f"> max_pixels {max_pixels} (ingest_images.max_pixels; decompression-bomb guard, not decoded)"
+                )
+            picture = opened.convert("RGB")
+    except Image.DecompressionBombError as exc:  # over twice Pillow's own limit: refused in open()
+        raise ValueError(f"{image}: {exc} (max_pixels {max_pixels}; decompression-bomb guard, not decoded)") from exc
     except (FileNotFoundError, UnidentifiedImageError) as exc:
         raise ValueError(f"{image}: not a readable image ({exc.__class__.__name__})") from exc
+    except OSError as exc:  # a truncated or corrupt file fails in convert(): name the file
+        raise ValueError(f"{image}: not a readable image ({exc.__class__.__name__}: {exc})") from exc
     model, processor = load_vlm(folder)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return greedy_answers(model, processor, [messages], [[picture]], max_new_tokens)[0]

@@ -19,7 +19,7 @@ from typing import Any
 from semilens.cards import lineage_table, table, write_card
 from semilens.config import Config
 from semilens.io import read_json
-from semilens.lineage import git_state, verified_hashes
+from semilens.lineage import git_state, path_allowance, verified_hashes
 from semilens.registry import Registration, describe_uri, flatten, lineage_tags, params_hash, parquet_dataset, register, tracking_uri
 from semilens.vlm.families import get_family
 from semilens.vlm.prepare import SOURCE_FILE
@@ -120,6 +120,7 @@ def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         "base": base_setting,
         "params_hash": phash,
         **lineage_tags(lineage, git),
+        **path_allowance(cfg.paths),  # empty unless paths.allow_outside let a folder in
     }
     if real is not None:
         tags["base.config_sha256"] = real["config_sha256"]
