@@ -125,3 +125,13 @@ def test_the_browser_check_sees_errors_and_broken_images(tmp_path):
 def test_report_refuses_a_bad_max_images():
     with pytest.raises(ValueError):
         Config(report={"max_images": -1})
+
+
+def test_unlabelled_images_are_picked_under_their_own_heading():
+    from semilens.report import _pick_images
+
+    # A user's unlabelled micrograph reads back from parquet with a NaN label.
+    labels = {"a": float("nan"), "b": "lines", "c": None, "d": "lines"}
+    picked = _pick_images({k: [] for k in labels}, labels, 3)
+    assert picked == ["b", "a", "d"]
+

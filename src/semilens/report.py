@@ -224,11 +224,17 @@ def compare_section(cfg: Config) -> str:
     return "<h3>Families side by side (fine-tuned)</h3>" + table(rows, ["family", *keys, "margins"])
 
 
+def _label_text(label: Any) -> str:
+    """A class label for display; unlabelled images (a user's micrographs with no class)
+    come out of parquet as None or NaN."""
+    return label if isinstance(label, str) and label else "unlabelled"
+
+
 def _pick_images(by_image: Mapping[str, list[dict[str, Any]]], labels: Mapping[str, str], limit: int) -> list[str]:
     """Round-robin over classes (sorted image ids within each), so every class shows."""
     per_label: dict[str, list[str]] = defaultdict(list)
     for image_id in sorted(by_image):
-        per_label[labels.get(image_id) or "unlabelled"].append(image_id)
+        per_label[_label_text(labels.get(image_id))].append(image_id)
     picked: list[str] = []
     while len(picked) < limit and any(per_label.values()):
         for label in sorted(per_label):
@@ -250,7 +256,7 @@ def image_grid(cfg: Config, family: str) -> tuple[str, dict[str, int]]:
         by_image[row["image_id"]].append(row)
     df = pd.read_parquet(test_path, columns=["image_id", "label", "source", "images"]).drop_duplicates("image_id")
     pictures = {r.image_id: r for r in df.itertuples(index=False)}
-    labels = {k: v.label for k, v in pictures.items()}
+    labels = {k: _label_text(v.label) for k, v in pictures.items()}
     picked = _pick_images({k: v for k, v in by_image.items() if k in pictures}, labels, cfg.report.max_images)
     cards, counts = [], Counter()
     for image_id in picked:
@@ -275,8 +281,8 @@ def image_grid(cfg: Config, family: str) -> tuple[str, dict[str, int]]:
             cap = (f"<p><b>reference</b>: {esc(caption['reference'])}<br><b>fine-tuned</b>: {esc(caption['finetuned'])}"
                    f"<br><span class='muted'><b>base</b>: {esc(caption['base'])}</span></p>")
         cards.append(
-            f"<div class='card'>{img(data, f'test image {image_id} ({pic.label})')}"
-            f"<div><b>{esc(pic.label)}</b> <span class='muted'>{esc(pic.source)}</span></div>{cap}"
+            f"<div class='card'>{img(data, f'test image {image_id} ({labels[image_id]})')}"
+            f"<div><b>{esc(labels[image_id])}</b> <span class='muted'>{esc(pic.source)}</span></div>{cap}"
             + table(qa_rows, ["question", "reference", "fine-tuned", "base"]) + "</div>"
         )
     counts["images"] = len(picked)
