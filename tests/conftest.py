@@ -162,6 +162,42 @@ def text_config(tmp: Path, **sections: Any) -> Config:
     )
 
 
+@pytest.fixture(scope="session")
+def serve_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny untrained checkpoints for the server tests, built once per session: a Llama
+    folder, a LoRA adapter on it (non-zero B matrices, so it really changes the answers),
+    a Qwen2.5-VL folder and a small PNG with a bright square on dark ground."""
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+
+    from semilens.config import TinyLLMConfig, TinyVLMConfig
+    from semilens.llm.prepare import build_tiny as build_llm
+    from semilens.vlm.qwen2_5_vl import build_tiny as build_vlm
+    from semilens.vlm.tokenizer import general_corpus
+
+    tmp = tmp_path_factory.mktemp("serve")
+    model, tokenizer = build_llm(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
+    model.save_pretrained(tmp / "llm")
+    tokenizer.save_pretrained(tmp / "llm")
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp / "adapter")
+    tokenizer.save_pretrained(tmp / "adapter")
+    adapter_cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text())
+    adapter_cfg["base_model_name_or_path"] = str(tmp / "llm")
+    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_cfg))
+
+    vlm, processor = build_vlm(
+        TinyVLMConfig(vocab_size=600, hidden_size=32, heads=2, kv_heads=1, layers=1, vision_hidden=32, vision_depth=1),
+        general_corpus(),
+    )
+    vlm.save_pretrained(tmp / "vlm")
+    processor.save_pretrained(tmp / "vlm")
+    picture = Image.new("RGB", (96, 80), (30, 30, 30))
+    picture.paste((220, 220, 220), (20, 10, 60, 50))
+    picture.save(tmp / "sem.png")
+    return {"llm": tmp / "llm", "adapter": tmp / "adapter", "vlm": tmp / "vlm", "png": tmp / "sem.png"}
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _no_judge_from_the_shell() -> Iterator[None]:
     """A judge exported in the developer's shell must not be called by the tests (nor turn

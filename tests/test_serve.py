@@ -24,7 +24,6 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from semilens.config import TinyLLMConfig, TinyVLMConfig
 from semilens.serve import ServeOptions, load_checkpoint, make_app, serve_in_background
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,37 +36,8 @@ QUESTION = "What controls the etch rate in reactive ion etching?"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama folder, a LoRA adapter on it, a tiny Qwen2.5-VL folder and a PNG."""
-    from peft import LoraConfig, get_peft_model
-    from PIL import Image
-
-    from semilens.llm.prepare import build_tiny as build_llm
-    from semilens.vlm.qwen2_5_vl import build_tiny as build_vlm
-    from semilens.vlm.tokenizer import general_corpus
-
-    tmp = tmp_path_factory.mktemp("serve")
-    model, tokenizer = build_llm(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
-    model.save_pretrained(tmp / "llm")
-    tokenizer.save_pretrained(tmp / "llm")
-    # An adapter whose B matrices are not zero, so it really changes the answers.
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft.save_pretrained(tmp / "adapter")
-    tokenizer.save_pretrained(tmp / "adapter")
-    cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = str(tmp / "llm")
-    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
-
-    vlm, processor = build_vlm(
-        TinyVLMConfig(vocab_size=600, hidden_size=32, heads=2, kv_heads=1, layers=1, vision_hidden=32, vision_depth=1),
-        general_corpus(),
-    )
-    vlm.save_pretrained(tmp / "vlm")
-    processor.save_pretrained(tmp / "vlm")
-    picture = Image.new("RGB", (96, 80), (30, 30, 30))
-    picture.paste((220, 220, 220), (20, 10, 60, 50))
-    picture.save(tmp / "sem.png")
-    return {"llm": tmp / "llm", "adapter": tmp / "adapter", "vlm": tmp / "vlm", "png": tmp / "sem.png"}
+def folders(serve_checkpoints: dict[str, Path]) -> dict[str, Path]:
+    return serve_checkpoints
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 
-from semilens.config import TinyLLMConfig, TinyVLMConfig
 from semilens.serve import ServeOptions, load_checkpoint, make_app, serve_in_background
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,25 +29,8 @@ QUESTION = "What controls the etch rate in reactive ion etching?"
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    from PIL import Image
-
-    from semilens.llm.prepare import build_tiny as build_llm
-    from semilens.vlm.qwen2_5_vl import build_tiny as build_vlm
-    from semilens.vlm.tokenizer import general_corpus
-
-    tmp = tmp_path_factory.mktemp("limits")
-    model, tokenizer = build_llm(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
-    model.save_pretrained(tmp / "llm")
-    tokenizer.save_pretrained(tmp / "llm")
-    vlm, processor = build_vlm(
-        TinyVLMConfig(vocab_size=600, hidden_size=32, heads=2, kv_heads=1, layers=1, vision_hidden=32, vision_depth=1),
-        general_corpus(),
-    )
-    vlm.save_pretrained(tmp / "vlm")
-    processor.save_pretrained(tmp / "vlm")
-    Image.new("RGB", (96, 80), (90, 90, 90)).save(tmp / "sem.png")
-    return {"llm": tmp / "llm", "vlm": tmp / "vlm", "png": tmp / "sem.png"}
+def folders(serve_checkpoints: dict[str, Path]) -> dict[str, Path]:
+    return serve_checkpoints
 
 
 @pytest.fixture(scope="module")
