@@ -59,8 +59,11 @@ run: setup
 	semilens repro --jobs 2 --first register_models@qwen2_5_vl --first register_llm --first register_models@paligemma
 	dvc status
 
+# Lint and format check first (seconds; settings in pyproject.toml), then the tests.
 # --dist loadfile keeps a file's tests on one worker: the DVC tests share one repo per module.
 test: setup test-deps
+	ruff check src stages tests benchmarks scripts
+	ruff format --check src stages tests benchmarks scripts
 	python -m pytest -q -n 2 --dist loadfile
 
 clean-cache:

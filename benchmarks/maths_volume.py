@@ -23,8 +23,9 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -122,7 +123,14 @@ def main() -> int:
     answers = []
     for p in test_set:
         out = generate_with_calculator(model, tok, chat_prompt(tok, p.question), scoring.max_new_tokens)
-        answers.append({"kind": p.kind, "exact": math_correct(out, {"value": p.answer, "unit": p.unit}, scoring.math_rel_tol), "answer": out, "reference": p.response})
+        answers.append(
+            {
+                "kind": p.kind,
+                "exact": math_correct(out, {"value": p.answer, "unit": p.unit}, scoring.math_rel_tol),
+                "answer": out,
+                "reference": p.response,
+            }
+        )
     per_kind: dict[str, list[int]] = {}
     for a in answers:
         per_kind.setdefault(a["kind"], []).append(int(a["exact"]))

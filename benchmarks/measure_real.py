@@ -104,25 +104,23 @@ def particles(cfg: MeasureImagesConfig, root: Path) -> dict[str, Any]:
             image, overlays = _as_ingested(root / "images" / row["file"])
             # The instance map covers the whole frame; ingest crops a databar off the bottom.
             seg = np.asarray(Image.open(root / "segmaps" / row["file"]))[: image.shape[0]]
-            m, phase = analyse_array(
-                image, cfg, image_id=row["file"], label="particles", overlays=overlays
-            )
-            size = (
-                float(np.median(m.eq_diameter_px)) if m.eq_diameter_px else m.median_size_px
-            )
+            m, phase = analyse_array(image, cfg, image_id=row["file"], label="particles", overlays=overlays)
+            size = float(np.median(m.eq_diameter_px)) if m.eq_diameter_px else m.median_size_px
             truth_size = float(row["median_eqd_interior_px"] or row["median_eqd_px"])
-            rows.append({
-                "file": row["file"],
-                "method": m.method,
-                "count": m.object_count,
-                "count_truth": int(row["n_instances"]),
-                "count_error": _rel(float(m.object_count), float(row["n_instances"])),
-                "median_eqd_px": None if size is None else round(size, 2),
-                "median_eqd_truth_px": truth_size,
-                "size_error": _rel(size, truth_size),
-                "iou": _iou(phase, seg > 0) if phase.shape == seg.shape else None,
-                "notes": m.notes,
-            })
+            rows.append(
+                {
+                    "file": row["file"],
+                    "method": m.method,
+                    "count": m.object_count,
+                    "count_truth": int(row["n_instances"]),
+                    "count_error": _rel(float(m.object_count), float(row["n_instances"])),
+                    "median_eqd_px": None if size is None else round(size, 2),
+                    "median_eqd_truth_px": truth_size,
+                    "size_error": _rel(size, truth_size),
+                    "iou": _iou(phase, seg > 0) if phase.shape == seg.shape else None,
+                    "notes": m.notes,
+                }
+            )
     size_err = [r["size_error"] for r in rows]
     count_err = [r["count_error"] for r in rows]
     size_ok = sum(1 for e in size_err if e is not None and abs(e) <= PARTICLE_SIZE_TOL)
@@ -136,11 +134,8 @@ def particles(cfg: MeasureImagesConfig, root: Path) -> dict[str, Any]:
         "count_share": round(count_ok / n, 4) if n else None,
         "abs_size_error": _quantiles(size_err),
         "abs_count_error": _quantiles(count_err),
-        "median_iou": round(float(np.median([r["iou"] for r in rows if r["iou"] is not None])), 4)
-        if n else None,
-        "met": bool(n)
-        and size_ok >= PARTICLE_SIZE_SHARE * n
-        and count_ok >= PARTICLE_COUNT_SHARE * n,
+        "median_iou": round(float(np.median([r["iou"] for r in rows if r["iou"] is not None])), 4) if n else None,
+        "met": bool(n) and size_ok >= PARTICLE_SIZE_SHARE * n and count_ok >= PARTICLE_COUNT_SHARE * n,
         "per_image": rows,
     }
 
@@ -199,20 +194,21 @@ def phase(cfg: MeasureImagesConfig, name: str, root: Path) -> dict[str, Any]:
         image = load_gray(path)
         m, mask = analyse_array(image, cfg, image_id=image_name, label=label, modality=modality)
         frac = float(mask.mean())
-        rows.append({
-            "file": image_name,
-            "method": m.method,
-            "count": m.object_count,
-            "iou": _iou(mask, truth),
-            "area_fraction": round(frac, 4),
-            "area_fraction_truth": round(float(truth.mean()), 4),
-            "fraction_error": _rel(frac, float(truth.mean())),
-        })
+        rows.append(
+            {
+                "file": image_name,
+                "method": m.method,
+                "count": m.object_count,
+                "iou": _iou(mask, truth),
+                "area_fraction": round(frac, 4),
+                "area_fraction_truth": round(float(truth.mean()), 4),
+                "fraction_error": _rel(frac, float(truth.mean())),
+            }
+        )
     ok = [
-        r for r in rows
-        if r["iou"] >= PHASE_IOU
-        and r["fraction_error"] is not None
-        and abs(r["fraction_error"]) <= PHASE_FRACTION_TOL
+        r
+        for r in rows
+        if r["iou"] >= PHASE_IOU and r["fraction_error"] is not None and abs(r["fraction_error"]) <= PHASE_FRACTION_TOL
     ]
     return {
         "n": len(rows),
@@ -229,7 +225,9 @@ def phase(cfg: MeasureImagesConfig, name: str, root: Path) -> dict[str, Any]:
 def main() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", choices=["particles", *PHASES, "nanowires"], action="append",
+        "--only",
+        choices=["particles", *PHASES, "nanowires"],
+        action="append",
         help="run only these parts (repeatable); the JSON is written only for a full run",
     )
     args = parser.parse_args()
@@ -241,7 +239,8 @@ def main() -> dict[str, Any]:
     for part in parts:
         t0 = time.perf_counter()
         folder = {
-            "particles": "emps_particles", "nanowires": "deepsem_nanowires",
+            "particles": "emps_particles",
+            "nanowires": "deepsem_nanowires",
             **{k: v[0] for k, v in PHASES.items()},
         }[part]
         root = REAL / folder
@@ -277,8 +276,10 @@ def _print(result: dict[str, Any], timings: dict[str, float]) -> None:
     p = result.get("particles")
     if p:
         print(f"particles (EMPS, n={p['n']}, {timings['particles']} s)")
-        print(f"  {'file':16s} {'method':10s} {'count':>5s} {'truth':>5s} {'err':>8s}"
-              f" {'eqd px':>7s} {'truth':>6s} {'err':>8s} {'IoU':>5s}")
+        print(
+            f"  {'file':16s} {'method':10s} {'count':>5s} {'truth':>5s} {'err':>8s}"
+            f" {'eqd px':>7s} {'truth':>6s} {'err':>8s} {'IoU':>5s}"
+        )
         for r in p["per_image"]:
             print(
                 f"  {r['file']:16s} {r['method']:10s} {r['count']:5d} {r['count_truth']:5d}"
@@ -297,8 +298,10 @@ def _print(result: dict[str, Any], timings: dict[str, float]) -> None:
         r = result.get(name)
         if not r:
             continue
-        print(f"{name} (n={r['n']}, {timings[name]} s): IoU >= {PHASE_IOU} and fraction"
-              f" within {int(100 * PHASE_FRACTION_TOL)}% on {r['passing']}/{r['n']}")
+        print(
+            f"{name} (n={r['n']}, {timings[name]} s): IoU >= {PHASE_IOU} and fraction"
+            f" within {int(100 * PHASE_FRACTION_TOL)}% on {r['passing']}/{r['n']}"
+        )
         for row in r["per_image"]:
             print(
                 f"  {row['file']:28s} {row['method']:10s} IoU {row['iou']:.3f} fraction"

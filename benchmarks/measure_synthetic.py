@@ -48,8 +48,12 @@ def synthetic(n: int) -> dict[str, Any]:
             assert gt is not None
             frame = img.pixels[: -gt.databar_height_px]
             m = measure_array(
-                frame, cfg.measure_images, image_id=img.image_id, label=label,
-                modality=gt.modality, pixel_size_nm=gt.pixel_size_nm,
+                frame,
+                cfg.measure_images,
+                image_id=img.image_id,
+                label=label,
+                modality=gt.modality,
+                pixel_size_nm=gt.pixel_size_nm,
             )
             pairs.append((gt, m))
     return score(pairs)
@@ -92,8 +96,7 @@ def real_nanowires(root: Path = REAL) -> dict[str, Any] | None:
         out[f"mean_labelled_{name}"] = round(float(y.mean()), 2)
         out[f"median_rel_error_vs_{name}"] = round(float(np.median(np.abs(x - y) / y)), 4)
     out["per_tile"] = [
-        {"tile": t, "measured": m, "nw": a, "total": b}
-        for t, m, a, b in zip(tiles, measured, nw, total)
+        {"tile": t, "measured": m, "nw": a, "total": b} for t, m, a, b in zip(tiles, measured, nw, total)
     ]
     return out
 

@@ -38,7 +38,10 @@ def fixed_latency_app(latency_s: float):
 
     app = FastAPI()
     reply = {
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0, "model": "bench",
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "bench",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9},
     }
@@ -105,13 +108,20 @@ def faults(n: int, rate: float) -> dict:
     from semilens.serve import ServeOptions, make_app, serve_in_background
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = build_tiny(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
+        model, tokenizer = build_tiny(
+            TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0
+        )
         model.save_pretrained(Path(tmp) / "llm")
         tokenizer.save_pretrained(Path(tmp) / "llm")
         app = make_app(Path(tmp) / "llm", ServeOptions(fault_rate=rate, fault_hold_s=5, fault_retry_after_s=0))
         with serve_in_background(app) as url:
-            endpoint = EndpointConfig(base_url=url, model=app.state.model_name, concurrency=16, timeout_s=3, max_retries=10, backoff_s=0.05)
-            items = [Request([{"role": "user", "content": f"Why does the etch rate fall in trench {i}?"}], max_tokens=4) for i in range(n)]
+            endpoint = EndpointConfig(
+                base_url=url, model=app.state.model_name, concurrency=16, timeout_s=3, max_retries=10, backoff_s=0.05
+            )
+            items = [
+                Request([{"role": "user", "content": f"Why does the etch rate fall in trench {i}?"}], max_tokens=4)
+                for i in range(n)
+            ]
             first = Client(endpoint, Path(tmp) / "cache", environ={})
             done = first.run(items)
             served = httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()
@@ -131,7 +141,12 @@ def faults(n: int, rate: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency-ms", type=float, default=100.0)
-    parser.add_argument("--rounds", type=int, default=30, help="requests per level = rounds * concurrency (at least 48): enough that opening the connections does not count")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=30,
+        help="requests per level = rounds * concurrency (at least 48): enough that opening the connections does not count",
+    )
     parser.add_argument("--fault-items", type=int, default=300, help="items of the fault-tolerance run")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port
     args = parser.parse_args()
@@ -153,23 +168,34 @@ def main() -> None:
             row["ideal_rps"] = round(c / (args.latency_ms / 1000), 1)
             row["ratio"] = round(row["rps"] / row["ideal_rps"], 3)
             rows.append(row)
-            print(f"concurrency {c:>3}: {row['rps']:>7.1f} req/s of {row['ideal_rps']:>6.1f} ideal ({row['ratio']:.0%})")
+            print(
+                f"concurrency {c:>3}: {row['rps']:>7.1f} req/s of {row['ideal_rps']:>6.1f} ideal ({row['ratio']:.0%})"
+            )
     finally:
         server.terminate()
         server.wait(timeout=10)
     target = next(r for r in rows if r["concurrency"] == TARGET_LEVEL)
     fault_run = faults(args.fault_items, 0.2)
-    print(f"fault run: {fault_run['completed']} of {fault_run['items']} completed through {fault_run['injected']}; "
-          f"retries {fault_run['first_run']['retries']}; second run sent {fault_run['second_run_requests_sent']} requests")
+    print(
+        f"fault run: {fault_run['completed']} of {fault_run['items']} completed through {fault_run['injected']}; "
+        f"retries {fault_run['first_run']['retries']}; second run sent {fault_run['second_run_requests_sent']} requests"
+    )
     report = {
         "latency_ms": args.latency_ms,
         "levels": rows,
-        "target": {"concurrency": TARGET_LEVEL, "min_ratio": TARGET_RATIO, "ratio": target["ratio"], "met": target["ratio"] >= TARGET_RATIO},
+        "target": {
+            "concurrency": TARGET_LEVEL,
+            "min_ratio": TARGET_RATIO,
+            "ratio": target["ratio"],
+            "met": target["ratio"] >= TARGET_RATIO,
+        },
         "faults": fault_run,
     }
     out = load_config(ROOT / "params.yaml").paths.metrics
     write_json(ROOT / out / "bench_openai_client.json", report)
-    print(f"target at concurrency {TARGET_LEVEL}: ratio {target['ratio']} (>= {TARGET_RATIO}: {report['target']['met']})")
+    print(
+        f"target at concurrency {TARGET_LEVEL}: ratio {target['ratio']} (>= {TARGET_RATIO}: {report['target']['met']})"
+    )
 
 
 if __name__ == "__main__":

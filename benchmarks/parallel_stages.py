@@ -53,10 +53,10 @@ def worker(workload: str, threads: int, steps: int, barrier: Path, n_workers: in
         def batch() -> dict[str, Any]:
             return {"input_ids": ids, "labels": ids}
     else:
+        from semilens.tokenizer import general_corpus
         from semilens.vlm import generic_task
         from semilens.vlm.families import get_family
         from semilens.vlm.prepare import _batch
-        from semilens.vlm.tokenizer import general_corpus
 
         family = get_family(workload)
         model, processor = family.build_tiny(cfg.prepare_vlm.tiny, general_corpus() + generic_task.phrasings())
@@ -64,7 +64,9 @@ def worker(workload: str, threads: int, steps: int, barrier: Path, n_workers: in
         rnd = random.Random(0)
 
         def batch() -> dict[str, Any]:
-            return _batch([generic_task.any_sample(rnd, pre.image_size) for _ in range(pre.batch_size)], processor, family)
+            return _batch(
+                [generic_task.any_sample(rnd, pre.image_size) for _ in range(pre.batch_size)], processor, family
+            )
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
@@ -87,10 +89,25 @@ def worker(workload: str, threads: int, steps: int, barrier: Path, n_workers: in
 
 def timed(workload: str, threads: int, steps: int, side_by_side: bool) -> list[float]:
     """Two workers' loop times, started together or one after the other."""
+
     def start(barrier: Path, n: int) -> subprocess.Popen[str]:
-        cmd = [sys.executable, __file__, "--worker", workload, "--threads", str(threads), "--steps", str(steps),
-               "--barrier", str(barrier), "--n-workers", str(n)]
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            workload,
+            "--threads",
+            str(threads),
+            "--steps",
+            str(steps),
+            "--barrier",
+            str(barrier),
+            "--n-workers",
+            str(n),
+        ]
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)}
+        )
 
     def seconds(proc: subprocess.Popen[str]) -> float:
         out, _ = proc.communicate()
@@ -138,11 +155,17 @@ def main() -> None:
             "speedup_side_by_side": round(one_after_other / side_by_side, 2),
             "speedup_oversubscribed": round(one_after_other / oversubscribed, 2),
         }
-        print(f"{w:12s} one after the other (2 threads) {one_after_other:6.1f} s | side by side (1 thread) "
-              f"{side_by_side:6.1f} s: {rows[w]['speedup_side_by_side']:.2f}x | side by side (2 threads) "
-              f"{oversubscribed:6.1f} s: {rows[w]['speedup_oversubscribed']:.2f}x", flush=True)
+        print(
+            f"{w:12s} one after the other (2 threads) {one_after_other:6.1f} s | side by side (1 thread) "
+            f"{side_by_side:6.1f} s: {rows[w]['speedup_side_by_side']:.2f}x | side by side (2 threads) "
+            f"{oversubscribed:6.1f} s: {rows[w]['speedup_oversubscribed']:.2f}x",
+            flush=True,
+        )
     cfg = load_config(ROOT / "params.yaml")
-    write_json(Path(cfg.paths.metrics) / "bench_parallel.json", {"cores": cores(), "steps_per_loop": args.steps, "workloads": rows})
+    write_json(
+        Path(cfg.paths.metrics) / "bench_parallel.json",
+        {"cores": cores(), "steps_per_loop": args.steps, "workloads": rows},
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from semilens.config import Config, load_config
 from semilens.io import write_json
@@ -52,7 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(os.environ.get("SEMILENS_REALDATA") or ROOT.parent / "shared" / "realdata") / "pdfs"
 READERS = ("semilens", "pypdf", "pypdfium2", "pymupdf4llm")
 # A page-number line: a bare number, "Page 3", "- 4 -", "3 / 26", "Seite 2".
-PAGE_NUMBER = re.compile(r"^(?:(?:page|seite|p\.)\s*)?[-–(\[]?\s*\d{1,4}\s*[-–)\]]?(?:\s*(?:/|of|von)\s*\d{1,4})?$", re.I)
+PAGE_NUMBER = re.compile(
+    r"^(?:(?:page|seite|p\.)\s*)?[-–(\[]?\s*\d{1,4}\s*[-–)\]]?(?:\s*(?:/|of|von)\s*\d{1,4})?$", re.I
+)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -125,8 +128,14 @@ def running_leaks(pages: list[str]) -> tuple[int, int]:
     counts = Counter(ln for page in masked for ln in page)
     need = max(3, (len(pages) + 1) // 2)
     # Lines without three letters (table rules, bare numbers) repeat in any document.
-    repeated = sum(n for ln, n in counts.items() if n >= need and len(re.findall(r"[^\W\d_]", ln)) >= 3) if len(pages) >= 3 else 0
-    numbers = sum(bool(PAGE_NUMBER.match(ln.strip().strip("#* "))) for p in pages for ln in p.splitlines() if ln.strip())
+    repeated = (
+        sum(n for ln, n in counts.items() if n >= need and len(re.findall(r"[^\W\d_]", ln)) >= 3)
+        if len(pages) >= 3
+        else 0
+    )
+    numbers = sum(
+        bool(PAGE_NUMBER.match(ln.strip().strip("#* "))) for p in pages for ln in p.splitlines() if ln.strip()
+    )
     return repeated, numbers
 
 

@@ -33,18 +33,30 @@ REAL = ROOT.parent / "shared" / "realdata" / "images"
 TOLERANCE = 0.02
 # Files with a burned-in scale bar (looked at one by one).
 WITH_BAR = {
-    "125nm_03.tif", "130nm_05.tif", "130nm_06.tif", "135nm_07.tif",  # Zeiss H-bar, 1 um
-    "test_tiff_Zeiss_SEM_512pix.tif", "test_tiff_Zeiss_SEM_1k.tif",  # Zeiss H-bar
-    "10%_gelatin_fibers.tif", "20%_gelatin_fibers.tif",  # FEI bar, label in its gap
-    "Example_thick_fibers.tif", "Example_thin_fibers.tif",  # FEI bar, databar text blanked
-    "Indent_20230912_7kV_spot4.5_FOV100um_multiBSE_A_05.tif", "P33_scale1_detectorA.tif",
+    "125nm_03.tif",
+    "130nm_05.tif",
+    "130nm_06.tif",
+    "135nm_07.tif",  # Zeiss H-bar, 1 um
+    "test_tiff_Zeiss_SEM_512pix.tif",
+    "test_tiff_Zeiss_SEM_1k.tif",  # Zeiss H-bar
+    "10%_gelatin_fibers.tif",
+    "20%_gelatin_fibers.tif",  # FEI bar, label in its gap
+    "Example_thick_fibers.tif",
+    "Example_thin_fibers.tif",  # FEI bar, databar text blanked
+    "Indent_20230912_7kV_spot4.5_FOV100um_multiBSE_A_05.tif",
+    "P33_scale1_detectorA.tif",
     "FEI-Helios-Ebeam-8bits.tif",  # FEI bar on a blank frame
     "TVIPS_bin4.tif",  # TEM camera frame, bar in a white box in a corner
 }
 # Files known to carry no bar: a length read from them is a false read. (The EMPS crops
 # of journal figures carry bars on some images and no tags: reported, not scored.)
-NO_BAR = ("deepsem_nanowires/fullres/", "deepsem_nanomembranes/", "nasa_micronet_benchmark/",
-          "carbonblack_soot_tem/", "ZEISS_SEM_multipage.tif")
+NO_BAR = (
+    "deepsem_nanowires/fullres/",
+    "deepsem_nanomembranes/",
+    "nasa_micronet_benchmark/",
+    "carbonblack_soot_tem/",
+    "ZEISS_SEM_multipage.tif",
+)
 NOT_MICROGRAPHS = ("masks", "masks_slider", "segmaps", "labels")
 
 
@@ -107,9 +119,7 @@ def main() -> int:
     checked = [r for r in rows if r["has_bar"] and r["tag_nm"]]
     passed = [r for r in checked if r.get("rel_error") is not None and abs(r["rel_error"]) <= TOLERANCE]
     no_tag = [r for r in rows if r["has_bar"] and not r["tag_nm"]]
-    false_reads = [
-        r for r in rows if any(k in r["file"] for k in NO_BAR) and r["image_nm"] is not None
-    ]
+    false_reads = [r for r in rows if any(k in r["file"] for k in NO_BAR) and r["image_nm"] is not None]
     unscored = [r for r in rows if "emps_particles/" in r["file"]]
     summary = {
         "tolerance": TOLERANCE,
@@ -125,8 +135,7 @@ def main() -> int:
         "n_databar_cropped": sum(r["databar_rows"] > 0 for r in rows),
         "hfw_read": {r["file"]: r.get("hfw_rel_error") for r in rows if r["hfw_text"]},
         "hfw_within_tolerance": sum(
-            r.get("hfw_rel_error") is not None and abs(r["hfw_rel_error"]) <= TOLERANCE
-            for r in rows
+            r.get("hfw_rel_error") is not None and abs(r["hfw_rel_error"]) <= TOLERANCE for r in rows
         ),
         "seconds_total": round(sum(r["seconds"] for r in rows), 1),
         "files": rows,

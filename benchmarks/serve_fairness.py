@@ -20,6 +20,7 @@ Run from the project root: ``.venv/bin/python benchmarks/serve_fairness.py``
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -37,7 +38,9 @@ def build_model(folder: Path) -> None:
     from semilens.config import TinyLLMConfig
     from semilens.llm.prepare import build_tiny
 
-    model, tokenizer = build_tiny(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
+    model, tokenizer = build_tiny(
+        TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -62,12 +65,18 @@ def start_server(folder: Path, ref: str | None = None) -> tuple[subprocess.Popen
     entry = ["-m", "semilens.cli"] if ref is None else ["-c", AT_REF, ref]
     proc = subprocess.Popen(
         [sys.executable, *entry, "serve", str(folder), "--port", "0", "--model-name", "tiny", "--threads", "1"],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
     )
     deadline = time.monotonic() + 180
     for line in iter(proc.stdout.readline, ""):
         if "serving" in line:
+            # uvicorn logs every request to stdout: keep draining it, or after ~900 requests
+            # the 64 kB pipe fills and the server blocks on a log write
+            threading.Thread(target=lambda: collections.deque(proc.stdout, maxlen=0), daemon=True).start()
             return proc, line.split(" at ")[1].split(",")[0].strip()
         if time.monotonic() > deadline:
             break
@@ -88,8 +97,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="per client")
     parser.add_argument("--target-ms", type=float, default=50.0, help="service time per request to aim max_tokens at")
     parser.add_argument("--label", default="", help="recorded with the numbers (e.g. before / after)")
-    parser.add_argument("--ref", default=None, help="serve the code of this git ref instead of the working tree (a baseline)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="fix the request size instead of aiming at --target-ms")
+    parser.add_argument(
+        "--ref", default=None, help="serve the code of this git ref instead of the working tree (a baseline)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="fix the request size instead of aiming at --target-ms"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "metrics" / "bench_serve_fairness.json")
     args = parser.parse_args()
 
@@ -102,10 +115,15 @@ def main() -> None:
 
             def chat(max_tokens: int) -> float:
                 start = time.monotonic()
-                resp = http.post(f"{url}/chat/completions", json={
-                    "model": "tiny", "messages": [{"role": "user", "content": "What sets the etch rate?"}], "max_tokens": max_tokens,
-                    # a random model may stop at EOS early; sampling off, so every request is the same work
-                })
+                resp = http.post(
+                    f"{url}/chat/completions",
+                    json={
+                        "model": "tiny",
+                        "messages": [{"role": "user", "content": "What sets the etch rate?"}],
+                        "max_tokens": max_tokens,
+                        # a random model may stop at EOS early; sampling off, so every request is the same work
+                    },
+                )
                 resp.raise_for_status()
                 return time.monotonic() - start
 

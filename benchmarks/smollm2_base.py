@@ -34,8 +34,12 @@ from semilens.config import Config, validate_config
 def config(data: Path, out: Path, steps: int | None, threads: int, extra: dict[str, Any]) -> Config:
     raw = yaml.safe_load(Path("params.yaml").read_text())
     raw["paths"].update(
-        markdown=str(data / "markdown"), instructions=str(data / "instructions"),
-        models=str(out / "models"), metrics=str(out / "metrics"), cache=str(out / "cache"), logs=str(out / "logs"),
+        markdown=str(data / "markdown"),
+        instructions=str(data / "instructions"),
+        models=str(out / "models"),
+        metrics=str(out / "metrics"),
+        cache=str(out / "cache"),
+        logs=str(out / "logs"),
     )
     raw["prepare_llm"]["base"] = "smollm2-135m-instruct"
     raw["pretrain_llm"]["method"] = "lora"  # full fine-tuning of 135M on one core does not fit the run
@@ -83,19 +87,26 @@ def maths(cfg: Config, folder: Path, shots_n: int) -> dict[str, Any]:
     for mode in ("zero_shot", "few_shot"):
         t0 = time.perf_counter()
         prompts = [
-            few_shot_prompt(tokenizer, by_kind[r["kind"]][:shots_n] if mode == "few_shot" else [], r["instruction"]) for r in bench
+            few_shot_prompt(tokenizer, by_kind[r["kind"]][:shots_n] if mode == "few_shot" else [], r["instruction"])
+            for r in bench
         ]
         answers = generate_with_calculator_batch(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size)
         ok = [math_correct(a, json.loads(r["answer"]), ecfg.math_rel_tol) for a, r in zip(answers, bench)]
-        table: dict[str, dict[str, list[int]]] = {"kind": defaultdict(lambda: [0, 0]), "difficulty": defaultdict(lambda: [0, 0])}
+        table: dict[str, dict[str, list[int]]] = {
+            "kind": defaultdict(lambda: [0, 0]),
+            "difficulty": defaultdict(lambda: [0, 0]),
+        }
         for r, good in zip(bench, ok):
             for axis in table:
                 table[axis][r[axis]][0] += int(good)
                 table[axis][r[axis]][1] += 1
         result[mode] = {
-            "correct": sum(ok), "seconds": round(time.perf_counter() - t0, 1),
+            "correct": sum(ok),
+            "seconds": round(time.perf_counter() - t0, 1),
             **{axis: {k: f"{v[0]}/{v[1]}" for k, v in sorted(rows.items())} for axis, rows in table.items()},
-            "examples": [{"kind": r["kind"], "ok": good, "answer": a[:300]} for r, a, good in list(zip(bench, answers, ok))[:4]],
+            "examples": [
+                {"kind": r["kind"], "ok": good, "answer": a[:300]} for r, a, good in list(zip(bench, answers, ok))[:4]
+            ],
         }
     return result
 
@@ -123,12 +134,25 @@ def main() -> None:
     elif args.stage == "evaluate":
         from semilens.llm.evaluate import evaluate_llm as run
     else:
+
         def run(c: Config) -> dict[str, Any]:
             return maths(c, Path(c.paths.models) / "llm" / "base", args.shots)
+
     summary = run(cfg)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(json.dumps({"stage": args.stage, "wall_s": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(peak_gb, 2),
-                      "threads": args.threads, "steps": args.steps, "summary": summary}, default=str))
+    print(
+        json.dumps(
+            {
+                "stage": args.stage,
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "peak_rss_gb": round(peak_gb, 2),
+                "threads": args.threads,
+                "steps": args.steps,
+                "summary": summary,
+            },
+            default=str,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -79,9 +79,9 @@ def probe(train: np.ndarray, y_train: list[str], others: dict[str, tuple[np.ndar
 
 def answered(model: Any, processor: Any, rows: list[dict[str, Any]]) -> float:
     """Class accuracy of the model's greedy answers, asked and scored as ``evaluate_vlm`` does."""
+    from semilens.scores import class_accuracy
     from semilens.vlm.evaluate import MAX_NEW_TOKENS
     from semilens.vlm.generate import greedy_answers
-    from semilens.vlm.metrics import class_accuracy
 
     images = [[im.convert("RGB") for im in r["images"]] for r in rows]
     answers = greedy_answers(model, processor, [r["messages"][:1] for r in rows], images, MAX_NEW_TOKENS["vqa"])
@@ -109,7 +109,9 @@ def main() -> None:
         start = time.perf_counter()
         try:
             model, processor = load_vlm(folder)
-            feats = {s: pooled_features(model, processor, [r["images"][0].convert("RGB") for r in data[s]]) for s in SPLITS}
+            feats = {
+                s: pooled_features(model, processor, [r["images"][0].convert("RGB") for r in data[s]]) for s in SPLITS
+            }
         except (FileNotFoundError, ValueError) as exc:
             raise SystemExit(f"vision_probe: {exc}") from None
         row = {

@@ -5,7 +5,7 @@ paths.annotations/{annotations,skipped}.jsonl. Run: python -m stages.annotate_im
 """
 
 from semilens.images.annotate import annotate_images
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

@@ -3,7 +3,7 @@ chunks.jsonl} and metrics/clean.json (fidelity against the synthetic ground trut
 Run: python -m stages.clean_markdown
 """
 
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 from semilens.text.clean import clean_markdown
 
 

@@ -4,7 +4,7 @@ Writes paths.metrics/vlm/compare.json and compare{,_types}.csv (DVC plots).
 Run: python -m stages.compare_vlm
 """
 
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 from semilens.vlm.compare import compare_vlm
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ Run: python -m stages.evaluate_llm
 """
 
 from semilens.llm.evaluate import evaluate_llm
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

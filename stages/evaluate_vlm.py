@@ -4,7 +4,7 @@ Writes paths.metrics/vlm/<family>.json and paths.models/<family>/eval/prediction
 Run: python -m stages.evaluate_vlm qwen2_5_vl
 """
 
-from semilens.runlog import run_matrix_stage
+from semilens.stage_runner import run_matrix_stage
 from semilens.vlm.evaluate import evaluate_vlm
 
 if __name__ == "__main__":

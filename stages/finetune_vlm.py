@@ -4,7 +4,7 @@ Writes paths.models/<family>/{adapter,merged} and paths.metrics/vlm/{train,loss}
 Run: python -m stages.finetune_vlm qwen2_5_vl
 """
 
-from semilens.runlog import run_matrix_stage
+from semilens.stage_runner import run_matrix_stage
 from semilens.vlm.finetune import finetune_vlm
 
 if __name__ == "__main__":

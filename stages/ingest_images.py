@@ -2,7 +2,7 @@
 quarantine.jsonl under paths.interim_images. Run: python -m stages.ingest_images"""
 
 from semilens.images.ingest import ingest_images
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

@@ -6,7 +6,7 @@ Run: python -m stages.measure_images
 """
 
 from semilens.images.measure import measure_images
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

@@ -3,7 +3,7 @@ Run: python -m stages.prepare_llm
 """
 
 from semilens.llm.prepare import prepare_llm
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

@@ -4,7 +4,7 @@ Writes paths.models/<family>/base (HF checkpoint folder, or source.json pointing
 one) and paths.metrics/vlm/prepare_<family>.json. Run: python -m stages.prepare_vlm qwen2_5_vl
 """
 
-from semilens.runlog import run_matrix_stage
+from semilens.stage_runner import run_matrix_stage
 from semilens.vlm.prepare import prepare_vlm
 
 if __name__ == "__main__":

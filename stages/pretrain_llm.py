@@ -3,7 +3,7 @@ Run: python -m stages.pretrain_llm
 """
 
 from semilens.llm.pretrain import pretrain_llm
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

@@ -3,7 +3,7 @@ Run: python -m stages.quantize_llm
 """
 
 from semilens.llm.quantize import quantize_llm
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

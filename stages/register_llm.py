@@ -4,7 +4,7 @@ Run: python -m stages.register_llm
 """
 
 from semilens.llm.register import register_llm
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

@@ -5,7 +5,7 @@ model version go to the sqlite store under paths.mlflow (or MLFLOW_TRACKING_URI)
 Run: python -m stages.register_models qwen2_5_vl
 """
 
-from semilens.runlog import run_matrix_stage
+from semilens.stage_runner import run_matrix_stage
 from semilens.vlm.register import register_vlm
 
 if __name__ == "__main__":

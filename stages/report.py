@@ -5,7 +5,7 @@ Run: python -m stages.report
 """
 
 from semilens.report import build_report
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 if __name__ == "__main__":
     run_stage("report", build_report)

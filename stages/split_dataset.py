@@ -6,7 +6,7 @@ Run: python -m stages.split_dataset
 """
 
 from semilens.images.split import split_dataset
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

@@ -5,7 +5,7 @@ Writes paths.synthetic_pdfs/<doc>.pdf, the ground-truth <doc>.md it was rendered
 Run: python -m stages.synth_corpus
 """
 
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 from semilens.text.corpus import synth_corpus
 
 

@@ -5,7 +5,7 @@ ground truth); the folder is rewritten from scratch. Run: python -m stages.synth
 """
 
 from semilens.images.synth import synth_images
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 
 
 def main() -> dict:

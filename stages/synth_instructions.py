@@ -4,7 +4,7 @@
 Run: python -m stages.synth_instructions
 """
 
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 from semilens.text.instruct import synth_instructions
 
 

@@ -3,7 +3,7 @@ writes paths.tags/{tags.jsonl, coverage.md} and metrics/ontology.json.
 Run: python -m stages.tag_ontology
 """
 
-from semilens.runlog import run_stage
+from semilens.stage_runner import run_stage
 from semilens.text.tag import tag_ontology
 
 

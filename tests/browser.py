@@ -58,7 +58,9 @@ class _Pipe:
         raw, _, self.buffer = self.buffer.partition(b"\0")
         return json.loads(raw)
 
-    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30) -> dict[str, Any]:
+    def call(
+        self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 30
+    ) -> dict[str, Any]:
         self.next_id += 1
         msg: dict[str, Any] = {"id": self.next_id, "method": method, "params": params or {}}
         if session:
@@ -105,12 +107,26 @@ def check_page(url: str, width: int = 1280, height: int = 900, timeout: float = 
 
     profile = tempfile.mkdtemp(prefix="semilens-chromium-")
     args = [
-        exe, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-        "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--hide-scrollbars",
-        f"--window-size={width},{height}", f"--user-data-dir={profile}", "about:blank",
+        exe,
+        "--headless=new",
+        "--remote-debugging-pipe",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-extensions",
+        "--hide-scrollbars",
+        f"--window-size={width},{height}",
+        f"--user-data-dir={profile}",
+        "about:blank",
     ]
-    proc = subprocess.Popen(args, pass_fds=(3, 4, to_browser_r, from_browser_w), preexec_fn=wire,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args,
+        pass_fds=(3, 4, to_browser_r, from_browser_w),
+        preexec_fn=wire,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(to_browser_r)
     os.close(from_browser_w)
     pipe = _Pipe(proc, to_browser_w, from_browser_r)
@@ -119,22 +135,30 @@ def check_page(url: str, width: int = 1280, height: int = 900, timeout: float = 
         session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             pipe.call(f"{domain}.enable", session=session)
-        pipe.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        pipe.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         pipe.call("Page.navigate", {"url": url}, session=session)
         pipe.wait_event("Page.loadEventFired", timeout)
 
         def evaluate(expr: str) -> Any:
-            res = pipe.call("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True}, session=session)
+            res = pipe.call(
+                "Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True}, session=session
+            )
             return res["result"].get("value")
 
         # every image decoded (or failed) before we look
         evaluate("Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null)))")
         check = PageCheck(title=evaluate("document.title") or "")
-        check.images = evaluate(
-            "Array.from(document.images).map(i => ({src: i.src.slice(0, 60), complete: i.complete,"
-            " width: i.naturalWidth, height: i.naturalHeight}))"
-        ) or []
+        check.images = (
+            evaluate(
+                "Array.from(document.images).map(i => ({src: i.src.slice(0, 60), complete: i.complete,"
+                " width: i.naturalWidth, height: i.naturalHeight}))"
+            )
+            or []
+        )
         check.text = evaluate("document.body ? document.body.innerText : ''") or ""
         shot = pipe.call("Page.captureScreenshot", {"format": "png"}, session=session)
         check.screenshot = base64.b64decode(shot["data"])
@@ -142,10 +166,15 @@ def check_page(url: str, width: int = 1280, height: int = 900, timeout: float = 
         for event in pipe.events:
             method, params = event.get("method"), event.get("params", {})
             if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                check.errors.append("console: " + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+                check.errors.append(
+                    "console: "
+                    + " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+                )
             elif method == "Runtime.exceptionThrown":
                 details = params.get("exceptionDetails", {})
-                check.errors.append("exception: " + str(details.get("exception", {}).get("description") or details.get("text")))
+                check.errors.append(
+                    "exception: " + str(details.get("exception", {}).get("description") or details.get("text"))
+                )
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 entry = params["entry"]
                 check.errors.append(f"log ({entry.get('source')}): {entry.get('text')} {entry.get('url', '')}".strip())

@@ -132,9 +132,7 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
     Outputs, cache and logs live under tmp_path; the input folders default to empty ones.
     """
 
-    def make(
-        raw: Path | None = None, synthetic: Path | None = None, **ingest: Any
-    ) -> Config:
+    def make(raw: Path | None = None, synthetic: Path | None = None, **ingest: Any) -> Config:
         return Config.model_validate(
             {
                 "paths": {
@@ -156,7 +154,18 @@ KNOWLEDGE = Path(__file__).parents[1] / "knowledge"
 
 def text_config(tmp: Path, **sections: Any) -> Config:
     """A Config for the text path: the project's knowledge base, everything else under ``tmp``."""
-    names = ("raw_pdfs", "synthetic_pdfs", "pages", "markdown", "tags", "instructions", "models", "metrics", "cache", "logs")
+    names = (
+        "raw_pdfs",
+        "synthetic_pdfs",
+        "pages",
+        "markdown",
+        "tags",
+        "instructions",
+        "models",
+        "metrics",
+        "cache",
+        "logs",
+    )
     return Config.model_validate(
         {"paths": {"knowledge": str(KNOWLEDGE), **{n: str(tmp / n) for n in names}}, **sections}
     )
@@ -172,14 +181,18 @@ def serve_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
     from semilens.config import TinyLLMConfig, TinyVLMConfig
     from semilens.llm.prepare import build_tiny as build_llm
+    from semilens.tokenizer import general_corpus
     from semilens.vlm.qwen2_5_vl import build_tiny as build_vlm
-    from semilens.vlm.tokenizer import general_corpus
 
     tmp = tmp_path_factory.mktemp("serve")
-    model, tokenizer = build_llm(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
+    model, tokenizer = build_llm(
+        TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0
+    )
     model.save_pretrained(tmp / "llm")
     tokenizer.save_pretrained(tmp / "llm")
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft.save_pretrained(tmp / "adapter")
     tokenizer.save_pretrained(tmp / "adapter")
     adapter_cfg = json.loads((tmp / "adapter" / "adapter_config.json").read_text())
@@ -246,12 +259,19 @@ class ChatStub:
                     reply = reply(body)
                 if isinstance(reply, int):
                     return self.send(reply, {"error": {"message": "scripted failure"}})
-                self.send(200, {
-                    "id": f"chatcmpl-{len(stub.requests)}", "object": "chat.completion", "created": 0,
-                    "model": body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                })
+                self.send(
+                    200,
+                    {
+                        "id": f"chatcmpl-{len(stub.requests)}",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    },
+                )
 
             def send(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()

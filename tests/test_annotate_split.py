@@ -17,9 +17,9 @@ from PIL import Image
 
 from semilens.config import Config, PathsConfig, SplitDatasetConfig
 from semilens.images.annotate import annotate_images, fmt_number
+from semilens.images.records import ImageRecord, Measurement
 from semilens.images.split import assign_split, load_split, split_dataset
 from semilens.io import read_json, read_jsonl, sha256_bytes, write_jsonl
-from semilens.records import ImageRecord, Measurement
 
 
 def _png(seed: int) -> bytes:
@@ -37,12 +37,29 @@ def _record(root: Path, name: str, group: str, **kw) -> ImageRecord:
     png.parent.mkdir(parents=True, exist_ok=True)
     png.write_bytes(data)
     base = dict(
-        id=rid, source=f"data/raw/images/{name}", origin="raw", sha256=sha, format="PNG",
-        page=0, n_pages=1, original_width=24, original_height=24, original_dtype="uint8",
-        width=24, height=24, crop_box=(0, 0, 24, 24), databar=None, modality="SEM",
-        instrument={"detector": "SE"}, pixel_size_nm=2.0, pixel_size_source="sidecar:json",
-        label="particles", label_source="folder", group=group,
-        png=str(png.relative_to(root)), png_sha256=sha256_bytes(data),
+        id=rid,
+        source=f"data/raw/images/{name}",
+        origin="raw",
+        sha256=sha,
+        format="PNG",
+        page=0,
+        n_pages=1,
+        original_width=24,
+        original_height=24,
+        original_dtype="uint8",
+        width=24,
+        height=24,
+        crop_box=(0, 0, 24, 24),
+        databar=None,
+        modality="SEM",
+        instrument={"detector": "SE"},
+        pixel_size_nm=2.0,
+        pixel_size_source="sidecar:json",
+        label="particles",
+        label_source="folder",
+        group=group,
+        png=str(png.relative_to(root)),
+        png_sha256=sha256_bytes(data),
     )
     base.update(kw)
     return ImageRecord(**base)
@@ -50,9 +67,16 @@ def _record(root: Path, name: str, group: str, **kw) -> ImageRecord:
 
 def _particles(rid: str, count: int = 37, size_px: float = 21.0, px_nm: float | None = 2.0):
     return Measurement(
-        id=rid, method="particles", object_count=count, eq_diameter_px=[size_px] * count,
-        median_size_px=size_px, median_size_nm=None if px_nm is None else size_px * px_nm,
-        circularity=0.86, aspect_ratio=1.2, area_fraction=0.23, pixel_size_nm=px_nm,
+        id=rid,
+        method="particles",
+        object_count=count,
+        eq_diameter_px=[size_px] * count,
+        median_size_px=size_px,
+        median_size_nm=None if px_nm is None else size_px * px_nm,
+        circularity=0.86,
+        aspect_ratio=1.2,
+        area_fraction=0.23,
+        pixel_size_nm=px_nm,
     )
 
 
@@ -63,20 +87,34 @@ def project(tmp_path, monkeypatch):
     recs = [
         _record(tmp_path, "a_x0_y0.png", "a"),
         _record(tmp_path, "a_x1_y0.png", "a"),
-        _record(tmp_path, "b.png", "b", pixel_size_nm=None, pixel_size_source="none",
-                label=None, label_source="none"),
+        _record(tmp_path, "b.png", "b", pixel_size_nm=None, pixel_size_source="none", label=None, label_source="none"),
         _record(tmp_path, "wires/c.png", "wires/c", label="nanowires"),
-        _record(tmp_path, "blank.png", "blank", low_information=True,
-                low_information_reason="nearly uniform frame (std 0.4)"),
+        _record(
+            tmp_path,
+            "blank.png",
+            "blank",
+            low_information=True,
+            low_information_reason="nearly uniform frame (std 0.4)",
+        ),
     ]
     meas = [
         _particles(recs[0].id),
         _particles(recs[1].id, count=12, size_px=40.0),
         _particles(recs[2].id, px_nm=None),
-        Measurement(id=recs[3].id, method="elongated", object_count=9, width_px=6.0,
-                    width_nm=12.0, length_px=60.0, length_nm=120.0, aspect_ratio=10.0,
-                    orientation_deg=40.0, orientation_spread_deg=35.0, area_fraction=0.08,
-                    pixel_size_nm=2.0),
+        Measurement(
+            id=recs[3].id,
+            method="elongated",
+            object_count=9,
+            width_px=6.0,
+            width_nm=12.0,
+            length_px=60.0,
+            length_nm=120.0,
+            aspect_ratio=10.0,
+            orientation_deg=40.0,
+            orientation_spread_deg=35.0,
+            area_fraction=0.08,
+            pixel_size_nm=2.0,
+        ),
         Measurement(id=recs[4].id, method="none", object_count=0, notes=["low information"]),
     ]
     cfg = Config(paths=PathsConfig())
@@ -110,8 +148,11 @@ def test_every_answer_is_grounded(project):
             if qa["type"] == "reasoning":
                 # the yes/no answer really follows from the grounded number
                 if "threshold" in g:
-                    measured = next(v for k, v in g.items() if k.endswith("_nm") and v is not None) \
-                        if g["threshold_unit"] == "nm" else next(v for k, v in g.items() if k.endswith("_px"))
+                    measured = (
+                        next(v for k, v in g.items() if k.endswith("_nm") and v is not None)
+                        if g["threshold_unit"] == "nm"
+                        else next(v for k, v in g.items() if k.endswith("_px"))
+                    )
                     assert qa["answer"] == ("yes" if measured > g["threshold"] else "no")
                 else:
                     frac = next(v for k, v in g.items() if k != "threshold_percent")
@@ -208,13 +249,25 @@ def test_questions_never_repeat_a_word(tmp_path):
     from semilens.images.annotate import build_qa
 
     cases = [
-        ("grains", Measurement(id="x", method="grains", object_count=20, grain_size_px=30.0, grain_size_nm=60.0,
-                               area_fraction=0.1, pixel_size_nm=2.0)),
+        (
+            "grains",
+            Measurement(
+                id="x",
+                method="grains",
+                object_count=20,
+                grain_size_px=30.0,
+                grain_size_nm=60.0,
+                area_fraction=0.1,
+                pixel_size_nm=2.0,
+            ),
+        ),
         ("particles", _particles("x")),
     ]
     for label, m in cases:
         rec = _record(tmp_path, f"{label}.png", label, label=label)
-        questions = {qa.question for seed in range(40) for qa in build_qa(rec, m.model_copy(update={"id": rec.id}), seed)}
+        questions = {
+            qa.question for seed in range(40) for qa in build_qa(rec, m.model_copy(update={"id": rec.id}), seed)
+        }
         assert len([q for q in questions if "typical" in q]) >= 1
         for q in questions:
             words = q.lower().rstrip("?.").split()
@@ -237,21 +290,30 @@ def test_the_vlm_backend_keeps_only_what_the_measurements_back_and_fills_the_res
     cfg, recs, meas = project
     annotate_images(cfg)
     grounded = {r["id"]: r for r in read_jsonl(cfg.paths.annotations / "annotations.jsonl")}
-    careless = {"caption": "SEM image of particles: 99 particles.", "qa": [
-        {"type": "class", "question": "What is shown in this frame?", "answer": "Particles."},
-        {"type": "class", "question": "What is shown once more?", "answer": "particles"},
-        {"type": "count", "question": "How many particles are there?", "answer": "About 500."},
-        {"type": "pitch", "question": "What is the pitch?", "answer": "50 nm"},
-        {"type": "modality", "question": "Which microscope was used?", "answer": "TEM"},
-        {"type": "reasoning", "question": "Are they big ones?", "answer": "yes"},
-    ]}
+    careless = {
+        "caption": "SEM image of particles: 99 particles.",
+        "qa": [
+            {"type": "class", "question": "What is shown in this frame?", "answer": "Particles."},
+            {"type": "class", "question": "What is shown once more?", "answer": "particles"},
+            {"type": "count", "question": "How many particles are there?", "answer": "About 500."},
+            {"type": "pitch", "question": "What is the pitch?", "answer": "50 nm"},
+            {"type": "modality", "question": "Which microscope was used?", "answer": "TEM"},
+            {"type": "reasoning", "question": "Are they big ones?", "answer": "yes"},
+        ],
+    }
     a1 = grounded[recs[1].id]
-    careful = {"caption": "SEM image of 12 particles, median diameter 80 nm, 23% area coverage. Pixel size 2.0 nm.", "qa": [
-        {"type": "count", "question": "How many particles can you count?", "answer": "I count 12 particles."},
-        {"type": "size", "question": "How wide is a typical particle?", "answer": "about 78 nm"},
-        {"type": "reasoning", "question": next(q["question"] for q in a1["qa"] if q["type"] == "reasoning"),
-         "answer": next(q["answer"] for q in a1["qa"] if q["type"] == "reasoning")},
-    ]}
+    careful = {
+        "caption": "SEM image of 12 particles, median diameter 80 nm, 23% area coverage. Pixel size 2.0 nm.",
+        "qa": [
+            {"type": "count", "question": "How many particles can you count?", "answer": "I count 12 particles."},
+            {"type": "size", "question": "How wide is a typical particle?", "answer": "about 78 nm"},
+            {
+                "type": "reasoning",
+                "question": next(q["question"] for q in a1["qa"] if q["type"] == "reasoning"),
+                "answer": next(q["answer"] for q in a1["qa"] if q["type"] == "reasoning"),
+            },
+        ],
+    }
     with ChatStub({"- count: 12": [json.dumps(careful)]}, default=json.dumps(careless)) as stub:
         summary = annotate_images(_vlm_cfg(cfg, stub.url))
         assert len(stub.requests) == 4  # one per annotated image (the blank frame is skipped)
@@ -266,18 +328,28 @@ def test_the_vlm_backend_keeps_only_what_the_measurements_back_and_fills_the_res
             assert [q["type"] for q in row["qa"]] == [q["type"] for q in grounded[rid]["qa"]]
         counts = read_json(cfg.paths.metrics / "annotate.json")["counts"]
         assert counts == {
-            "caption_from_vlm": 1, "dropped_contradicts_caption": 3,
+            "caption_from_vlm": 1,
+            "dropped_contradicts_caption": 3,
             # both class answers are wrong for the nanowire image; the second one only
             # counts as a duplicate where the first was kept
-            "dropped_contradicts_class": 2, "dropped_duplicate": 2,
-            "dropped_contradicts_count": 3, "dropped_contradicts_modality": 3, "dropped_unsupported": 3, "dropped_unverifiable": 3,
+            "dropped_contradicts_class": 2,
+            "dropped_duplicate": 2,
+            "dropped_contradicts_count": 3,
+            "dropped_contradicts_modality": 3,
+            "dropped_unsupported": 3,
+            "dropped_unverifiable": 3,
             "qa_from_vlm": 2 + 3,  # class on two particle images (a0, b); count, size, reasoning on a1
             "qa_filled_from_grounded": sum(len(r["qa"]) for r in grounded.values()) - 5,
         }
         kept = next(q for q in rows[recs[1].id]["qa"] if q["type"] == "size")
         truth = next(q for q in a1["qa"] if q["type"] == "size")
         # the model's words, the measurement's value
-        assert (kept["answer"], kept["written_by"], kept["value"], kept["grounding"]) == ("about 78 nm", "vlm", truth["value"], truth["grounding"])
+        assert (kept["answer"], kept["written_by"], kept["value"], kept["grounding"]) == (
+            "about 78 nm",
+            "vlm",
+            truth["value"],
+            truth["grounding"],
+        )
         assert rows[recs[1].id]["caption"] == careful["caption"] and rows[recs[1].id]["caption_written_by"] == "vlm"
         assert rows[recs[0].id]["caption"] == grounded[recs[0].id]["caption"]
         assert summary["requests"]["requests_sent"] == 4
@@ -315,20 +387,27 @@ def test_an_annotation_run_killed_half_way_finishes_without_repeating_a_request(
 
     from semilens.config import TinyVLMConfig
     from semilens.serve import ServeOptions, make_app, serve_in_background
+    from semilens.tokenizer import general_corpus
     from semilens.vlm.qwen2_5_vl import build_tiny
-    from semilens.vlm.tokenizer import general_corpus
 
     cfg, recs, _ = project
     folder = tmp_path_factory.mktemp("vlm") / "vlm"
-    vlm, processor = build_tiny(TinyVLMConfig(vocab_size=600, hidden_size=32, heads=2, kv_heads=1, layers=1,
-                                              vision_hidden=32, vision_depth=1), general_corpus())
+    vlm, processor = build_tiny(
+        TinyVLMConfig(vocab_size=600, hidden_size=32, heads=2, kv_heads=1, layers=1, vision_hidden=32, vision_depth=1),
+        general_corpus(),
+    )
     vlm.save_pretrained(folder)
     processor.save_pretrained(folder)
     app = make_app(folder, ServeOptions(latency_ms=700))
     with serve_in_background(app) as url:
         vcfg = _vlm_cfg(cfg, url)
-        acfg = vcfg.annotate_images.model_copy(update={"vlm": vcfg.annotate_images.vlm.model_copy(
-            update={"model": app.state.model_name, "concurrency": 1, "max_reasks": 0, "max_tokens": 16})})
+        acfg = vcfg.annotate_images.model_copy(
+            update={
+                "vlm": vcfg.annotate_images.vlm.model_copy(
+                    update={"model": app.state.model_name, "concurrency": 1, "max_reasks": 0, "max_tokens": 16}
+                )
+            }
+        )
         vcfg = vcfg.model_copy(update={"annotate_images": acfg})
         Path("params.yaml").write_text(yaml.safe_dump(vcfg.model_dump(mode="json")))
         proc = subprocess.Popen([sys.executable, "-c", KILLED_ANNOTATION])

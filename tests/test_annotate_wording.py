@@ -21,23 +21,40 @@ from semilens.images.annotate import (
     wording_facts,
 )
 from semilens.images.annotate_vlm import VLMAnnotation, merge, prompt, wording_problem
-from semilens.records import ImageRecord, Measurement
-from semilens.vlm.metrics import find_quantities, parse_quantity
+from semilens.images.records import ImageRecord, Measurement
+from semilens.scores import find_quantities, parse_quantity
 
 MODALITIES = ("SEM", "TEM", "STEM", "FIB-SEM", "unknown")
 SHAPE_WORDS = ("round", "irregular", "elongated")
 
 
-def record(label: str | None = "particles", modality: str = "SEM", px_nm: float | None = 2.0,
-           folder: str = "particles") -> ImageRecord:
+def record(
+    label: str | None = "particles", modality: str = "SEM", px_nm: float | None = 2.0, folder: str = "particles"
+) -> ImageRecord:
     rec = ImageRecord(
-        id=f"{folder}-{label}-{modality}-{px_nm}-p0", source=f"data/raw/images/{folder}/x.tif", origin="raw",
-        sha256="0" * 64, format="TIFF", page=0, n_pages=1, original_width=64, original_height=64,
-        original_dtype="uint8", width=64, height=64, crop_box=(0, 0, 64, 64), databar=None,
-        modality="SEM", instrument={}, pixel_size_nm=px_nm,
+        id=f"{folder}-{label}-{modality}-{px_nm}-p0",
+        source=f"data/raw/images/{folder}/x.tif",
+        origin="raw",
+        sha256="0" * 64,
+        format="TIFF",
+        page=0,
+        n_pages=1,
+        original_width=64,
+        original_height=64,
+        original_dtype="uint8",
+        width=64,
+        height=64,
+        crop_box=(0, 0, 64, 64),
+        databar=None,
+        modality="SEM",
+        instrument={},
+        pixel_size_nm=px_nm,
         pixel_size_source="none" if px_nm is None else "sidecar:json",
-        label=label, label_source="none" if label is None else "folder", group=f"{folder}/x",
-        png="x.png", png_sha256="0" * 64,
+        label=label,
+        label_source="none" if label is None else "folder",
+        group=f"{folder}/x",
+        png="x.png",
+        png_sha256="0" * 64,
     )
     # model_copy does not validate: STEM and FIB-SEM whether or not records.Modality has them
     return rec.model_copy(update={"modality": modality})
@@ -45,41 +62,117 @@ def record(label: str | None = "particles", modality: str = "SEM", px_nm: float 
 
 def measurement(method: str, px_nm: float | None, **extra) -> Measurement:
     """A measurement with the fields measure sets for ``method`` (sizes in px, nm if known)."""
+
     def nm(v: float) -> float | None:
         return None if px_nm is None else v * px_nm
 
     fields: dict = {
-        "particles": dict(object_count=37, median_size_px=21.0, median_size_nm=nm(21.0), circularity=0.86,
-                          aspect_ratio=1.2, area_fraction=0.23),
-        "elongated": dict(object_count=9, median_size_px=6.0, median_size_nm=nm(6.0), width_px=6.0,
-                          width_nm=nm(6.0), length_px=80.0, length_nm=nm(80.0), aspect_ratio=13.0,
-                          orientation_deg=40.0, orientation_spread_deg=35.0, area_fraction=0.08),
-        "rods": dict(object_count=14, width_px=8.0, width_nm=nm(8.0), length_px=36.0, length_nm=nm(36.0),
-                     aspect_ratio=4.5, orientation_deg=12.0, orientation_spread_deg=9.0, area_fraction=0.12),
-        "periodic_lines": dict(object_count=12, median_size_px=10.0, median_size_nm=nm(10.0), width_px=10.0,
-                               width_nm=nm(10.0), length_px=60.0, length_nm=nm(60.0), aspect_ratio=6.0,
-                               orientation_deg=90.0, orientation_spread_deg=0.0, area_fraction=0.5,
-                               pitch_px=20.0, pitch_nm=nm(20.0)),
-        "periodic_holes": dict(object_count=25, median_size_px=9.0, median_size_nm=nm(9.0), circularity=0.9,
-                               area_fraction=0.2, pitch_px=18.0, pitch_nm=nm(18.0)),
-        "porous": dict(object_count=40, median_size_px=7.0, median_size_nm=nm(7.0), circularity=0.6,
-                       area_fraction=0.35, porosity=0.35),
+        "particles": dict(
+            object_count=37,
+            median_size_px=21.0,
+            median_size_nm=nm(21.0),
+            circularity=0.86,
+            aspect_ratio=1.2,
+            area_fraction=0.23,
+        ),
+        "elongated": dict(
+            object_count=9,
+            median_size_px=6.0,
+            median_size_nm=nm(6.0),
+            width_px=6.0,
+            width_nm=nm(6.0),
+            length_px=80.0,
+            length_nm=nm(80.0),
+            aspect_ratio=13.0,
+            orientation_deg=40.0,
+            orientation_spread_deg=35.0,
+            area_fraction=0.08,
+        ),
+        "rods": dict(
+            object_count=14,
+            width_px=8.0,
+            width_nm=nm(8.0),
+            length_px=36.0,
+            length_nm=nm(36.0),
+            aspect_ratio=4.5,
+            orientation_deg=12.0,
+            orientation_spread_deg=9.0,
+            area_fraction=0.12,
+        ),
+        "periodic_lines": dict(
+            object_count=12,
+            median_size_px=10.0,
+            median_size_nm=nm(10.0),
+            width_px=10.0,
+            width_nm=nm(10.0),
+            length_px=60.0,
+            length_nm=nm(60.0),
+            aspect_ratio=6.0,
+            orientation_deg=90.0,
+            orientation_spread_deg=0.0,
+            area_fraction=0.5,
+            pitch_px=20.0,
+            pitch_nm=nm(20.0),
+        ),
+        "periodic_holes": dict(
+            object_count=25,
+            median_size_px=9.0,
+            median_size_nm=nm(9.0),
+            circularity=0.9,
+            area_fraction=0.2,
+            pitch_px=18.0,
+            pitch_nm=nm(18.0),
+        ),
+        "porous": dict(
+            object_count=40,
+            median_size_px=7.0,
+            median_size_nm=nm(7.0),
+            circularity=0.6,
+            area_fraction=0.35,
+            porosity=0.35,
+        ),
         # short crack segments: no circularity, aspect ratio below "elongated": only the
         # orientation is known
-        "cracks": dict(object_count=3, median_size_px=3.0, median_size_nm=nm(3.0), width_px=3.0,
-                       width_nm=nm(3.0), length_px=6.0, length_nm=nm(6.0), aspect_ratio=2.0,
-                       orientation_deg=30.0, orientation_spread_deg=40.0, area_fraction=0.03,
-                       crack_fraction=0.03),
-        "grains": dict(object_count=20, median_size_px=30.0, median_size_nm=nm(30.0), grain_size_px=30.0,
-                       grain_size_nm=nm(30.0), circularity=0.8, aspect_ratio=1.3, area_fraction=0.1),
+        "cracks": dict(
+            object_count=3,
+            median_size_px=3.0,
+            median_size_nm=nm(3.0),
+            width_px=3.0,
+            width_nm=nm(3.0),
+            length_px=6.0,
+            length_nm=nm(6.0),
+            aspect_ratio=2.0,
+            orientation_deg=30.0,
+            orientation_spread_deg=40.0,
+            area_fraction=0.03,
+            crack_fraction=0.03,
+        ),
+        "grains": dict(
+            object_count=20,
+            median_size_px=30.0,
+            median_size_nm=nm(30.0),
+            grain_size_px=30.0,
+            grain_size_nm=nm(30.0),
+            circularity=0.8,
+            aspect_ratio=1.3,
+            area_fraction=0.1,
+        ),
     }[method]
     fields.update(extra)
     return Measurement(id="m", method=method, pixel_size_nm=px_nm, **fields)
 
 
 METHODS = ("particles", "elongated", "rods", "periodic_lines", "periodic_holes", "porous", "cracks", "grains")
-LABELS = {"particles": "particles", "elongated": "nanowires", "rods": "nanorods", "periodic_lines": "lines",
-          "periodic_holes": "holes", "porous": "porous", "cracks": "cracked_film", "grains": "grains"}
+LABELS = {
+    "particles": "particles",
+    "elongated": "nanowires",
+    "rods": "nanorods",
+    "periodic_lines": "lines",
+    "periodic_holes": "holes",
+    "porous": "porous",
+    "cracks": "cracked_film",
+    "grains": "grains",
+}
 
 
 def cases():
@@ -154,8 +247,16 @@ def test_a_shape_question_is_never_answered_with_an_orientation():
 
 @pytest.mark.parametrize(
     ("phrase", "article"),
-    [("SEM image", "an"), ("TEM image", "a"), ("STEM image", "a"), ("FIB-SEM image", "a"),
-     ("micrograph", "a"), ("HRTEM image", "an"), ("AFM image", "an"), ("elongated rod", "an")],
+    [
+        ("SEM image", "an"),
+        ("TEM image", "a"),
+        ("STEM image", "a"),
+        ("FIB-SEM image", "a"),
+        ("micrograph", "a"),
+        ("HRTEM image", "an"),
+        ("AFM image", "an"),
+        ("elongated rod", "an"),
+    ],
 )
 def test_the_article_follows_how_the_initialism_is_spoken(phrase, article):
     assert indefinite_article(phrase) == article
@@ -163,8 +264,13 @@ def test_the_article_follows_how_the_initialism_is_spoken(phrase, article):
 
 @pytest.mark.parametrize(
     ("modality", "with_article", "bare"),
-    [("SEM", "An SEM", "SEM micrograph"), ("TEM", "A TEM", "TEM micrograph"), ("STEM", "A STEM", "STEM micrograph"),
-     ("FIB-SEM", "A FIB-SEM", "FIB-SEM micrograph"), ("unknown", "A micrograph", "Micrograph")],
+    [
+        ("SEM", "An SEM", "SEM micrograph"),
+        ("TEM", "A TEM", "TEM micrograph"),
+        ("STEM", "A STEM", "STEM micrograph"),
+        ("FIB-SEM", "A FIB-SEM", "FIB-SEM micrograph"),
+        ("unknown", "A micrograph", "Micrograph"),
+    ],
 )
 def test_captions_name_every_modality_with_its_article(modality, with_article, bare):
     rec = record("particles", modality)
@@ -178,14 +284,22 @@ def test_captions_name_every_modality_with_its_article(modality, with_article, b
     bad = re.compile(r"\b(a SEM|an TEM|an STEM|an FIB|unknown|Microscopy)\b", re.IGNORECASE)
     for seed in range(12):
         row = annotate_one(rec, m, seed)
-        texts = [row["caption"]] + [qa["question"] for qa in row["qa"]] + [qa["answer"] for qa in row["qa"] if qa["type"] != "modality"]
+        texts = (
+            [row["caption"]]
+            + [qa["question"] for qa in row["qa"]]
+            + [qa["answer"] for qa in row["qa"] if qa["type"] != "modality"]
+        )
         assert not any(bad.search(t) for t in texts), texts
 
 
 @pytest.mark.parametrize(
     ("label", "method", "one", "many"),
-    [("nanorods", "rods", "nanorod", "nanorods"), ("rods", "rods", "rod", "rods"), (None, "rods", "rod", "rods"),
-     ("Au_nanorods", "elongated", "nanorod", "nanorods")],
+    [
+        ("nanorods", "rods", "nanorod", "nanorods"),
+        ("rods", "rods", "rod", "rods"),
+        (None, "rods", "rod", "rods"),
+        ("Au_nanorods", "elongated", "nanorod", "nanorods"),
+    ],
 )
 def test_rods_are_captioned_and_answered_as_rods(label, method, one, many):
     rec = record(label, px_nm=2.0)
@@ -230,8 +344,11 @@ def test_without_a_pixel_size_no_length_is_in_nm():
                 if qa["type"] == "reasoning" and "threshold_unit" in qa["grounding"]:
                     assert qa["grounding"]["threshold_unit"] == "px" and qa["question"].endswith("px?")
     rec = record("particles", px_nm=None)
-    size = next(qa for qa in build_qa(rec, measurement("particles", None).model_copy(update={"id": rec.id}), 0)
-                if qa.type == "size")
+    size = next(
+        qa
+        for qa in build_qa(rec, measurement("particles", None).model_copy(update={"id": rec.id}), 0)
+        if qa.type == "size"
+    )
     assert size.answer == "about 21 px across; the pixel size is not known, so no physical size"
 
 
@@ -308,9 +425,16 @@ def test_the_vlm_merge_drops_wrong_wording_and_px_sizes_without_the_caveat():
     kept = {qa["type"]: qa for qa in out["qa"]}
     assert kept["size"]["answer"] == truth["size"]["answer"] and kept["class"]["written_by"] == "vlm"
     # the caveat said in the model's own words is enough
-    good = VLMAnnotation(caption="A STEM image of 14 nanorods, about 8 px wide; pixel size unknown.",
-                         qa=[{"type": "size", "question": "How wide are the rods?",
-                              "answer": "About 8 px wide; the pixel size is unknown, so no nm."}])
+    good = VLMAnnotation(
+        caption="A STEM image of 14 nanorods, about 8 px wide; pixel size unknown.",
+        qa=[
+            {
+                "type": "size",
+                "question": "How wide are the rods?",
+                "answer": "About 8 px wide; the pixel size is unknown, so no nm.",
+            }
+        ],
+    )
     counts = Counter()
     out = merge(row, good, None, counts, facts)
     assert counts["qa_from_vlm"] == 1 and counts["caption_from_vlm"] == 1

@@ -20,7 +20,9 @@ def _lock(stages: dict) -> str:
     return yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False)
 
 
-def _stage(deps: dict[str, str], outs: dict[str, str], cmd: str = "python -m stages.x", params: dict | None = None) -> dict:
+def _stage(
+    deps: dict[str, str], outs: dict[str, str], cmd: str = "python -m stages.x", params: dict | None = None
+) -> dict:
     entry = {"cmd": cmd, "deps": [{"path": p, "hash": "md5", "md5": m} for p, m in deps.items()]}
     if params is not None:
         entry["params"] = {"params.yaml": params}
@@ -29,18 +31,27 @@ def _stage(deps: dict[str, str], outs: dict[str, str], cmd: str = "python -m sta
 
 
 def git(root: Path, *args: str) -> str:
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PATH": "/usr/bin:/bin"}
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "PATH": "/usr/bin:/bin",
+    }
     return subprocess.run(["git", *args], cwd=root, env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def test_graph_walks_follow_outputs_into_folders(tmp_path):
-    (tmp_path / "dvc.lock").write_text(_lock({
-        "a": _stage({"data/raw": "r.dir"}, {"data/a": "a.dir"}),
-        "b": _stage({"data/a/part.json": "p"}, {"data/b.json": "b"}),  # a file inside a's folder
-        "c": _stage({"data/b.json": "b", "src/c.py": "c"}, {"models/c": "m.dir"}),
-        "other": _stage({"data/raw2": "x.dir"}, {"data/o": "o.dir"}),
-    }))
+    (tmp_path / "dvc.lock").write_text(
+        _lock(
+            {
+                "a": _stage({"data/raw": "r.dir"}, {"data/a": "a.dir"}),
+                "b": _stage({"data/a/part.json": "p"}, {"data/b.json": "b"}),  # a file inside a's folder
+                "c": _stage({"data/b.json": "b", "src/c.py": "c"}, {"models/c": "m.dir"}),
+                "other": _stage({"data/raw2": "x.dir"}, {"data/o": "o.dir"}),
+            }
+        )
+    )
     lock = read_lock(tmp_path)
     assert lock.producer("data/a/part.json")[0].name == "a"
     assert lock.producer("data/raw") is None
@@ -88,17 +99,31 @@ def _project(root: Path) -> Config:
         (raw / name).write_bytes(data)
     records = root / cfg.paths.interim_images
     records.mkdir(parents=True)
-    write_jsonl(records / "records.jsonl", [
-        {"source": f"data/raw/images/particles/{n}", "sha256": sha256_file(raw / n), "page": 0} for n in ("a.png", "b.png")
-    ])
+    write_jsonl(
+        records / "records.jsonl",
+        [
+            {"source": f"data/raw/images/particles/{n}", "sha256": sha256_file(raw / n), "page": 0}
+            for n in ("a.png", "b.png")
+        ],
+    )
     (root / "data/processed").mkdir(parents=True)
     (root / "data/processed/set.json").write_text("{}")
     (root / "params.yaml").write_text(yaml.safe_dump({"ingest_images": {"min_side": 16}}))
-    (root / "dvc.lock").write_text(_lock({
-        "ingest_images": _stage({"data/raw/images": dvc_md5(root / "data/raw/images")},
-                                {"data/interim/images": dvc_md5(records)}, params={"ingest_images": {"min_side": 16}}),
-        "build": _stage({"data/interim/images": dvc_md5(records)}, {"data/processed/set.json": dvc_md5(root / "data/processed/set.json")}),
-    }))
+    (root / "dvc.lock").write_text(
+        _lock(
+            {
+                "ingest_images": _stage(
+                    {"data/raw/images": dvc_md5(root / "data/raw/images")},
+                    {"data/interim/images": dvc_md5(records)},
+                    params={"ingest_images": {"min_side": 16}},
+                ),
+                "build": _stage(
+                    {"data/interim/images": dvc_md5(records)},
+                    {"data/processed/set.json": dvc_md5(root / "data/processed/set.json")},
+                ),
+            }
+        )
+    )
     return cfg
 
 

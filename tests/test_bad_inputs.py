@@ -91,9 +91,7 @@ def raw(tmp_path: Path) -> Path:
     (root / "deep16.tif").write_bytes(tiff_bytes(deep))
     stack = np.stack([_structured(64, 80, seed=s) for s in range(3)])
     (root / "stack3.tif").write_bytes(tiff_bytes(stack, photometric="minisblack"))
-    Image.fromarray(img).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(
-        root / "palette.png"
-    )
+    Image.fromarray(img).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(root / "palette.png")
     # Non-UTF-8 file name with valid content: ingested, its source shown with an escape.
     (root / NON_UTF8).write_bytes(png_bytes(_structured(64, 64, seed=7)))
     # --- broken
@@ -202,9 +200,7 @@ def test_no_temp_files_left_and_rerun_is_stable(raw, make_cfg, tmp_path):
     ingest_images(cfg)  # second run: from the cache, same result
     assert (Path(cfg.paths.interim_images) / "quarantine.jsonl").read_bytes() == first
     for folder in (tmp_path / "out", tmp_path / "cache"):
-        leftovers = [
-            p for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")
-        ]
+        leftovers = [p for p in folder.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
         assert leftovers == []
 
 
@@ -250,9 +246,7 @@ def test_bad_sidecar_value_is_one_line_and_the_rest_of_the_record_kept(tmp_path,
         "a.png,particles,2.5,XRD\n"  # line 2: a modality that is none
         "b.png,holes,-1,haadf-stem\n"  # line 3: a negative pixel size
     )
-    (raw / "c.json").write_text(
-        '{"label": "pores", "pixel_size_nm": 4.0, "modality": "EDX", "colour": "red"}'
-    )
+    (raw / "c.json").write_text('{"label": "pores", "pixel_size_nm": 4.0, "modality": "EDX", "colour": "red"}')
     cfg = make_cfg(raw=tmp_path / "raw")
     summary = ingest_images(cfg)
     records, quarantine = _outputs(cfg)

@@ -66,6 +66,9 @@ def test_dump_roundtrips():
     cfg = load_config(ROOT / "params.yaml")
     again = Config.model_validate(yaml.safe_load(dump_config(cfg)))
     assert again == cfg
+    # `semilens config endpoints` prints the named servers
+    servers = yaml.safe_load(dump_config(cfg.endpoints))
+    assert servers == {name: server.model_dump(mode="json") for name, server in cfg.endpoints.items()}
 
 
 def test_tiny_overrides_change_one_family_only(tmp_path):
@@ -91,3 +94,38 @@ def test_bad_tiny_overrides_say_why(tmp_path, overrides, reason):
     raw["prepare_vlm"]["tiny_overrides"] = overrides
     with pytest.raises(ConfigError, match=f"prepare_vlm: .*{reason}"):
         load_config(_write(tmp_path, raw))
+
+
+def test_steps_name_an_endpoint_declared_once(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    # a new server sets what differs from `default`; a step names it; the others keep `default`
+    apply_overrides(
+        params,
+        [
+            "+endpoints.vllm.base_url=http://127.0.0.1:8000/v1",
+            "+endpoints.vllm.model=qwen",
+            "endpoints.default.concurrency=3",
+            "annotate_images.vlm.endpoint=vllm",
+        ],
+    )
+    cfg = load_config(params)
+    vlm, llm, judge = cfg.annotate_images.vlm, cfg.clean_markdown.llm, cfg.evaluate_llm.judge
+    assert (vlm.base_url, vlm.model, vlm.concurrency, vlm.max_tokens) == ("http://127.0.0.1:8000/v1", "qwen", 3, 768)
+    assert (llm.base_url, llm.concurrency, llm.max_tokens) == (None, 3, 2048)
+    # the judge's own key variable holds whichever endpoint it names
+    assert (judge.concurrency, judge.api_key_env, judge.max_tokens) == (3, "SEMILENS_JUDGE_API_KEY", 512)
+
+
+def test_an_unknown_endpoint_name_is_refused_naming_the_key(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["clean_markdown"]["llm"]["endpoint"] = "vllm"
+    refused = r"clean_markdown\.llm\.endpoint: 'vllm' is not declared under endpoints \(default\)"
+    with pytest.raises(ConfigError, match=refused):
+        load_config(_write(tmp_path, raw))
+    raw["clean_markdown"]["llm"]["endpoint"] = "default"
+    raw["endpoints"]["default"]["concurency"] = 3
+    with pytest.raises(ConfigError, match=r"^\S+: endpoints\.default\.concurency: Extra inputs are not permitted$"):
+        load_config(_write(tmp_path, raw))  # reported once, not again at every step that names it

@@ -28,13 +28,25 @@ def test_text_model_trains_in_bf16_and_its_gptq_folder_runs_on_the_gpu(tmp_path)
 
     cfg = text_config(
         tmp_path,
-        prepare_llm={"tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "heads": 2, "kv_heads": 1}},
-        pretrain_llm={"max_steps": 6, "batch_size": 4, "block_size": 64, "heldout_fraction": 0.3, "save_steps": 6, "warmup_steps": 1},
+        prepare_llm={
+            "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "heads": 2, "kv_heads": 1}
+        },
+        pretrain_llm={
+            "max_steps": 6,
+            "batch_size": 4,
+            "block_size": 64,
+            "heldout_fraction": 0.3,
+            "save_steps": 6,
+            "warmup_steps": 1,
+        },
         sft_llm={"max_steps": 4, "batch_size": 4, "max_length": 256, "save_steps": 4, "warmup_steps": 1},
         quantize_llm={"group_size": 64, "calibration_samples": 4, "max_seq_length": 64},
     )
     probs = problems(120, seed=1)
-    write_jsonl(cfg.paths.markdown / "chunks.jsonl", [{"chunk_id": f"d:{i:04d}", "text": p.response} for i, p in enumerate(probs)])
+    write_jsonl(
+        cfg.paths.markdown / "chunks.jsonl",
+        [{"chunk_id": f"d:{i:04d}", "text": p.response} for i, p in enumerate(probs)],
+    )
     cfg.paths.instructions.mkdir(parents=True)
     datasets.Dataset.from_dict(
         {"instruction": [p.question for p in probs], "response": [p.response for p in probs]}
@@ -71,25 +83,39 @@ def vlm_base(tmp_path_factory):
     cfg = _config(tmp_path_factory.mktemp("unsloth"))
     prepare_vlm(cfg, FAMILY)
     cfg.paths.vqa.mkdir(parents=True)
-    write_parquet([r for i in range(4) for r in rows_for_image(_annotation(i), _png(i), "s")], cfg.paths.vqa / "train.parquet")
+    write_parquet(
+        [r for i in range(4) for r in rows_for_image(_annotation(i), _png(i), "s")], cfg.paths.vqa / "train.parquet"
+    )
     return cfg
 
 
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs the gpu extra (unsloth)")
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 def test_unsloth_backend_fine_tunes_the_vlm(vlm_base, quantization):
+    import unsloth  # noqa: F401  (unsloth patches transformers when imported first)
     from test_vlm_finetune import FAMILY
 
-    import unsloth  # noqa: F401  (unsloth patches transformers when imported first)
     from semilens.config import TrainerSection
     from semilens.vlm.finetune import finetune_vlm, select_backend
 
     assert select_backend(TrainerSection(), cuda=True)["backend"] == "unsloth"  # what auto picks here
-    cfg = vlm_base.model_copy(update={
-        "paths": vlm_base.paths.model_copy(update={"cache": vlm_base.paths.cache / quantization}),
-        "finetune_vlm": vlm_base.finetune_vlm.model_copy(update={"trainer": TrainerSection(
-            max_steps=3, batch_size=2, save_steps=3, logging_steps=1, backend="unsloth", quantization=quantization)}),
-    })
+    cfg = vlm_base.model_copy(
+        update={
+            "paths": vlm_base.paths.model_copy(update={"cache": vlm_base.paths.cache / quantization}),
+            "finetune_vlm": vlm_base.finetune_vlm.model_copy(
+                update={
+                    "trainer": TrainerSection(
+                        max_steps=3,
+                        batch_size=2,
+                        save_steps=3,
+                        logging_steps=1,
+                        backend="unsloth",
+                        quantization=quantization,
+                    )
+                }
+            ),
+        }
+    )
     summary = finetune_vlm(cfg, FAMILY)
     assert summary["backend"] == "unsloth" and summary["bf16"] is True and summary["steps"] == 3
     assert summary["quantization"] == quantization

@@ -27,9 +27,8 @@ from semilens.images.metadata import (
     to_nm,
 )
 from semilens.images.readers import decode, to_gray8
+from semilens.images.records import GroundTruth, ImageRecord, Sidecar
 from semilens.io import read_jsonl
-from semilens.records import GroundTruth, ImageRecord, Sidecar
-
 
 # ---------------------------------------------------------------------------------------
 # Builders
@@ -199,9 +198,7 @@ def test_sidecar_beats_imagej_resolution_and_the_note_keeps_the_tag(tmp_path, ma
     raw = tmp_path / "raw"
     raw.mkdir()
     img = specimen(64, 64)
-    (raw / "ij.tif").write_bytes(
-        tif(img, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "nm"})
-    )
+    (raw / "ij.tif").write_bytes(tif(img, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "nm"}))
     (raw / "ij.json").write_text(json.dumps({"pixel_size_nm": 7.0}))
     cfg = make_cfg(raw=raw)
     ingest_images(cfg)
@@ -216,9 +213,7 @@ def test_sidecar_json_beats_csv_beats_folder(tmp_path, make_cfg):
     for i, name in enumerate(["a.png", "b.png", "c.png", "d.png"]):
         (raw / name).write_bytes(png(specimen(48, 64, seed=i)))
     (raw / "metadata.csv").write_text(
-        "file,label,pixel_size_nm,modality,detector\n"
-        "a.png,from_csv,3.0,TEM,BF\n"
-        "b.png,from_csv,3.0,,InLens\n"
+        "file,label,pixel_size_nm,modality,detector\na.png,from_csv,3.0,TEM,BF\nb.png,from_csv,3.0,,InLens\n"
     )
     (raw / "a.json").write_text(json.dumps({"label": "from_json", "pixel_size_nm": 1.5}))
     (raw / "c.json").write_text(json.dumps({"group": "shared-specimen"}))
@@ -229,15 +224,16 @@ def test_sidecar_json_beats_csv_beats_folder(tmp_path, make_cfg):
     got = by_name(records)
     a, b, c, d = (got[n] for n in ("a.png", "b.png", "c.png", "d.png"))
     assert (a.label, a.label_source, a.pixel_size_nm, a.pixel_size_source) == (
-        "from_json", "sidecar", 1.5, "sidecar:json"
+        "from_json",
+        "sidecar",
+        1.5,
+        "sidecar:json",
     )
     assert a.modality == "TEM" and a.instrument == {"detector": "BF"}  # csv fills the gaps
     assert (b.label, b.pixel_size_nm, b.pixel_size_source) == ("from_csv", 3.0, "sidecar:csv")
     assert b.modality == "unknown" and b.instrument == {"detector": "InLens"}
     assert (c.label, c.label_source, c.group) == ("nanowires", "folder", "shared-specimen")
-    assert (d.label, d.label_source, d.pixel_size_nm, d.pixel_size_source) == (
-        "nanowires", "folder", None, "none"
-    )
+    assert (d.label, d.label_source, d.pixel_size_nm, d.pixel_size_source) == ("nanowires", "folder", None, "none")
     assert d.group == "nanowires/d"
     assert summary["n_skipped"] == 3  # metadata.csv, a.json, c.json
 
@@ -245,13 +241,23 @@ def test_sidecar_json_beats_csv_beats_folder(tmp_path, make_cfg):
 @pytest.mark.parametrize(
     "value,modality,detector",
     [
-        ("SEM", "SEM", None), ("tem", "TEM", None), ("stem", "STEM", None),
-        ("HAADF-STEM", "STEM", "HAADF"), ("HAADF", "STEM", "HAADF"),
+        ("SEM", "SEM", None),
+        ("tem", "TEM", None),
+        ("stem", "STEM", None),
+        ("HAADF-STEM", "STEM", "HAADF"),
+        ("HAADF", "STEM", "HAADF"),
         ("haadf stem", "STEM", "HAADF"),
-        ("BF-STEM", "STEM", "BF"), ("ADF", "STEM", "ADF"), ("ABF-STEM", "STEM", "ABF"),
-        ("FIB", "FIB-SEM", None), ("FIB-SEM", "FIB-SEM", None), ("fibsem", "FIB-SEM", None),
+        ("BF-STEM", "STEM", "BF"),
+        ("ADF", "STEM", "ADF"),
+        ("ABF-STEM", "STEM", "ABF"),
+        ("FIB", "FIB-SEM", None),
+        ("FIB-SEM", "FIB-SEM", None),
+        ("fibsem", "FIB-SEM", None),
         ("Unknown", "unknown", None),
-        ("XRD", None, None), ("BF", None, None), ("", None, None), (3, None, None),
+        ("XRD", None, None),
+        ("BF", None, None),
+        ("", None, None),
+        (3, None, None),
     ],
 )
 def test_parse_modality(value, modality, detector):
@@ -276,9 +282,12 @@ def test_modality_spellings_from_csv_and_json(tmp_path, make_cfg):
     assert quarantine == []
     got = {Path(r.source).stem: (r.modality, r.instrument.get("detector")) for r in records}
     assert got == {
-        "a": ("STEM", None), "b": ("STEM", "HAADF"),
+        "a": ("STEM", None),
+        "b": ("STEM", "HAADF"),
         "c": ("STEM", "DF4"),  # a detector column says more than the modality's name
-        "d": ("STEM", "ADF"), "e": ("FIB-SEM", None), "f": ("FIB-SEM", None),
+        "d": ("STEM", "ADF"),
+        "e": ("FIB-SEM", None),
+        "f": ("FIB-SEM", None),
         "g": ("STEM", "BF"),
     }
 
@@ -326,8 +335,14 @@ def test_labels_and_tile_groups_from_paths(tmp_path, make_cfg):
 
 def test_mask_and_label_folders_are_excluded_unread(tmp_path, make_cfg):
     raw = tmp_path / "raw"
-    masks = ["s/masks/3/obj1.png", "s/masks_slider/m.TIF", "s/SegMaps/m.png", "s/labels/m.png",
-             "s/m_mask.png", "s/deep/Masks/x/y.tif"]
+    masks = [
+        "s/masks/3/obj1.png",
+        "s/masks_slider/m.TIF",
+        "s/SegMaps/m.png",
+        "s/labels/m.png",
+        "s/m_mask.png",
+        "s/deep/Masks/x/y.tif",
+    ]
     kept = ["s/m.png", "s/masks.png", "s/masksets/m2.png", "s/mask_free/m3.png"]
     for i, rel in enumerate(kept):
         (raw / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -372,25 +387,40 @@ def test_folder_label_and_default_group(rel, label, group):
 
 
 def test_groups_join_one_micrograph_and_never_two():
-    rels = [PurePosixPath(r) for r in (
-        "ds/tiles/m1_cropped_x0_y0.png", "ds/tiles/m1_cropped_x1_y0.png",
-        "ds/fullres/m1_cropped.png", "ds/raw_tiff/m1.tif",  # one micrograph, three folders
-        "ds/tiles/m2_cropped_x0_y0.png",  # a tile whose full frame is not here
-        "ds/batch1/img01.tif", "ds/batch2/img01.tif",  # two micrographs, one name
-        "ds/run1/s_x0_y0.png", "ds/run1/s_x1_y0.png",  # two runs tiled alike
-        "ds/run2/s_x0_y0.png", "ds/run2/s_x1_y0.png",
-        "other/tiles/m1_cropped_x0_y0.png",  # another data set's m1: not a sibling
-        "x.png", "x_x1_y0.png", "y/x.png",
-    )]
+    rels = [
+        PurePosixPath(r)
+        for r in (
+            "ds/tiles/m1_cropped_x0_y0.png",
+            "ds/tiles/m1_cropped_x1_y0.png",
+            "ds/fullres/m1_cropped.png",
+            "ds/raw_tiff/m1.tif",  # one micrograph, three folders
+            "ds/tiles/m2_cropped_x0_y0.png",  # a tile whose full frame is not here
+            "ds/batch1/img01.tif",
+            "ds/batch2/img01.tif",  # two micrographs, one name
+            "ds/run1/s_x0_y0.png",
+            "ds/run1/s_x1_y0.png",  # two runs tiled alike
+            "ds/run2/s_x0_y0.png",
+            "ds/run2/s_x1_y0.png",
+            "other/tiles/m1_cropped_x0_y0.png",  # another data set's m1: not a sibling
+            "x.png",
+            "x_x1_y0.png",
+            "y/x.png",
+        )
+    ]
     groups = assign_groups(rels)
     got = {r.as_posix(): g for r, g in groups.items()}
-    m1 = {got[r] for r in ("ds/tiles/m1_cropped_x0_y0.png", "ds/tiles/m1_cropped_x1_y0.png",
-                           "ds/fullres/m1_cropped.png", "ds/raw_tiff/m1.tif")}
+    m1 = {
+        got[r]
+        for r in (
+            "ds/tiles/m1_cropped_x0_y0.png",
+            "ds/tiles/m1_cropped_x1_y0.png",
+            "ds/fullres/m1_cropped.png",
+            "ds/raw_tiff/m1.tif",
+        )
+    }
     assert m1 == {"ds/m1"}
     assert got["ds/tiles/m2_cropped_x0_y0.png"] == "ds/tiles/m2_cropped"
-    assert (got["ds/batch1/img01.tif"], got["ds/batch2/img01.tif"]) == (
-        "ds/batch1/img01", "ds/batch2/img01"
-    )
+    assert (got["ds/batch1/img01.tif"], got["ds/batch2/img01.tif"]) == ("ds/batch1/img01", "ds/batch2/img01")
     assert got["other/tiles/m1_cropped_x0_y0.png"] == "other/tiles/m1_cropped"
     assert got["ds/run1/s_x1_y0.png"] == "ds/run1/s"
     assert got["ds/run2/s_x0_y0.png"] == "ds/run2/s"
@@ -491,16 +521,21 @@ def thermo_fisher_export(width: int = 1536, seed: int = 0) -> bytes:
 
     bar = Image.new("L", (width, 140), 0)
     draw = ImageDraw.Draw(bar)
-    cells = [("HV", "5.00 kV"), ("curr", "0.10 nA"), ("mag", "50 000 x"),
-             ("HFW", "5.97 um"), ("WD", "4.1 mm"), ("det", "TLD")]
+    cells = [
+        ("HV", "5.00 kV"),
+        ("curr", "0.10 nA"),
+        ("mag", "50 000 x"),
+        ("HFW", "5.97 um"),
+        ("WD", "4.1 mm"),
+        ("det", "TLD"),
+    ]
     for i, (label, value) in enumerate(cells):
         x = 12 + 205 * i
         draw.text((x, 10), label, fill=255, font=_font(32))
         draw.text((x, 58), value, fill=255, font=_font(48), stroke_width=2, stroke_fill=255)
         draw.line([(x + 191, 6), (x + 191, 134)], fill=160, width=2)
     draw.rectangle([width - 300, 14, width - 16, 126], outline=255, width=3)
-    draw.text((width - 210, 22), "1 um", fill=255, font=_font(48), stroke_width=2,
-              stroke_fill=255)
+    draw.text((width - 210, 22), "1 um", fill=255, font=_font(48), stroke_width=2, stroke_fill=255)
     draw.rectangle([width - 280, 96, width - 36, 108], fill=255)
     frame = np.vstack([specimen(2048, width, seed=seed), np.asarray(bar)])
     buf = io.BytesIO()
@@ -661,9 +696,7 @@ def test_outputs_are_deterministic_and_rebuilt_fresh(tmp_path, make_cfg):
     ingest_images(cfg)  # warm cache
     assert _tree(out) == first
 
-    cold = cfg.model_copy(
-        update={"paths": cfg.paths.model_copy(update={"cache": tmp_path / "cache2"})}
-    )
+    cold = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"cache": tmp_path / "cache2"})})
     ingest_images(cold)  # cold cache, same bytes
     assert _tree(out) == first
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
@@ -730,15 +763,16 @@ def test_stage_entry_point_runs_from_params(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     (tmp_path / "data" / "raw" / "images" / "Grains").mkdir(parents=True)
-    (tmp_path / "data" / "raw" / "images" / "Grains" / "x.png").write_bytes(
-        png(specimen(32, 32))
-    )
+    (tmp_path / "data" / "raw" / "images" / "Grains" / "x.png").write_bytes(png(specimen(32, 32)))
     params = yaml.safe_load((root / "params.yaml").read_text())
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "src")])}
     res = subprocess.run(
         [sys.executable, "-m", "stages.ingest_images"],
-        cwd=tmp_path, env=env, capture_output=True, text=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stderr
     log = json.loads((tmp_path / params["paths"]["logs"] / "ingest_images.json").read_text())
@@ -789,8 +823,9 @@ def test_outputs_under_an_input_root_are_not_read_back(tmp_path, make_cfg):
 _DM_DTYPES = {"float32": (2, 6), "int16": (1, 2), "uint16": (10, 4), "uint8": (6, 10)}
 
 
-def dm_bytes(version: int, data: np.ndarray, scale: float, units: str, tags: dict,
-             dims: tuple[int, ...] | None = None) -> bytes:
+def dm_bytes(
+    version: int, data: np.ndarray, scale: float, units: str, tags: dict, dims: tuple[int, ...] | None = None
+) -> bytes:
     import struct
 
     q = "I" if version == 3 else "Q"  # DM4 widened lengths and counts to 64 bits
@@ -822,18 +857,27 @@ def dm_bytes(version: int, data: np.ndarray, scale: float, units: str, tags: dic
     little_endian = data.astype(data.dtype.newbyteorder("<")).tobytes()
     dims = dims or data.shape[::-1]  # DM lists X first
     calib = [value("", {"Origin": 0.0, "Scale": scale, "Units": units}) for _ in dims]
-    image = group("", [
-        group("ImageData", [
-            group("Calibrations", [
-                value("Brightness", {"Origin": 0.0, "Scale": 1.0, "Units": "Counts"}),
-                group("Dimension", calib),
-            ]),
-            datum("Data", [20, enc, data.size], little_endian),
-            datum("DataType", [3], struct.pack("<i", code)),
-            group("Dimensions", [value("", int(d)) for d in dims]),
-        ]),
-        value("ImageTags", tags),
-    ])
+    image = group(
+        "",
+        [
+            group(
+                "ImageData",
+                [
+                    group(
+                        "Calibrations",
+                        [
+                            value("Brightness", {"Origin": 0.0, "Scale": 1.0, "Units": "Counts"}),
+                            group("Dimension", calib),
+                        ],
+                    ),
+                    datum("Data", [20, enc, data.size], little_endian),
+                    datum("DataType", [3], struct.pack("<i", code)),
+                    group("Dimensions", [value("", int(d)) for d in dims]),
+                ],
+            ),
+            value("ImageTags", tags),
+        ],
+    )
     root = struct.pack(f">bb{q}", 1, 0, 1) + group("ImageList", [image]) + b"\0" * 8
     return struct.pack(f">I{q}I", version, len(root), 1) + root
 
@@ -842,8 +886,7 @@ def test_gatan_dm3_dm4_through_rosettasciio(tmp_path, make_cfg):
     raw = tmp_path / "raw" / "tem"
     raw.mkdir(parents=True)
     img = specimen(64, 80, seed=3).astype(np.float32) * 10.0 - 300.0  # signed counts
-    tags = {"Microscope Info": {"Voltage": 200000.0, "Indicated Magnification": 50000.0,
-                                "Microscope": "JEM-2100"}}
+    tags = {"Microscope Info": {"Voltage": 200000.0, "Indicated Magnification": 50000.0, "Microscope": "JEM-2100"}}
     (raw / "a.dm3").write_bytes(dm_bytes(3, img, 0.025, "µm", tags))
     (raw / "b.dm4").write_bytes(dm_bytes(4, img[:, ::-1].astype(np.int16), 2.0, "Å", {}))
     # A header claiming 100000x100000 pixels: refused before any data is read.
@@ -864,17 +907,13 @@ def test_gatan_dm3_dm4_through_rosettasciio(tmp_path, make_cfg):
     # "tem" says how, not what: no class, so no label.
     assert (a.format, a.original_dtype, a.modality, a.label) == ("DM3", "float32", "TEM", None)
     assert (a.pixel_size_nm, a.pixel_size_source) == (25.0, "dm:axes")
-    assert a.instrument == {
-        "vendor": "Gatan", "hv_kv": 200.0, "magnification": 50000.0, "model": "JEM-2100"
-    }
+    assert a.instrument == {"vendor": "Gatan", "hv_kv": 200.0, "magnification": 50000.0, "model": "JEM-2100"}
     out = np.asarray(Image.open(a.png))
     assert out.shape == (64, 80) and np.corrcoef(out.ravel(), img.ravel())[0, 1] > 0.99
     assert (b.format, b.original_dtype, b.pixel_size_nm) == ("DM4", "int16", 0.2)
     assert np.corrcoef(np.asarray(Image.open(b.png)).ravel(), img[:, ::-1].ravel())[0, 1] > 0.99
     series = sorted((r for r in records if "series" in r.source), key=lambda r: r.page)
-    assert [(r.page, r.n_pages, r.pixel_size_nm) for r in series] == [
-        (0, 3, 0.5), (1, 3, 0.5), (2, 3, 0.5)
-    ]
+    assert [(r.page, r.n_pages, r.pixel_size_nm) for r in series] == [(0, 3, 0.5), (1, 3, 0.5), (2, 3, 0.5)]
     assert len({r.group for r in series}) == 1 and len({r.png_sha256 for r in series}) == 3
     reasons = {Path(q["source"]).name: q["reason"] for q in quarantine}
     assert set(reasons) == {"huge.dm3", "spectrum.dm4", "eels_si.dm4"}
@@ -892,13 +931,9 @@ def test_measure_settings_per_image_and_per_folder_from_sidecars(tmp_path, make_
     for i, name in enumerate(["a.png", "b.png"]):
         (raw / name).write_bytes(png(specimen(48, 64, seed=10 + i)))
     (raw / "metadata.csv").write_text(
-        "file,pixel_size_nm,measure.min_object_px,measure.smooth_sigma\n"
-        "*,,40,\n"
-        "a.png,2.0,20,1.5\n"
+        "file,pixel_size_nm,measure.min_object_px,measure.smooth_sigma\n*,,40,\na.png,2.0,20,1.5\n"
     )
-    (raw / "a.json").write_text(
-        json.dumps({"measure": {"smooth_sigma": 2.0, "min_object_pixels": 9}})
-    )
+    (raw / "a.json").write_text(json.dumps({"measure": {"smooth_sigma": 2.0, "min_object_pixels": 9}}))
     cfg = make_cfg(raw=tmp_path / "raw")
     ingest_images(cfg)
     records, quarantine = read_outputs(cfg)

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ingest_folder
+from PIL import Image
 
 from semilens.images.ingest import ingest_images, source_of
 from semilens.images.readers import IMAGE_EXTENSIONS, decode, to_gray8
+from semilens.images.records import ImageRecord
 from semilens.io import read_jsonl, sha256_file
-from semilens.records import ImageRecord
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +61,7 @@ def _is_annotation(path: Path, images: Path) -> bool:
     """Label masks and instance maps, by the README's layout: a ``masks``, ``masks_*``,
     ``segmaps`` or ``labels`` folder on the way, or a ``*_mask`` file name."""
     folders = [f.lower() for f in path.relative_to(images).parts[:-1]]
-    in_mask_folder = any(
-        f in ("masks", "segmaps", "labels") or f.startswith("masks_") for f in folders
-    )
+    in_mask_folder = any(f in ("masks", "segmaps", "labels") or f.startswith("masks_") for f in folders)
     return in_mask_folder or path.stem.lower().endswith("_mask")
 
 
@@ -84,9 +81,7 @@ def _source_gray(run: dict, rec: ImageRecord) -> np.ndarray:
 
 def test_every_readable_image_is_ingested(run):
     images: Path = run["images"]
-    files = sorted(
-        p for p in images.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    files = sorted(p for p in images.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     masks = [p for p in files if _is_annotation(p, images)]
     micrographs = [p for p in files if p not in masks]
     per_set: dict[str, int] = {}
@@ -153,10 +148,18 @@ def test_pixel_size_from_vendor_tags(run, name, page, nm, source):
 # Tag and burned-in bar on one file: the bar read from the pixels (the record's note) must
 # agree with the tag within 2% (the same figure benchmarks/scalebar_real.py reports).
 TAG_AND_BAR = [
-    "125nm_03.tif", "130nm_05.tif", "130nm_06.tif", "135nm_07.tif",
-    "test_tiff_Zeiss_SEM_512pix.tif", "test_tiff_Zeiss_SEM_1k.tif",
-    "10%_gelatin_fibers.tif", "20%_gelatin_fibers.tif", INDENT, "P33_scale1_detectorA.tif",
-    "FEI-Helios-Ebeam-8bits.tif", "TVIPS_bin4.tif",
+    "125nm_03.tif",
+    "130nm_05.tif",
+    "130nm_06.tif",
+    "135nm_07.tif",
+    "test_tiff_Zeiss_SEM_512pix.tif",
+    "test_tiff_Zeiss_SEM_1k.tif",
+    "10%_gelatin_fibers.tif",
+    "20%_gelatin_fibers.tif",
+    INDENT,
+    "P33_scale1_detectorA.tif",
+    "FEI-Helios-Ebeam-8bits.tif",
+    "TVIPS_bin4.tif",
 ]
 
 
@@ -252,7 +255,8 @@ def test_images_without_a_bar_keep_every_row(run):
     for rec in run["records"]:
         path = Path(rec.source)
         bar_free = (
-            rec.format == "PNG" and "deepsem" in rec.source  # tiles, fullres, nanomembranes
+            rec.format == "PNG"
+            and "deepsem" in rec.source  # tiles, fullres, nanomembranes
             or "nasa" in rec.source
             or "multipage" in rec.source
             or "carbonblack_soot_tem" in rec.source  # databar cropped off upstream
@@ -342,10 +346,7 @@ def test_data_set_folders_are_not_class_labels(run):
     assert {(r.label, r.label_source) for r in run["records"]} == {(None, "none")}
     summary = run["summary"]
     assert summary["n_unlabelled"] == len({r.sha256 for r in run["records"]})
-    folders = {
-        Path(os.path.abspath(r.source)).parent.relative_to(run["images"]).as_posix()
-        for r in run["records"]
-    }
+    folders = {Path(os.path.abspath(r.source)).parent.relative_to(run["images"]).as_posix() for r in run["records"]}
     assert summary["unlabelled_folders"] == sorted(folders)
 
 

@@ -76,9 +76,9 @@ def test_code_version_follows_the_source(tmp_path, monkeypatch):
     (tmp_path / "rules_mod.py").write_text("RULE = 'typical grain size'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
-    before = code_version("rules_mod", "semilens.records")
-    assert before == code_version("semilens.records", "rules_mod")  # order does not matter
+    before = code_version("rules_mod", "semilens.images.records")
+    assert before == code_version("semilens.images.records", "rules_mod")  # order does not matter
     (tmp_path / "rules_mod.py").write_text("RULE = 'typical grain grain size'\n")
-    assert code_version("rules_mod", "semilens.records") != before
+    assert code_version("rules_mod", "semilens.images.records") != before
     with pytest.raises(ModuleNotFoundError):
         code_version("no_such_module_here")

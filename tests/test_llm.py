@@ -47,12 +47,14 @@ def test_maths_scoring_converts_units_and_refuses_wrong_ones():
     assert final_quantity("ER = 975 nm / 2.5 min = 390 nm/min.") == (390.0, "nm/min")
     assert final_quantity("rate 6.5 nm/s") == (390.0, "nm/min")
     assert final_quantity("loss = 1,250 nm.") == (1250.0, "nm")  # thousands grouped
-    assert final_quantity("rate = 1.2 μm/min") == final_quantity("rate = 1.2 µm/min") == (1200.0, "nm/min")  # Greek mu, micro sign
+    assert (
+        final_quantity("rate = 1.2 μm/min") == final_quantity("rate = 1.2 µm/min") == (1200.0, "nm/min")
+    )  # Greek mu, micro sign
     assert final_quantity("t = 250 ms") == (0.25, "s")
 
 
 def test_packing_makes_full_blocks_with_document_boundaries():
-    from semilens.vlm.tokenizer import llama3_tokenizer
+    from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
     blocks = pack(["first document " * 20, "second one " * 30], tok, block_size=16)
@@ -72,8 +74,18 @@ def llm_run(tmp_path_factory):
         tmp,
         synth_corpus={"n_docs": 2, "max_units_per_doc": 4},
         synth_instructions={"n_math": 24},
-        prepare_llm={"tiny": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "heads": 2, "kv_heads": 1}},
-        pretrain_llm={"max_steps": 30, "batch_size": 4, "block_size": 64, "heldout_fraction": 0.3, "learning_rate": 0.01, "save_steps": 15, "warmup_steps": 2},
+        prepare_llm={
+            "tiny": {"vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "heads": 2, "kv_heads": 1}
+        },
+        pretrain_llm={
+            "max_steps": 30,
+            "batch_size": 4,
+            "block_size": 64,
+            "heldout_fraction": 0.3,
+            "learning_rate": 0.01,
+            "save_steps": 15,
+            "warmup_steps": 2,
+        },
         sft_llm={"max_steps": 6, "batch_size": 4, "max_length": 256, "save_steps": 3, "warmup_steps": 1},
         # the tiny test model is 32 wide, so GPTQ groups of 32 (the default 128 is refused: tested below)
         quantize_llm={"group_size": 32, "calibration_samples": 8, "max_seq_length": 64},
@@ -101,8 +113,13 @@ def test_prepare_builds_a_llama3_checkpoint_the_auto_classes_load(llm_run):
     conf = AutoConfig.from_pretrained(base)
     assert conf.model_type == "llama" and conf.num_key_value_heads < conf.num_attention_heads
     tok = AutoTokenizer.from_pretrained(base)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is CMP?"}], tokenize=False, add_generation_prompt=True)
-    assert text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is CMP?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is CMP?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert (
+        text
+        == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat is CMP?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert AutoModelForCausalLM.from_pretrained(base).num_parameters() == prep["parameters"]
     assert "randomly initialised" in (base / "README.md").read_text()
 
@@ -211,10 +228,12 @@ def test_gptq_packs_the_linear_layers_and_the_folder_loads_and_generates(llm_run
 @pytest.mark.e2e
 def test_gptq_refuses_a_group_size_that_does_not_divide_a_layer(llm_run, tmp_path):
     cfg, *_ = llm_run
-    bad = cfg.model_copy(update={
-        "quantize_llm": cfg.quantize_llm.model_copy(update={"group_size": 128}),
-        "paths": cfg.paths.model_copy(update={"metrics": tmp_path / "metrics"}),
-    })
+    bad = cfg.model_copy(
+        update={
+            "quantize_llm": cfg.quantize_llm.model_copy(update={"group_size": 128}),
+            "paths": cfg.paths.model_copy(update={"metrics": tmp_path / "metrics"}),
+        }
+    )
     with pytest.raises(ValueError, match=r"group_size 128 does not divide the input width of 14 layer\(s\).*e\.g\. 32"):
         quantize_llm(bad)
     assert not (tmp_path / "metrics" / "quantize.json").exists()
@@ -255,7 +274,9 @@ def test_evaluation_with_a_judge_scores_each_model_and_difficulty(llm_run, tmp_p
         assert (rows[m, "all"]["clarity"], rows[m, "all"]["specificity"]) == (3.0, 2.0)
     records = list(read_jsonl(Path(cfg.paths.models) / "llm" / "eval" / "judge.jsonl"))
     preds = list(read_jsonl(Path(cfg.paths.models) / "llm" / "eval" / "predictions.jsonl"))
-    assert [(r["model"], r["id"]) for r in records] == [(p["model"], p["id"]) for p in preds if p["id"] in {q["id"] for q in preds[:2]}]
+    assert [(r["model"], r["id"]) for r in records] == [
+        (p["model"], p["id"]) for p in preds if p["id"] in {q["id"] for q in preds[:2]}
+    ]
     assert len(stub.requests) == 2 * len(MODELS) and all(r["reply"] for r in records)
     asked = [req["body"]["messages"][1]["content"] for req in stub.requests]  # sent concurrently: any order
     for rec in records:

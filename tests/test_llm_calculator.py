@@ -61,8 +61,17 @@ def test_only_arithmetic_is_evaluated():
     assert evaluate("ER(10%)") is None  # a lone number is a value, not a sum
     assert evaluate("__import__('os').system('true')") is None
     assert evaluate("(2 + 3") is None and evaluate("1 / 0") is None
-    assert expression_before_equals("Removed = 520 - 205 = 315 nm; time = 30 s / 60 s/min =").strip() == "30 s / 60 s/min"
-    assert [fmt(v) for v in (630.0, 0.5, 7.0930, 0.99166, 1234.6, 0.0123456)] == ["630", "0.5", "7.09", "0.992", "1235", "0.0123"]
+    assert (
+        expression_before_equals("Removed = 520 - 205 = 315 nm; time = 30 s / 60 s/min =").strip() == "30 s / 60 s/min"
+    )
+    assert [fmt(v) for v in (630.0, 0.5, 7.0930, 0.99166, 1234.6, 0.0123456)] == [
+        "630",
+        "0.5",
+        "7.09",
+        "0.992",
+        "1235",
+        "0.0123",
+    ]
 
 
 class _Scripted:
@@ -86,7 +95,7 @@ class _Scripted:
 
 
 def test_the_decoding_loop_writes_the_value_after_each_equals_and_continues():
-    from semilens.vlm.tokenizer import llama3_tokenizer
+    from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
     model = _Scripted(tok, ["Selectivity = ER_film / ER_mask =", " 630 / 214 =", " :1."])
@@ -124,7 +133,7 @@ class _ScriptedBatch:
 
 
 def test_the_batched_loop_gives_each_row_what_the_one_row_loop_gives():
-    from semilens.vlm.tokenizer import llama3_tokenizer
+    from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
     scripts = {
@@ -133,8 +142,10 @@ def test_the_batched_loop_gives_each_row_what_the_one_row_loop_gives():
         "C: ": ["t = 500 nm / 250 nm/min =", " min, so x = 3 * 4 =", " in all."],
         "D: ": ["a very long answer that runs past its budget = 1 + 1 ="],
     }
-    one_by_one = [generate_with_calculator(_Scripted(tok, scripts[p]), tok, p, max_new_tokens=12 if p == "D: " else 64)
-                  for p in scripts]
+    one_by_one = [
+        generate_with_calculator(_Scripted(tok, scripts[p]), tok, p, max_new_tokens=12 if p == "D: " else 64)
+        for p in scripts
+    ]
     model = _ScriptedBatch(tok, scripts)
     side = tok.padding_side
     # D's small budget is checked with its own call: a batch shares one budget per row list
@@ -152,13 +163,22 @@ def test_the_batched_loop_matches_one_row_at_a_time_on_a_real_model():
     """Real generate with left padding: the same greedy text per row as one at a time."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from semilens.vlm.tokenizer import llama3_tokenizer
+    from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
-                                         eos_token_id=tok.eos_token_id)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).eval()
     prompts = ["Etch rate = 300 nm / 2 min =", "What is the selectivity?", "x"]
     batched = generate_with_calculator_batch(model, tok, prompts, max_new_tokens=16, batch_size=3)
     assert batched == [generate_with_calculator(model, tok, p, max_new_tokens=16) for p in prompts]

@@ -75,7 +75,9 @@ def test_the_saved_tokenizer_round_trips_text_and_formats_chat_turns(smol):
     # a pad distinct from it: batched calculator decoding needs to tell the two apart
     assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id != tok.eos_token_id
     assert tok.bos_token_id is not None
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is CMP?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is CMP?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>user\nWhat is CMP?<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -94,7 +96,9 @@ def test_the_folder_generates_with_the_evaluation_code(smol):
     # left padding of the shorter prompt does not change its greedy answer
     assert answer_batch(model, tok, questions[:1], max_new_tokens=6, batch_size=1) == answers[:1]
     # the calculator decoding runs batched on this tokenizer (pad != eos) and answers as one row at a time
-    prompts = [chat_prompt(tok, q) for q in ("A film of 200 nm etches in 0.5 min. Etch rate in nm/min?", "What is 3 + 4?")]
+    prompts = [
+        chat_prompt(tok, q) for q in ("A film of 200 nm etches in 0.5 min. Etch rate in nm/min?", "What is 3 + 4?")
+    ]
     batched = generate_with_calculator_batch(model, tok, prompts, max_new_tokens=16, batch_size=2)
     assert batched == [generate_with_calculator(model, tok, p, max_new_tokens=16) for p in prompts]
     # a pretrained model, not random weights: English it has seen scores far below the
@@ -104,7 +108,9 @@ def test_the_folder_generates_with_the_evaluation_code(smol):
 
 
 def test_a_missing_package_or_a_bad_gguf_fails_with_one_clear_line(tmp_path, monkeypatch):
-    missing = GGUFBase(package="semilens-no-such-weights", file="x.gguf", licence="-", eos_token="</s>", pad_token="</s>")
+    missing = GGUFBase(
+        package="semilens-no-such-weights", file="x.gguf", licence="-", eos_token="</s>", pad_token="</s>"
+    )
     with pytest.raises(ValueError, match="semilens-no-such-weights.*not installed") as err:
         locate_gguf(missing)
     assert "\n" not in str(err.value)

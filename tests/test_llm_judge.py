@@ -9,10 +9,10 @@ socket (HTTP 500, a reply slower than the timeout, a closed port).
 from __future__ import annotations
 
 import json
-import time
-from collections import Counter
 import socket
+import time
 import tomllib
+from collections import Counter
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -41,17 +41,32 @@ def closed_port_url() -> str:
 
 
 def prediction(model: str, marker: str, difficulty: str) -> dict[str, Any]:
-    return {"model": model, "id": f"bench:{marker}", "difficulty": difficulty, "category": "concept",
-            "instruction": f"Why does the etch rate drop at high aspect ratio? {marker}",
-            "reference": "Ion and neutral transport to the trench bottom falls (ARDE).",
-            "prediction": f"Aspect-ratio dependent etching limits transport {marker}."}
+    return {
+        "model": model,
+        "id": f"bench:{marker}",
+        "difficulty": difficulty,
+        "category": "concept",
+        "instruction": f"Why does the etch rate drop at high aspect ratio? {marker}",
+        "reference": "Ion and neutral transport to the trench bottom falls (ARDE).",
+        "prediction": f"Aspect-ratio dependent etching limits transport {marker}.",
+    }
 
 
 # ---------------------------------------------------------------------------- parsing
 
 
 def test_a_reply_is_read_from_bare_fenced_or_prose_wrapped_json():
-    assert parse_scores(scores(5, 4, 3, 4, 5, 2)) == ({"clarity": 5, "practicality": 4, "efficiency": 3, "logical_flow": 4, "expert_communication": 5, "specificity": 2}, None)
+    assert parse_scores(scores(5, 4, 3, 4, 5, 2)) == (
+        {
+            "clarity": 5,
+            "practicality": 4,
+            "efficiency": 3,
+            "logical_flow": 4,
+            "expert_communication": 5,
+            "specificity": 2,
+        },
+        None,
+    )
     fenced = "Scores:\n```json\n" + scores(3, 3, 3, 3, 3, 1, rationale="terse") + "\n```\nDone."
     assert parse_scores(fenced) == (dict(zip(CRITERIA, (3, 3, 3, 3, 3, 1))), "terse")
     prose = "I read {the answer} twice. " + scores(2, 2, 2, 2, 2, 2) + " That is my verdict."
@@ -62,7 +77,11 @@ def test_a_reply_is_read_from_bare_fenced_or_prose_wrapped_json():
     ("reply", "kind", "detail"),
     [
         ("The answer is clear and practical; I'd give it a 4.", "not_json", "no JSON object"),
-        ('{"clarity": 4, "practicality": 4}', "missing_criteria", "efficiency, logical_flow, expert_communication, specificity"),
+        (
+            '{"clarity": 4, "practicality": 4}',
+            "missing_criteria",
+            "efficiency, logical_flow, expert_communication, specificity",
+        ),
         (scores(4, 4, "4", 4, 4, 4), "not_integer", '"efficiency": "4"'),
         (scores(4, 4, 4, 4.0, 4, 4), "not_integer", '"logical_flow": 4.0'),
         (scores(True, 4, 4, 4, 4, 4), "not_integer", '"clarity": true'),
@@ -92,14 +111,20 @@ def test_the_judge_scores_over_http_and_counts_every_failure_by_kind():
         "[b1]": ["Here you go: " + scores(2, 2, 2, 2, 2, 2) + " -- the judge"],
     }
     preds = [
-        prediction("sft", "[s1]", "easy"), prediction("sft", "[s2]", "easy"),
-        prediction("sft", "[s3]", "medium"), prediction("sft", "[s4]", "medium"),
-        prediction("sft", "[s5]", "hard"), prediction("sft", "[s6]", "hard"),
-        prediction("sft", "[s7]", "hard"), prediction("sft", "[s8]", "easy"),
+        prediction("sft", "[s1]", "easy"),
+        prediction("sft", "[s2]", "easy"),
+        prediction("sft", "[s3]", "medium"),
+        prediction("sft", "[s4]", "medium"),
+        prediction("sft", "[s5]", "hard"),
+        prediction("sft", "[s6]", "hard"),
+        prediction("sft", "[s7]", "hard"),
+        prediction("sft", "[s8]", "easy"),
         prediction("base", "[b1]", "easy"),
     ]
     with ChatStub(script) as stub:
-        jcfg = JudgeConfig(base_url=stub.url, model="judge-7b", timeout_s=0.5, max_retries=2, backoff_s=0, max_tokens=200)
+        jcfg = JudgeConfig(
+            base_url=stub.url, model="judge-7b", timeout_s=0.5, max_retries=2, backoff_s=0, max_tokens=200
+        )
         resolved = resolve_judge(jcfg, environ={})
         block, records = judge_report(preds, resolved, DIFFICULTIES, environ={"SEMILENS_JUDGE_API_KEY": "k-123"})
         # a request the client gave up on may reach the stub's log a moment later
@@ -109,7 +134,9 @@ def test_the_judge_scores_over_http_and_counts_every_failure_by_kind():
 
     # every answer once, the 500 twice, the slow one three times (retried timeouts); all
     # asked the right model with the rubric and the answer (concurrently: in any order)
-    asked = Counter(next(p["id"] for p in preds if p["id"][6:] in r["body"]["messages"][-1]["content"]) for r in stub.requests)
+    asked = Counter(
+        next(p["id"] for p in preds if p["id"][6:] in r["body"]["messages"][-1]["content"]) for r in stub.requests
+    )
     assert asked == {**{p["id"]: 1 for p in preds}, "bench:[s7]": 2, "bench:[s8]": 3}
     rubric = load_rubric()
     anchor = (RUBRIC / "expert_communication.md").read_text().splitlines()[-1]
@@ -130,9 +157,17 @@ def test_the_judge_scores_over_http_and_counts_every_failure_by_kind():
     assert by_id["bench:[s2]"]["scores"] == dict.fromkeys(CRITERIA, 3)
     assert by_id["bench:[s7]"]["scores"] == dict(zip(CRITERIA, (1, 2, 1, 2, 1, 2)))
     kinds = {i: (r["failure"] or {}).get("kind") for i, r in by_id.items()}
-    assert kinds == {"bench:[s1]": None, "bench:[s2]": None, "bench:[s3]": "not_json", "bench:[s4]": "missing_criteria",
-                     "bench:[s5]": "out_of_range", "bench:[s6]": "not_integer", "bench:[s7]": None,
-                     "bench:[s8]": "timeout", "bench:[b1]": None}
+    assert kinds == {
+        "bench:[s1]": None,
+        "bench:[s2]": None,
+        "bench:[s3]": "not_json",
+        "bench:[s4]": "missing_criteria",
+        "bench:[s5]": "out_of_range",
+        "bench:[s6]": "not_integer",
+        "bench:[s7]": None,
+        "bench:[s8]": "timeout",
+        "bench:[b1]": None,
+    }
     for r in records:  # a failure never carries scores; the raw reply is kept whenever there was one
         assert (r["scores"] is None) == (r["failure"] is not None)
         assert (r["reply"] is None) == (kinds[r["id"]] == "timeout")
@@ -141,14 +176,21 @@ def test_the_judge_scores_over_http_and_counts_every_failure_by_kind():
 
     assert block["configured"] is True and block["model"] == "judge-7b" and block["base_url"] == stub.url
     assert block["criteria"] == CRITERIA and block["rubric_sha256"] == rubric.sha256 and block["items_per_model"] == 8
-    assert block["requests"]["requests_sent"] == 12 and block["requests"]["retries"] == {"server_error": 1, "timeout": 2}
+    assert block["requests"]["requests_sent"] == 12 and block["requests"]["retries"] == {
+        "server_error": 1,
+        "timeout": 2,
+    }
     rows = {(r["model"], r["difficulty"]): r for r in block["scores"]}
     assert set(rows) == {(m, d) for m in ("sft", "base") for d in (*DIFFICULTIES, "all")}
     easy = rows["sft", "easy"]
     assert (easy["n_judged"], easy["n_failed"], easy["failures"]) == (2, 1, {"timeout": 1})
     assert [easy[k] for k in CRITERIA] == [4.0, 3.5, 3.0, 3.5, 4.0, 2.5]
     medium = rows["sft", "medium"]
-    assert (medium["n_judged"], medium["n_failed"], medium["failures"]) == (0, 2, {"missing_criteria": 1, "not_json": 1})
+    assert (medium["n_judged"], medium["n_failed"], medium["failures"]) == (
+        0,
+        2,
+        {"missing_criteria": 1, "not_json": 1},
+    )
     assert all(medium[k] is None for k in CRITERIA)  # nothing judged: no mean, not a zero
     hard = rows["sft", "hard"]
     assert (hard["n_judged"], hard["failures"]) == (1, {"not_integer": 1, "out_of_range": 1})
@@ -173,7 +215,9 @@ def test_an_unreachable_judge_fails_fast_and_stops_being_asked():
 def test_max_items_judges_the_same_first_rows_of_every_model():
     preds = [prediction(m, f"[{m}{i}]", "easy") for m in ("base", "sft") for i in range(3)]
     with ChatStub({f"[{m}{i}]": [scores(3, 3, 3, 3, 3, 3)] for m in ("base", "sft") for i in range(3)}) as stub:
-        block, records = judge_report(preds, JudgeConfig(base_url=stub.url, model="m", max_items=2), DIFFICULTIES, environ={})
+        block, records = judge_report(
+            preds, JudgeConfig(base_url=stub.url, model="m", max_items=2), DIFFICULTIES, environ={}
+        )
     assert [r["id"] for r in records] == ["bench:[base0]", "bench:[base1]", "bench:[sft0]", "bench:[sft1]"]
     assert block["items_per_model"] == 2 and len(stub.requests) == 4
 
@@ -216,3 +260,35 @@ def test_editing_a_rubric_file_changes_the_prompt_and_its_hash(tmp_path: Path):
     (tmp_path / "efficiency.md").write_text("## efficiency: Efficiency & brevity\n- 5: say it in ten words.\n")
     edited, shipped = load_rubric(tmp_path), load_rubric()
     assert "say it in ten words" in edited.system and edited.sha256 != shipped.sha256
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_the_judge_reaches_semilens_serve_of_the_sft_model_and_accounts_every_answer(serve_checkpoints):
+    """The wiring end to end: the six-criteria judge pointed at `semilens serve` of an SFT
+    adapter (a LoRA on the tiny text model). The untrained model cannot write the score JSON,
+    so every answer comes back, is kept, and fails as a reply that is not scores — never as
+    a connection, protocol or server error."""
+    import httpx
+
+    from semilens.serve import ServeOptions, make_app, serve_in_background
+
+    preds = [prediction("sft", f"[e{i}]", d) for i, d in enumerate(DIFFICULTIES)]
+    # The rubric and an answer run to ~2,200 of the tiny tokenizer's short tokens, past its
+    # 1,024 positions (the server refuses that with a 400 by default); RoPE runs on past them.
+    app = make_app(serve_checkpoints["adapter"], ServeOptions(model_name="semilens-sft", context_tokens=4096))
+    with serve_in_background(app) as url:
+        jcfg = JudgeConfig(base_url=url, model="semilens-sft", max_tokens=24, max_retries=0, backoff_s=0)
+        block, records = judge_report(preds, resolve_judge(jcfg, environ={}), DIFFICULTIES, environ={})
+        stats = httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()
+
+    assert stats["requests"] == stats["completed"] == len(preds)  # each answer asked once, each answered
+    assert block["configured"] is True and block["base_url"] == url and block["model"] == "semilens-sft"
+    assert block["requests"]["requests_sent"] == len(preds)
+    parse_failures = {"not_json", "missing_criteria", "out_of_range", "not_integer"}
+    for r in records:
+        assert isinstance(r["reply"], str) and r["reply"], r  # the served model's own words are kept
+        assert r["scores"] is None and r["failure"]["kind"] in parse_failures, r
+    every = next(row for row in block["scores"] if row["model"] == "sft" and row["difficulty"] == "all")
+    assert (every["n_judged"], every["n_failed"]) == (0, len(preds)) and every["clarity"] is None

@@ -44,8 +44,14 @@ STAGE_OUTS = {
     "evaluate_llm": ["models/llm/eval"],
 }
 ROLE_PATHS = {
-    "dataset": "instructions", "corpus": "markdown", "base": "models/llm/base", "pretrained": "models/llm/pretrained",
-    "adapter": "models/llm/adapter", "sft": "models/llm/sft", "gptq": "models/llm/gptq", "evaluation": "models/llm/eval",
+    "dataset": "instructions",
+    "corpus": "markdown",
+    "base": "models/llm/base",
+    "pretrained": "models/llm/pretrained",
+    "adapter": "models/llm/adapter",
+    "sft": "models/llm/sft",
+    "gptq": "models/llm/gptq",
+    "evaluation": "models/llm/eval",
 }
 
 TOPICS = [
@@ -63,11 +69,26 @@ TOPICS = [
     "Rapid thermal anneal activates dopants in seconds and limits diffusion; slip appears if the wafer heats unevenly.",
 ]
 PAIRS = [
-    ("What sets the sidewall profile in oxide RIE?", "Polymer from CHF3 protects the sidewalls, so the profile is vertical.", "concepts", "easy"),
-    ("How does RF power change the etch rate?", "It raises the rate until the reactant supply limits it.", "concepts", "medium"),
+    (
+        "What sets the sidewall profile in oxide RIE?",
+        "Polymer from CHF3 protects the sidewalls, so the profile is vertical.",
+        "concepts",
+        "easy",
+    ),
+    (
+        "How does RF power change the etch rate?",
+        "It raises the rate until the reactant supply limits it.",
+        "concepts",
+        "medium",
+    ),
     ("What is dishing in CMP?", "Copper recess on wide lines after overpolish.", "concepts", "easy"),
     ("Why is ALD conformal?", "Each cycle is self-limiting, so every surface gets one monolayer.", "concepts", "hard"),
-    ("What does a BARC do?", "It damps reflectivity and the standing-wave swing of resist thickness.", "process_control", "medium"),
+    (
+        "What does a BARC do?",
+        "It damps reflectivity and the standing-wave swing of resist thickness.",
+        "process_control",
+        "medium",
+    ),
     ("Why tilt the wafer in implantation?", "Tilting by seven degrees avoids channeling.", "process_control", "hard"),
     ("Film 975 nm etched in 2.5 min: rate?", "ER = 975 nm / 2.5 min = 390 nm/min.", "etch_math", "easy"),
     ("What limits thick oxide growth?", "Diffusion through the oxide: the parabolic regime.", "concepts", "medium"),
@@ -76,8 +97,13 @@ PAIRS = [
 
 def _sh(cmd: list[str], cwd: Path) -> str:
     env = {
-        **os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
     }
     res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, f"{' '.join(cmd)}:\n{res.stdout}\n{res.stderr}"
@@ -86,16 +112,33 @@ def _sh(cmd: list[str], cwd: Path) -> str:
 
 def _write_inputs(cfg: Config) -> None:
     """Corpus chunks and instruction splits in the schemas clean_markdown and synth_instructions write."""
-    chunks = [{"chunk_id": f"notes:{i:04d}", "doc_id": "notes", "text": f"# Note {i}\n\n{t} {t}"} for i, t in enumerate(TOPICS)]
+    chunks = [
+        {"chunk_id": f"notes:{i:04d}", "doc_id": "notes", "text": f"# Note {i}\n\n{t} {t}"}
+        for i, t in enumerate(TOPICS)
+    ]
     write_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl", chunks)
     rows = [
-        {"id": f"p{i}", "category": c, "kind": c, "difficulty": d, "instruction": q, "response": a, "source": "test",
-         "group_key": f"g{i}", "answer": json.dumps({"value": 390.0, "unit": "nm/min"}) if c == "etch_math" else ""}
+        {
+            "id": f"p{i}",
+            "category": c,
+            "kind": c,
+            "difficulty": d,
+            "instruction": q,
+            "response": a,
+            "source": "test",
+            "group_key": f"g{i}",
+            "answer": json.dumps({"value": 390.0, "unit": "nm/min"}) if c == "etch_math" else "",
+        }
         for i, (q, a, c, d) in enumerate(PAIRS)
     ]
     out = Path(cfg.paths.instructions)
     out.mkdir(parents=True)
-    for split, part in {"train": rows, "val": rows[:1], "test": rows[:1], "benchmark": [rows[0], rows[1], rows[3], rows[6]]}.items():
+    for split, part in {
+        "train": rows,
+        "val": rows[:1],
+        "test": rows[:1],
+        "benchmark": [rows[0], rows[1], rows[3], rows[6]],
+    }.items():
         pd.DataFrame([{**r, "split": split} for r in part]).to_parquet(out / f"{split}.parquet")
 
 
@@ -105,11 +148,27 @@ def repo(tmp_path_factory) -> tuple[Path, Config]:
     repo = tmp_path_factory.mktemp("llmrepo")
     cfg = text_config(
         repo,
-        prepare_llm={"tiny": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "heads": 2, "kv_heads": 1}},
-        pretrain_llm={"max_steps": 2, "batch_size": 2, "block_size": 32, "heldout_fraction": 0.3, "save_steps": 2, "warmup_steps": 0},
+        prepare_llm={
+            "tiny": {"vocab_size": 400, "hidden_size": 32, "intermediate_size": 64, "heads": 2, "kv_heads": 1}
+        },
+        pretrain_llm={
+            "max_steps": 2,
+            "batch_size": 2,
+            "block_size": 32,
+            "heldout_fraction": 0.3,
+            "save_steps": 2,
+            "warmup_steps": 0,
+        },
         # a large learning rate, so the adapter moves the answers away from pretrained's:
         # otherwise an adapter that silently failed to load would answer the same as sft
-        sft_llm={"max_steps": 3, "batch_size": 4, "max_length": 64, "save_steps": 3, "warmup_steps": 0, "learning_rate": 0.05},
+        sft_llm={
+            "max_steps": 3,
+            "batch_size": 4,
+            "max_length": 64,
+            "save_steps": 3,
+            "warmup_steps": 0,
+            "learning_rate": 0.05,
+        },
         quantize_llm={"group_size": 32, "calibration_samples": 2, "max_seq_length": 32},
         evaluate_llm={"max_new_tokens": 4, "batch_size": 4},
     )
@@ -121,7 +180,9 @@ def repo(tmp_path_factory) -> tuple[Path, Config]:
     quantize_llm(cfg)
     evaluate_llm(cfg)
     (repo / ".gitignore").write_text("cache/\nlogs/\nmlruns/\nmetrics/\n")
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {s: {"cmd": "true", "outs": o} for s, o in STAGE_OUTS.items()}}))
+    (repo / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {s: {"cmd": "true", "outs": o} for s, o in STAGE_OUTS.items()}})
+    )
     _sh(["git", "init", "-q"], repo)
     _sh([sys.executable, "-m", "dvc", "init", "-q"], repo)
     _sh([sys.executable, "-m", "dvc", "commit", "-f", "-q"], repo)
@@ -175,9 +236,18 @@ def test_registered_versions_carry_the_lock_hashes(in_repo):
         assert ("adapter_config.json" if kind == "sft" else "config.json") in logged
         run = client.get_run(mv.run_id)
         assert run.data.params["sft_llm.lora.r"] == "16" and run.data.params["quantize_llm.group_size"] == "32"
-        for key in ("sft.all.rouge_l", "gptq.all.heldout_perplexity", "base.easy.bertscore_f1", "quantize.linear_size_ratio", "train.sft.steps", "train.pretrain.heldout_perplexity_after"):
+        for key in (
+            "sft.all.rouge_l",
+            "gptq.all.heldout_perplexity",
+            "base.easy.bertscore_f1",
+            "quantize.linear_size_ratio",
+            "train.sft.steps",
+            "train.pretrain.heldout_perplexity_after",
+        ):
             assert key in run.data.metrics, key
-        inputs = {d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}) for d in run.inputs.dataset_inputs}
+        inputs = {
+            d.dataset.name: (d.dataset.digest, {t.key: t.value for t in d.tags}) for d in run.inputs.dataset_inputs
+        }
         digest, tags = inputs["instructions-train"]
         assert digest == file_md5(repo / "instructions" / "train.parquet")
         assert tags["mlflow.data.context"] == "training" and tags["dvc.dataset.md5"] == locked["instructions"]
@@ -220,14 +290,38 @@ def test_weights_that_differ_from_dvc_lock_are_refused(in_repo):
 
 def test_metrics_are_flattened_per_model_difficulty_and_judge():
     report = {
-        "rows": [{"model": "sft", "difficulty": "all", "math_exact": None, "rouge_l": 0.25, "bertscore_f1": 0.5, "heldout_perplexity": 20.0, "n": 4}],
-        "judge": {"configured": True, "scores": [{"model": "gptq", "difficulty": "hard", "clarity": 3.5, "specificity": None, "n_judged": 2}]},
+        "rows": [
+            {
+                "model": "sft",
+                "difficulty": "all",
+                "math_exact": None,
+                "rouge_l": 0.25,
+                "bertscore_f1": 0.5,
+                "heldout_perplexity": 20.0,
+                "n": 4,
+            }
+        ],
+        "judge": {
+            "configured": True,
+            "scores": [{"model": "gptq", "difficulty": "hard", "clarity": 3.5, "specificity": None, "n_judged": 2}],
+        },
     }
-    quantize = {"bits": 4, "linear_size_ratio": 0.16, "format": "pack-quantized", "reloads_and_generates": True, "sample": {"answer": "x"}}
+    quantize = {
+        "bits": 4,
+        "linear_size_ratio": 0.16,
+        "format": "pack-quantized",
+        "reloads_and_generates": True,
+        "sample": {"answer": "x"},
+    }
     got = text_metrics(report, quantize, {"sft": {"steps": 3, "resumed_from": None}})
     assert got == {
-        "sft.all.rouge_l": 0.25, "sft.all.bertscore_f1": 0.5, "sft.all.heldout_perplexity": 20.0,
-        "judge.gptq.hard.clarity": 3.5, "quantize.bits": 4, "quantize.linear_size_ratio": 0.16, "train.sft.steps": 3,
+        "sft.all.rouge_l": 0.25,
+        "sft.all.bertscore_f1": 0.5,
+        "sft.all.heldout_perplexity": 20.0,
+        "judge.gptq.hard.clarity": 3.5,
+        "quantize.bits": 4,
+        "quantize.linear_size_ratio": 0.16,
+        "train.sft.steps": 3,
     }
 
 
@@ -253,7 +347,10 @@ def _ask(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     # On the CPU (fp32) a merged LoRA answers exactly as the unmerged one; in bf16 on a GPU
     # rounding may part them, so this comparison is pinned to the CPU.
     return subprocess.run(
-        [sys.executable, "-m", "semilens.cli", "ask", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "semilens.cli", "ask", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "80", "CUDA_VISIBLE_DEVICES": ""},
     )
 
@@ -280,7 +377,10 @@ def test_ask_fails_cleanly_on_bad_input(repo, tmp_path):
     not_causal = tmp_path / "vit"
     not_causal.mkdir()
     (not_causal / "config.json").write_text(json.dumps({"model_type": "vit"}))
-    for folder, reason in ((tmp_path / "missing", "no such folder"), (not_causal, "model_type 'vit' is not a causal language model")):
+    for folder, reason in (
+        (tmp_path / "missing", "no such folder"),
+        (not_causal, "model_type 'vit' is not a causal language model"),
+    ):
         res = _ask("What is CMP?", "--checkpoint", str(folder), cwd=root)
         assert res.returncode == 2, (folder, res.stdout, res.stderr)
         assert "Traceback" not in res.stderr and reason in res.stderr, res.stderr

@@ -10,9 +10,9 @@ from PIL import Image
 
 from semilens.config import Config, MeasureImagesConfig, SynthImagesConfig
 from semilens.images import measure
+from semilens.images.records import ImageRecord
 from semilens.images.synth import render_image
 from semilens.io import sha256_file
-from semilens.records import ImageRecord
 
 CFG = MeasureImagesConfig()
 # The synthetic truth and the shapes drawn here are the drawn geometry, whose outline is
@@ -36,9 +36,14 @@ TOLERANCE = {
     "grains": (0.15, 0.10),
 }
 EXPECTED_METHOD = {
-    "particles": "particles", "nanowires": "elongated", "fibres": "elongated",
-    "porous": "porous", "cracked_film": "cracks", "lines": "periodic_lines",
-    "holes": "periodic_holes", "grains": "grains",
+    "particles": "particles",
+    "nanowires": "elongated",
+    "fibres": "elongated",
+    "porous": "porous",
+    "cracked_film": "cracks",
+    "lines": "periodic_lines",
+    "holes": "periodic_holes",
+    "grains": "grains",
 }
 
 
@@ -56,9 +61,7 @@ CASES = [(label, 0) for label in sorted(TOLERANCE)] + [(label, 1) for label in T
 def test_recovers_synthetic_truth(label, index):
     count_tol, size_tol = TOLERANCE[label]
     frame, gt = _synthetic(label, index)
-    m = measure.measure_array(
-        frame, DRAWN, label=label, modality=gt.modality, pixel_size_nm=gt.pixel_size_nm
-    )
+    m = measure.measure_array(frame, DRAWN, label=label, modality=gt.modality, pixel_size_nm=gt.pixel_size_nm)
     assert m.method == EXPECTED_METHOD[label]
     assert abs(m.object_count - gt.object_count) <= count_tol * gt.object_count
     truth = float(np.median(gt.sizes_nm))
@@ -139,12 +142,22 @@ def test_low_information_gives_method_none(image):
 @pytest.mark.parametrize(
     "label,method",
     [
-        ("nanowires", "elongated"), ("NW", "elongated"), ("Nanowire", "elongated"),
-        ("fibres", "elongated"), ("nanorods", "rods"), ("Au_nanorods", "rods"),
+        ("nanowires", "elongated"),
+        ("NW", "elongated"),
+        ("Nanowire", "elongated"),
+        ("fibres", "elongated"),
+        ("nanorods", "rods"),
+        ("Au_nanorods", "rods"),
         ("particles", "particles"),
-        ("Nanoparticles", "particles"), ("Porous_Sponge", "porous"), ("cracked_film", "cracks"),
-        ("lines", "periodic_lines"), ("holes", "periodic_holes"), ("grains", "grains"),
-        ("Patterned_surface", "periodic"), ("Biological", None), (None, None),
+        ("Nanoparticles", "particles"),
+        ("Porous_Sponge", "porous"),
+        ("cracked_film", "cracks"),
+        ("lines", "periodic_lines"),
+        ("holes", "periodic_holes"),
+        ("grains", "grains"),
+        ("Patterned_surface", "periodic"),
+        ("Biological", None),
+        (None, None),
     ],
 )
 def test_label_synonyms(label, method):
@@ -167,11 +180,29 @@ def test_score_reports_relative_errors():
 
 def _record(rid: str, png: str, **kw) -> dict:
     base = dict(
-        id=rid, source=f"data/raw/images/{rid}.tif", origin="raw", sha256="0" * 64,
-        format="TIFF", page=0, n_pages=1, original_width=1, original_height=1,
-        original_dtype="uint8", width=1, height=1, crop_box=(0, 0, 1, 1), databar=None,
-        modality="unknown", instrument={}, pixel_size_nm=None, pixel_size_source="none",
-        label=None, label_source="none", group=rid, png=png, png_sha256="0" * 64,
+        id=rid,
+        source=f"data/raw/images/{rid}.tif",
+        origin="raw",
+        sha256="0" * 64,
+        format="TIFF",
+        page=0,
+        n_pages=1,
+        original_width=1,
+        original_height=1,
+        original_dtype="uint8",
+        width=1,
+        height=1,
+        crop_box=(0, 0, 1, 1),
+        databar=None,
+        modality="unknown",
+        instrument={},
+        pixel_size_nm=None,
+        pixel_size_source="none",
+        label=None,
+        label_source="none",
+        group=rid,
+        png=png,
+        png_sha256="0" * 64,
     )
     base.update(kw)
     return ImageRecord.model_validate(base).model_dump(mode="json")
@@ -187,17 +218,21 @@ def _write_inputs(cfg: Config) -> list[dict]:
         Image.fromarray(frame).save(png)
         rows.append(
             _record(
-                f"{label}-p0", str(png), png_sha256=sha256_file(png), origin="synthetic",
-                label=label, label_source="ground_truth", modality=gt.modality,
-                pixel_size_nm=gt.pixel_size_nm, pixel_size_source="sidecar:json",
+                f"{label}-p0",
+                str(png),
+                png_sha256=sha256_file(png),
+                origin="synthetic",
+                label=label,
+                label_source="ground_truth",
+                modality=gt.modality,
+                pixel_size_nm=gt.pixel_size_nm,
+                pixel_size_source="sidecar:json",
                 ground_truth=gt.model_dump(mode="json"),
             )
         )
     blank = folder / "blank.png"
     Image.fromarray(np.full((64, 64), 7, np.uint8)).save(blank)
-    rows.append(
-        _record("blank-p0", str(blank), low_information=True, low_information_reason="flat")
-    )
+    rows.append(_record("blank-p0", str(blank), low_information=True, low_information_reason="flat"))
     rows.append(_record("gone-p0", str(folder / "missing.png")))
     (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -387,8 +422,7 @@ def test_stage_passes_record_overlays_to_the_measurement(tmp_path):
     png = tmp_path / "bar.png"
     Image.fromarray(img).save(png)
     rec = ImageRecord.model_validate(
-        _record("bar-p0", str(png), png_sha256=sha256_file(png), label="particles",
-                modality="TEM", overlays=[box])
+        _record("bar-p0", str(png), png_sha256=sha256_file(png), label="particles", modality="TEM", overlays=[box])
     )
     cache = ItemCache(tmp_path / "cache", "measure_images", measure.VERSION)
     assert measure.measure_record(rec, CFG, cache).object_count == 3
@@ -405,8 +439,14 @@ def test_an_images_sidecar_settings_replace_the_stages_for_that_image(tmp_path):
     png = tmp_path / "p.png"
     Image.fromarray(img).save(png)
     rec = ImageRecord.model_validate(
-        _record("p-p0", str(png), png_sha256=sha256_file(png), label="particles",
-                modality="TEM", overlays=[(80, 140, 155, 150)])
+        _record(
+            "p-p0",
+            str(png),
+            png_sha256=sha256_file(png),
+            label="particles",
+            modality="TEM",
+            overlays=[(80, 140, 155, 150)],
+        )
     )
     cache = ItemCache(tmp_path / "cache", "measure_images", measure.VERSION)
     assert measure.measure_record(rec, CFG, cache).object_count == 3
@@ -440,9 +480,7 @@ def test_short_dark_arcs_and_dashes_are_not_cracks():
     for _ in range(12):
         y, x = rng.integers(20, 170), rng.integers(20, 360)
         film[y : y + 3, x : x + 30] = 40.0
-    img = np.clip(
-        ndi_gaussian(film, 1.0) + rng.normal(0, 4, film.shape), 0, 255
-    ).astype(np.uint8)
+    img = np.clip(ndi_gaussian(film, 1.0) + rng.normal(0, 4, film.shape), 0, 255).astype(np.uint8)
     m = measure.measure_array(img, CFG, label="cracked_film")
     assert m.method == "cracks"
     assert m.object_count == 1
@@ -537,8 +575,6 @@ def test_outlines_are_drawn_at_the_foot_of_a_blurred_edge():
     assert foot == pytest.approx(contour(0.25), abs=1.5)
     assert foot - middle > 2.0
     # Two such discs touching stay two particles after their outlines grow.
-    pair = np.where(
-        (np.hypot(yy - 64, xx - 44) <= radius) | (np.hypot(yy - 64, xx - 82) <= radius), 170.0, 50.0
-    )
+    pair = np.where((np.hypot(yy - 64, xx - 44) <= radius) | (np.hypot(yy - 64, xx - 82) <= radius), 170.0, 50.0)
     pair_img = np.clip(ndimage.gaussian_filter(pair, 3.0), 0, 255).astype(np.uint8)
     assert measure.measure_array(pair_img, CFG, label="particles").object_count == 2

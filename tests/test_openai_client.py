@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
@@ -34,7 +34,7 @@ from semilens.openai_client import (
 def test_retry_after_reads_seconds_milliseconds_and_http_dates():
     assert retry_after({"retry-after": "3"}) == 3.0
     assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    in_a_minute = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=60), usegmt=True)
+    in_a_minute = format_datetime(datetime.now(UTC) + timedelta(seconds=60), usegmt=True)
     assert 55 < retry_after({"retry-after": in_a_minute}) <= 60
     assert retry_after({"retry-after": "-4"}) == 0.0
     assert retry_after({}) is None and retry_after(None) is None
@@ -54,8 +54,15 @@ def test_structured_replies_are_read_from_fences_and_refused_when_wrong():
 
 def test_the_cache_key_covers_image_bytes_sampling_and_schema_but_not_the_host():
     def msg(png: str) -> list[dict]:
-        return [{"role": "user", "content": [{"type": "text", "text": "q"},
-                                             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]}]
+        return [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "q"},
+                    {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+                ],
+            }
+        ]
 
     base = request_key("m", Request(msg("AAAA")), {"temperature": 0})
     assert base == request_key("m", Request(msg("AAAA"), tag="another name"), {"temperature": 0})
@@ -76,11 +83,19 @@ def test_an_invalid_structured_reply_is_re_asked_with_the_reason(tmp_path):
     endpoint = EndpointConfig(base_url="http://x/v1", model="m", max_reasks=2, backoff_s=0)
     with ChatStub(script) as stub:
         client = Client(endpoint.model_copy(update={"base_url": stub.url}), tmp_path, environ={})
-        ok, bad = client.run([Request([{"role": "user", "content": "[v]"}], schema=Verdict),
-                              Request([{"role": "user", "content": "[never]"}], schema=Verdict)])
+        ok, bad = client.run(
+            [
+                Request([{"role": "user", "content": "[v]"}], schema=Verdict),
+                Request([{"role": "user", "content": "[never]"}], schema=Verdict),
+            ]
+        )
         assert ok.parsed == Verdict(label="fine", score=4) and ok.error is None
         assert bad.error.kind == "invalid_output" and "Invalid JSON" in bad.error.detail
-        reask = next(r["body"] for r in stub.requests if len(r["body"]["messages"]) == 3 and "[v]" in r["body"]["messages"][0]["content"])
+        reask = next(
+            r["body"]
+            for r in stub.requests
+            if len(r["body"]["messages"]) == 3 and "[v]" in r["body"]["messages"][0]["content"]
+        )
         assert reask["messages"][1] == {"role": "assistant", "content": '{"label": "fine"}'}
         assert "score" in reask["messages"][2]["content"]  # the validation error is told
         assert reask["response_format"]["json_schema"]["schema"]["required"] == ["label", "score"]
@@ -89,8 +104,12 @@ def test_an_invalid_structured_reply_is_re_asked_with_the_reason(tmp_path):
         # same outcomes, and nothing is sent
         n = len(stub.requests)
         again = Client(endpoint.model_copy(update={"base_url": stub.url}), tmp_path, environ={})
-        ok2, bad2 = again.run([Request([{"role": "user", "content": "[v]"}], schema=Verdict),
-                               Request([{"role": "user", "content": "[never]"}], schema=Verdict)])
+        ok2, bad2 = again.run(
+            [
+                Request([{"role": "user", "content": "[v]"}], schema=Verdict),
+                Request([{"role": "user", "content": "[never]"}], schema=Verdict),
+            ]
+        )
         assert ok2.cached and ok2.parsed == ok.parsed and bad2.cached and bad2.error.kind == "invalid_output"
         assert len(stub.requests) == n and again.accounting.requests_sent == 0 and again.accounting.cache_hits == 5
 
@@ -98,7 +117,9 @@ def test_an_invalid_structured_reply_is_re_asked_with_the_reason(tmp_path):
 def test_a_client_error_is_final_and_retry_after_is_honoured(tmp_path):
     with ChatStub({"[a]": [404, "never"], "[b]": [503, "fine"]}) as stub:
         client = Client(EndpointConfig(base_url=stub.url, model="m", backoff_s=0), None, environ={})
-        a, b = client.run([Request([{"role": "user", "content": "[a]"}]), Request([{"role": "user", "content": "[b]"}])])
+        a, b = client.run(
+            [Request([{"role": "user", "content": "[a]"}]), Request([{"role": "user", "content": "[b]"}])]
+        )
     assert a.error.kind == "not_found" and a.attempts == 1
     assert b.text == "fine" and b.attempts == 2
     assert client.accounting.as_dict()["retries"] == {"server_error": 1}
@@ -114,14 +135,19 @@ def tiny_llm(tmp_path_factory):
     from semilens.serve import load_checkpoint
 
     folder = tmp_path_factory.mktemp("llm") / "llm"
-    model, tokenizer = build_tiny(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
+    model, tokenizer = build_tiny(
+        TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0
+    )
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return load_checkpoint(folder)
 
 
 def _questions(n: int) -> list[Request]:
-    return [Request([{"role": "user", "content": f"What limits the etch rate in trench {i}?"}], max_tokens=4, tag=f"q{i}") for i in range(n)]
+    return [
+        Request([{"role": "user", "content": f"What limits the etch rate in trench {i}?"}], max_tokens=4, tag=f"q{i}")
+        for i in range(n)
+    ]
 
 
 def _stats(url: str) -> dict:
@@ -134,7 +160,9 @@ def test_every_item_completes_through_20_percent_faults_and_a_rerun_sends_nothin
     from semilens.serve import ServeOptions, make_app, serve_in_background
 
     options = ServeOptions(fault_rate=0.2, fault_seed=3, fault_hold_s=4, fault_retry_after_s=0)
-    endpoint = EndpointConfig(base_url="http://x/v1", model="m", concurrency=8, timeout_s=2, max_retries=10, backoff_s=0.01)
+    endpoint = EndpointConfig(
+        base_url="http://x/v1", model="m", concurrency=8, timeout_s=2, max_retries=10, backoff_s=0.01
+    )
     app = make_app(tiny_llm, options)
     with serve_in_background(app) as url:
         endpoint = endpoint.model_copy(update={"base_url": url, "model": app.state.model_name})
@@ -149,7 +177,10 @@ def test_every_item_completes_through_20_percent_faults_and_a_rerun_sends_nothin
         # generation can outlast the 2 s timeout too, which is retried the same way
         retries = acc["retries"]
         assert (retries.get("rate_limited"), retries.get("server_error"), retries.get("malformed")) == (
-            faults["429"], faults["500"], faults["malformed"])
+            faults["429"],
+            faults["500"],
+            faults["malformed"],
+        )
         assert retries.get("timeout", 0) >= faults["timeout"]
         assert sum(faults.values()) >= 8 and all(faults.values())  # about 20% of requests, all four kinds
         assert acc["requests_sent"] == stats["requests"] == 60 + sum(retries.values())
@@ -166,7 +197,9 @@ def test_retry_after_is_waited_for(tiny_llm):
 
     app = make_app(tiny_llm, ServeOptions(fault_rate=1.0, fault_kinds="429", fault_retry_after_s=1))
     with serve_in_background(app) as url:
-        client = Client(EndpointConfig(base_url=url, model=app.state.model_name, max_retries=1, backoff_s=0), None, environ={})
+        client = Client(
+            EndpointConfig(base_url=url, model=app.state.model_name, max_retries=1, backoff_s=0), None, environ={}
+        )
         start = time.perf_counter()
         [outcome] = client.run(_questions(1))
         took = time.perf_counter() - start
@@ -215,7 +248,9 @@ def test_the_api_key_is_sent_but_never_written(tiny_llm, tmp_path, caplog):
     from semilens.serve import ServeOptions, make_app, serve_in_background
 
     planted = "sk-planted-7f3a9c2e51"
-    app = make_app(tiny_llm, ServeOptions(api_key=SecretStr(planted), fault_rate=0.5, fault_kinds="500", fault_retry_after_s=0))
+    app = make_app(
+        tiny_llm, ServeOptions(api_key=SecretStr(planted), fault_rate=0.5, fault_kinds="500", fault_retry_after_s=0)
+    )
     caplog.set_level("DEBUG")
     with serve_in_background(app) as url:
         endpoint = EndpointConfig(base_url=url, model=app.state.model_name, api_key_env="MY_KEY", backoff_s=0)

@@ -23,7 +23,11 @@ from semilens.text.clean import clean_document
 PAGE_NUMBER_LINE = re.compile(r"^\W*(page|p\.|seite)?\s*:?\s*\d{1,4}(\s*(of|/|von)\s*\d{1,4})?\W*$", re.IGNORECASE)
 # Footers and headers read off the files by eye (a second check beside the repetition count).
 KNOWN_RUNNING = {
-    "ihp_open_pdk/SG13G2_os_process_spec.pdf": ["Page 3 of 26", "Page 26 of 26", "SG13G2 Process Specification Rev. 1.2"],
+    "ihp_open_pdk/SG13G2_os_process_spec.pdf": [
+        "Page 3 of 26",
+        "Page 26 of 26",
+        "SG13G2 Process Specification Rev. 1.2",
+    ],
     "ihp_open_pdk/SG13G2_os_layout_rules.pdf": ["1of 75", "74of 75", "SG13G2Layout Rules Rev. 0.4"],
     "ihp_open_pdk/High_Frequency_Noise_SG13G2_pdk.pdf": ["Enter Date", "www.ihp-microelectronics.com"],
     "ihp_open_pdk/S380.pdf": ["Seite:1", "Seite:2", "Testfelder"],
@@ -67,7 +71,13 @@ def leftovers(pages: list[dict], markdown: str, known: list[str] = ()) -> dict[s
         # "1." alone is a list number that lost its item, not a page number
         m = PAGE_NUMBER_LINE.match(text) if not re.fullmatch(r"\d{1,2}[.)]", text) else None
         # a lone "-950" is a table value that lost its row, not a page number
-        if m and re.search(r"[a-z]", line, re.IGNORECASE) or m and 0 < int(re.findall(r"\d+", line)[0]) <= n + 5 and "-" not in line:
+        if (
+            m
+            and re.search(r"[a-z]", line, re.IGNORECASE)
+            or m
+            and 0 < int(re.findall(r"\d+", line)[0]) <= n + 5
+            and "-" not in line
+        ):
             numbers.append(line)
     return {"running": sorted(left), "page_numbers": numbers}
 
@@ -124,10 +134,15 @@ def test_no_running_line_or_page_number_is_left_in_the_other_real_pdfs(real_docs
     assert not bad, bad
 
 
-@pytest.mark.parametrize("name", [
-    "ihp_open_pdk/SG13G2_os_process_spec.pdf", "ihp_open_pdk/High_Frequency_Noise_SG13G2_pdk.pdf",
-    "pypdf_sample_files/multicolumn.pdf", "ihp_open_pdk/S380.pdf",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ihp_open_pdk/SG13G2_os_process_spec.pdf",
+        "ihp_open_pdk/High_Frequency_Noise_SG13G2_pdk.pdf",
+        "pypdf_sample_files/multicolumn.pdf",
+        "ihp_open_pdk/S380.pdf",
+    ],
+)
 def test_the_checker_finds_what_the_raw_text_layer_keeps(real_docs, name):
     """The raw text of the paged documents still has its headers, footers and numbers."""
     pages, _ = real_docs(name)
@@ -140,7 +155,14 @@ def test_the_checker_finds_what_the_raw_text_layer_keeps(real_docs, name):
 
 
 def _line(y, text, x0=72.0, size=10.0, bold=False, x1=None):
-    return {"x0": x0, "x1": x1 if x1 is not None else x0 + 0.5 * size * len(text), "y": y, "size": size, "bold": bold, "text": text}
+    return {
+        "x0": x0,
+        "x1": x1 if x1 is not None else x0 + 0.5 * size * len(text),
+        "y": y,
+        "size": size,
+        "bold": bold,
+        "text": text,
+    }
 
 
 def _page(n, lines, height=792.0, width=612.0):
@@ -154,7 +176,9 @@ def _body(top, word="oxide"):
     return [
         _line(top, f"Plasma etching of {word} removes material through reactive species that the discharge makes,"),
         _line(top - 12, f"and the {word} rate depends on the ion flux and on the neutral flux at the wafer surface."),
-        _line(top - 24, f"A higher pressure raises the neutral flux and lowers the ion energy on {word} in most tools."),
+        _line(
+            top - 24, f"A higher pressure raises the neutral flux and lowers the ion energy on {word} in most tools."
+        ),
     ]
 
 
@@ -192,7 +216,9 @@ def test_a_one_page_document_keeps_its_lines_and_page_labels_follow_the_sequence
     assert md.count("Process notes") == 2 and all(t in " ".join(md.split()) for t in ("ion flux", "most tools."))
     # "Seite:1 +" and "IHP Seite:2 -" at different heights: the page label itself is the evidence
     two = [
-        _page(1, [_line(760, "Test structure sheet", size=14), _line(725, "Seite:1 +", x0=117)] + _body(690), height=842),
+        _page(
+            1, [_line(760, "Test structure sheet", size=14), _line(725, "Seite:1 +", x0=117)] + _body(690), height=842
+        ),
         _page(2, [_line(795, "IHP Seite:2 -", x0=112)] + _body(740), height=842),
     ]
     md = clean_document(two, CleanMarkdownConfig())["markdown"]
@@ -202,9 +228,12 @@ def test_a_one_page_document_keeps_its_lines_and_page_labels_follow_the_sequence
 def test_front_matter_goes_to_the_record_not_into_headings():
     lines = [
         _line(720, "Plasma Etching of Deep Trenches", x0=150, size=22),
-        _line(690, "Ada Lovelace", x0=100, size=11), _line(690, "Alan Turing", x0=400, size=11),
-        _line(678, "Dept. of Physics", x0=100), _line(678, "Computer Laboratory", x0=400),
-        _line(666, "University of Somewhere", x0=100), _line(666, "Cambridge, CB3 0FD", x0=400),
+        _line(690, "Ada Lovelace", x0=100, size=11),
+        _line(690, "Alan Turing", x0=400, size=11),
+        _line(678, "Dept. of Physics", x0=100),
+        _line(678, "Computer Laboratory", x0=400),
+        _line(666, "University of Somewhere", x0=100),
+        _line(666, "Cambridge, CB3 0FD", x0=400),
         _line(650, "March 3, 2024", x0=250),
         _line(620, "Abstract", size=12, bold=True),
         *_body(600),
@@ -213,7 +242,10 @@ def test_front_matter_goes_to_the_record_not_into_headings():
     fm = result["front_matter"]
     assert fm["title"] == "Plasma Etching of Deep Trenches"
     assert fm["authors"] == ["Ada Lovelace", "Alan Turing"]
-    assert fm["affiliations"] == ["Dept. of Physics, University of Somewhere", "Computer Laboratory, Cambridge, CB3 0FD"]
+    assert fm["affiliations"] == [
+        "Dept. of Physics, University of Somewhere",
+        "Computer Laboratory, Cambridge, CB3 0FD",
+    ]
     assert fm["date"] == "March 3, 2024"
     md = result["markdown"]
     assert md.startswith("# Plasma Etching of Deep Trenches\n")

@@ -17,7 +17,14 @@ from semilens.text.clean import clean_document
 
 
 def _line(y, text, x0=72.0, size=10.0, bold=False, x1=None):
-    return {"x0": x0, "x1": x1 if x1 is not None else x0 + 0.5 * size * len(text), "y": y, "size": size, "bold": bold, "text": text}
+    return {
+        "x0": x0,
+        "x1": x1 if x1 is not None else x0 + 0.5 * size * len(text),
+        "y": y,
+        "size": size,
+        "bold": bold,
+        "text": text,
+    }
 
 
 def _page(lines, n=1):
@@ -149,14 +156,25 @@ def test_the_nist_paper_has_its_two_tables_and_no_prose_tables():
     md = clean_document(extract_pdf(path.read_bytes(), ExtractPdfsConfig()), CleanMarkdownConfig())["markdown"]
     rows = _table_lines(md)
     # the justified lines a font change split, and the small-caps captions, are text
-    for fake in ("with and decided to use", "Adding a second GPU", "proves the run time", "TABLE I. O", "TABLE II. R", "measure and"):
+    for fake in (
+        "with and decided to use",
+        "Adding a second GPU",
+        "proves the run time",
+        "TABLE I. O",
+        "TABLE II. R",
+        "measure and",
+    ):
         assert not any(fake in r for r in rows), fake
     assert "TABLE I. OPERATION COUNTS & COMPLEXITIES" in md and "III. COMPUTATION" in md and "V. RESULTS" in md
     # no table row is two pieces of running prose
-    prose = [r for r in rows if sum(len(c.split()) >= 5 and c.strip()[:1].islower() for c in r.strip("|").split("|")) >= 2]
+    prose = [
+        r for r in rows if sum(len(c.split()) >= 5 and c.strip()[:1].islower() for c in r.strip("|").split("|")) >= 2
+    ]
     assert prose == []
     # TABLE I (operation counts) and TABLE II (run times) are tables
     assert any(r.startswith("| FFT-2D |") for r in rows) and any(r.startswith("| Read |") for r in rows)
-    assert any(r.startswith("| Pipelined-GPU | 49.7 s") for r in rows) and any(r.startswith("| Simple-GPU |") for r in rows)
+    assert any(r.startswith("| Pipelined-GPU | 49.7 s") for r in rows) and any(
+        r.startswith("| Simple-GPU |") for r in rows
+    )
     # the grid listing (Fig. 4) is one code block
     assert re.search(r"```\n1 begin\n2 foreach I ∈ Grid of Tiles do\n(.*\n){3}6 end\n```", md)

@@ -28,12 +28,16 @@ def _raw_pdf(content: bytes, space_width: int) -> bytes:
     """
     from reportlab.pdfbase.pdfmetrics import stringWidth
 
-    widths = " ".join(str(space_width if c == 32 else round(stringWidth(chr(c), "Helvetica", 1000))) for c in range(32, 127))
+    widths = " ".join(
+        str(space_width if c == 32 else round(stringWidth(chr(c), "Helvetica", 1000))) for c in range(32, 127)
+    )
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding /FirstChar 32 /LastChar 126 /Widths [" + widths.encode() + b"] >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding /FirstChar 32 /LastChar 126 /Widths ["
+        + widths.encode()
+        + b"] >>",
         b"<< /Length %d >>\nstream\n" % len(content) + content + b"\nendstream",
     ]
     out = io.BytesIO()

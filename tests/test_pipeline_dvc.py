@@ -39,7 +39,9 @@ def sh(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
         # the stages run with this interpreter's environment, as `make run` arranges
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
         "GIT_COMMITTER_EMAIL": "t@t",
     }
     env.pop("MLFLOW_TRACKING_URI", None)  # the registry goes to the repo's own sqlite store
@@ -103,7 +105,9 @@ def repo(tmp_path_factory) -> Path:
     # One raw image and one raw PDF beside the synthetic ones, so the audit tests trace
     # and verify real pipeline inputs too.
     particles(np.random.default_rng(3), repo / "data/raw/images/particles/raw_particles.png")
-    pdf_page(repo / "data/raw/pdfs/raw_notes.pdf", "Wet oxidation of silicon at 1000 C grows SiO2 faster than dry oxidation.")
+    pdf_page(
+        repo / "data/raw/pdfs/raw_notes.pdf", "Wet oxidation of silicon at 1000 C grows SiO2 faster than dry oxidation."
+    )
     sh(["git", "init", "-q"], repo)
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "init"], repo)
@@ -153,7 +157,11 @@ def test_repro_builds_everything_then_is_clean(built):
     assert len(list(read_jsonl(repo / "data/interim/pages/pages.jsonl"))) >= 2
     assert read_json(repo / "metrics/clean.json")["similarity_min"] >= 0.97
     assert read_json(repo / "metrics/ontology.json")["chunks"] > 0
-    assert read_json(repo / "metrics/instructions.json")["by_category"].keys() == {"concepts", "etch_math", "process_control"}
+    assert read_json(repo / "metrics/instructions.json")["by_category"].keys() == {
+        "concepts",
+        "etch_math",
+        "process_control",
+    }
     llm = read_json(repo / "metrics/llm.json")
     assert {r["model"] for r in llm["rows"]} == {"base", "pretrained", "sft", "gptq"}
     assert read_json(repo / "metrics/quantize.json")["quantized_layers"] == 14
@@ -173,7 +181,14 @@ def test_the_report_of_the_run_renders_in_chromium(built):
     (artifacts / "report-pipeline.png").write_bytes(check.screenshot)
     assert check.errors == []
     assert check.images and all(i["complete"] and i["width"] > 0 for i in check.images)
-    for section in ("Vision-language models", "Test images", "Text model", "Ontology coverage", "Quarantine", "Measurement accuracy"):
+    for section in (
+        "Vision-language models",
+        "Test images",
+        "Text model",
+        "Ontology coverage",
+        "Quarantine",
+        "Measurement accuracy",
+    ):
         assert section in check.text, section
     assert "raw_particles.png" in page.read_text() or "synth-" in page.read_text()
 
@@ -225,7 +240,8 @@ def test_clean_rerun_is_byte_identical(built):
     # only they and what they depend on are re-run: the model stages' work is not repeated.
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     data_stages = sorted(
-        stage for stage, body in lock["stages"].items()
+        stage
+        for stage, body in lock["stages"].items()
         if any(out["path"].startswith("data/") for out in body.get("outs", []))
     )
     dvc("repro", *data_stages, cwd=repo)  # a no-op in file order; makes this test stand alone
@@ -269,7 +285,17 @@ def test_queued_variants_run_per_family_and_rank_beside_the_workspace(built):
     before = (repo / "params.yaml").read_text()
     grid = {"mllama": 2, "paligemma": 8}
     for family, rank in grid.items():
-        out = dvc("exp", "run", "--queue", "-S", f"finetune_vlm.lora.r={rank}", "-n", f"{family}-r{rank}", f"evaluate_vlm@{family}", cwd=repo)
+        out = dvc(
+            "exp",
+            "run",
+            "--queue",
+            "-S",
+            f"finetune_vlm.lora.r={rank}",
+            "-n",
+            f"{family}-r{rank}",
+            f"evaluate_vlm@{family}",
+            cwd=repo,
+        )
         assert "Queued experiment" in out, out
     dvc("exp", "run", "--run-all", cwd=repo)
     assert (repo / "params.yaml").read_text() == before
@@ -302,7 +328,9 @@ def test_queued_variants_run_per_family_and_rank_beside_the_workspace(built):
 def semilens_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "semilens.cli", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "semilens.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
 
 
 def _trace(repo: Path, artifact: str) -> dict:
@@ -326,11 +354,20 @@ def test_trace_reaches_every_raw_file_behind_the_registered_models(built):
 
     vlm = _trace(repo, "models:/semilens-qwen2_5_vl/latest")
     assert vlm["kind"] == "model" and vlm["roots"] == ["register_models@qwen2_5_vl"] and not vlm["warnings"]
-    assert vlm["model"]["artifacts"]["adapter"]["md5"] == _lock_md5(repo, "finetune_vlm@qwen2_5_vl", "models/qwen2_5_vl/adapter")
+    assert vlm["model"]["artifacts"]["adapter"]["md5"] == _lock_md5(
+        repo, "finetune_vlm@qwen2_5_vl", "models/qwen2_5_vl/adapter"
+    )
     # every stage upstream, each dependency's md5 as dvc.lock has it, params and commit
     assert set(vlm["stages"]) == {
-        "register_models@qwen2_5_vl", "evaluate_vlm@qwen2_5_vl", "finetune_vlm@qwen2_5_vl", "prepare_vlm@qwen2_5_vl",
-        "split_dataset", "annotate_images", "measure_images", "ingest_images", "synth_images",
+        "register_models@qwen2_5_vl",
+        "evaluate_vlm@qwen2_5_vl",
+        "finetune_vlm@qwen2_5_vl",
+        "prepare_vlm@qwen2_5_vl",
+        "split_dataset",
+        "annotate_images",
+        "measure_images",
+        "ingest_images",
+        "synth_images",
     }
     for name, stage in vlm["stages"].items():
         assert stage["cmd"] == lock[name]["cmd"] and stage["params"] == lock[name].get("params", {})
@@ -359,13 +396,17 @@ def test_trace_reaches_every_raw_file_behind_the_registered_models(built):
         want.setdefault(c["source"], set()).update(c["pages"])
     assert {p["source"]: set(p["pages"]) for p in llm["records"]["pdfs"]} == want
     assert "data/raw/pdfs/raw_notes.pdf" in want
-    sources = set(pd.concat([pd.read_parquet(p) for p in (repo / "data/processed/instructions").glob("*.parquet")])["source"])
+    sources = set(
+        pd.concat([pd.read_parquet(p) for p in (repo / "data/processed/instructions").glob("*.parquet")])["source"]
+    )
     assert set(llm["records"]["generated"]) == {s for s in sources if s.startswith("generator:")}
     assert llm["records"]["knowledge"] and all(k.startswith("knowledge/") for k in llm["records"]["knowledge"])
 
     # one split of the dataset: exactly its images
     split = _trace(repo, "data/processed/vqa/test.parquet")
-    assert {(i["source"], i["sha256"]) for i in split["records"]["images"]} == {(r.source, r.sha256) for r in frames["test"].itertuples()}
+    assert {(i["source"], i["sha256"]) for i in split["records"]["images"]} == {
+        (r.source, r.sha256) for r in frames["test"].itertuples()
+    }
     # a path resolves to the stage that wrote it; the tree form prints; bad names say why
     part = _trace(repo, "models/qwen2_5_vl/adapter/adapter_config.json")
     assert part["roots"] == ["finetune_vlm@qwen2_5_vl"] and "register_models@qwen2_5_vl" not in part["stages"]

@@ -63,10 +63,17 @@ def test_dvc_applies_the_set_args_to_the_same_config(name, tmp_path):
 
 
 def test_a_bad_preset_is_refused_with_the_key_named(tmp_path):
-    bad = Preset("bad", "mllama", "x", {"prepare_vlm": {"bases": {"mllama": "/m"}}, "finetune_vlm": {"trainer": {"quantisation": "4bit"}}})
+    bad = Preset(
+        "bad",
+        "mllama",
+        "x",
+        {"prepare_vlm": {"bases": {"mllama": "/m"}}, "finetune_vlm": {"trainer": {"quantisation": "4bit"}}},
+    )
     with pytest.raises(ConfigError, match="quantisation"):
         apply(PARAMS, bad)
-    (tmp_path / "other.yaml").write_text(yaml.safe_dump({"family": "mllama", "summary": "x", "params": {"prepare_vlm": {"bases": {"paligemma": "/m"}}}}))
+    (tmp_path / "other.yaml").write_text(
+        yaml.safe_dump({"family": "mllama", "summary": "x", "params": {"prepare_vlm": {"bases": {"paligemma": "/m"}}}})
+    )
     with pytest.raises(ConfigError, match="prepare_vlm.bases.mllama"):
         load_preset(tmp_path / "other.yaml")
 
@@ -75,7 +82,9 @@ def test_cli_lists_and_shows_presets(monkeypatch):
     monkeypatch.chdir(ROOT)
     runner = CliRunner()
     listed = runner.invoke(app, ["preset"])
-    assert listed.exit_code == 0 and sorted(line.split("\t")[0] for line in listed.output.splitlines()) == sorted(PRESETS)
+    assert listed.exit_code == 0 and sorted(line.split("\t")[0] for line in listed.output.splitlines()) == sorted(
+        PRESETS
+    )
     shown = runner.invoke(app, ["preset", "qwen2_5_vl-7b-instruct"])
     assert shown.exit_code == 0
     assert "quantization: 4bit" in shown.output and "dvc exp run -n qwen2_5_vl-7b-instruct" in shown.output

@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import ingest_folder
 
 from semilens.images.readers import IMAGE_EXTENSIONS
+from semilens.images.records import ImageRecord
 from semilens.io import read_jsonl, sha256_file
-from semilens.records import ImageRecord
 
 # | `path` | bytes | `sha256` | repository | commit | licence | `licence text` |
 ROW = re.compile(r"^\| `([^`]+)` \| (\d+) \| `([0-9a-f]{64})` \| ([^|]+) \| ([^|]+) \| ([^|]+) \| `([^`]+)` \|$")
@@ -89,8 +88,7 @@ def sample_run(real_sample: Path, tmp_path_factory) -> dict:
 
 def test_every_sample_micrograph_is_ingested_and_no_mask_is(real_sample, sample_run):
     images = [
-        rel for rel in _files(real_sample)
-        if rel.startswith("images/") and Path(rel).suffix.lower() in IMAGE_EXTENSIONS
+        rel for rel in _files(real_sample) if rel.startswith("images/") and Path(rel).suffix.lower() in IMAGE_EXTENSIONS
     ]
     masks = [rel for rel in images if _is_mask(rel)]
     micrographs = {Path(rel).name for rel in images if not _is_mask(rel)}
@@ -120,7 +118,12 @@ def test_sidecars_and_vendor_tags_describe_the_sample(sample_run):
     thick = recs["Example_thick_fibers.tif"]
     assert thick.pixel_size_source == "scalebar:ocr" and thick.pixel_size_nm == pytest.approx(31.0059, rel=0.02)
     # no pixel size is invented where the source records none
-    for name in ("201805A_A6_004.png", "spot2_0d_0.tif", "spot2_180d_3.tif",
-                 "6410_NMonSi_MOVPE_w1_17.png", "6418_NMonSi_MOVPE_w3_10.png"):
+    for name in (
+        "201805A_A6_004.png",
+        "spot2_0d_0.tif",
+        "spot2_180d_3.tif",
+        "6410_NMonSi_MOVPE_w1_17.png",
+        "6418_NMonSi_MOVPE_w3_10.png",
+    ):
         assert (recs[name].pixel_size_nm, recs[name].pixel_size_source) == (None, "none"), name
     assert not any(r.low_information for r in recs.values())

@@ -20,7 +20,7 @@ import yaml
 from semilens.io import read_json
 from semilens.repro import ReproError, load_plan, repro, run_plan
 
-STEP = r'''
+STEP = r"""
 import json, os, sys, time
 from pathlib import Path
 name, *rest = sys.argv[1:]
@@ -45,11 +45,15 @@ for arg in rest:
     elif kind == "fail":
         sys.exit(3)
 Path(f"{name}.txt").write_text(json.dumps(info))
-'''
+"""
 
 
 def stage(name: str, *args: str, deps: tuple[str, ...] = (), exclusive: str | None = None) -> dict:
-    spec: dict = {"cmd": f"python step.py {name} {' '.join(args)}".strip(), "deps": ["step.py", *deps], "outs": [f"{name}.txt"]}
+    spec: dict = {
+        "cmd": f"python step.py {name} {' '.join(args)}".strip(),
+        "deps": ["step.py", *deps],
+        "outs": [f"{name}.txt"],
+    }
     if exclusive:
         spec["meta"] = {"exclusive": exclusive}
     return spec
@@ -57,7 +61,13 @@ def stage(name: str, *args: str, deps: tuple[str, ...] = (), exclusive: str | No
 
 def make_repo(root: Path, stages: dict[str, dict]) -> Path:
     root.mkdir()
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", "init", "-q"], cwd=root, check=True, env=env)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
     (root / "step.py").write_text(STEP)
@@ -77,7 +87,14 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run(root: Path, jobs: int, first: tuple[str, ...] = (), targets: tuple[str, ...] = ()) -> list:
-    return run_plan(load_plan(root, targets, first), root, jobs, root / "logs", dvc=[sys.executable, "-m", "dvc"], echo=lambda _: None)
+    return run_plan(
+        load_plan(root, targets, first),
+        root,
+        jobs,
+        root / "logs",
+        dvc=[sys.executable, "-m", "dvc"],
+        echo=lambda _: None,
+    )
 
 
 def out(root: Path, name: str) -> dict:
@@ -85,13 +102,16 @@ def out(root: Path, name: str) -> dict:
 
 
 def test_independent_stages_overlap_and_the_rest_wait_for_their_inputs(tmp_path: Path) -> None:
-    root = make_repo(tmp_path / "repo", {
-        "a": stage("a", "wait=b"),
-        "b": stage("b", "wait=a"),
-        "c": stage("c", "read=a.txt", "read=b.txt", deps=("a.txt", "b.txt")),
-        "r1": stage("r1", "store", deps=("c.txt",), exclusive="store"),
-        "r2": stage("r2", "store", deps=("c.txt",), exclusive="store"),
-    })
+    root = make_repo(
+        tmp_path / "repo",
+        {
+            "a": stage("a", "wait=b"),
+            "b": stage("b", "wait=a"),
+            "c": stage("c", "read=a.txt", "read=b.txt", deps=("a.txt", "b.txt")),
+            "r1": stage("r1", "store", deps=("c.txt",), exclusive="store"),
+            "r2": stage("r2", "store", deps=("c.txt",), exclusive="store"),
+        },
+    )
     results = run(root, jobs=2)
     assert sorted(r.name for r in results) == ["a", "b", "c", "r1", "r2"]
     assert all(r.returncode == 0 for r in results)
@@ -121,11 +141,14 @@ def test_independent_stages_overlap_and_the_rest_wait_for_their_inputs(tmp_path:
 
 
 def test_a_failure_stops_what_depends_on_it_and_keeps_finished_work(tmp_path: Path) -> None:
-    root = make_repo(tmp_path / "repo", {
-        "ok": stage("ok", "wait=bad"),
-        "bad": stage("bad", "wait=ok", "fail"),
-        "after": stage("after", deps=("bad.txt",)),
-    })
+    root = make_repo(
+        tmp_path / "repo",
+        {
+            "ok": stage("ok", "wait=bad"),
+            "bad": stage("bad", "wait=ok", "fail"),
+            "after": stage("after", deps=("bad.txt",)),
+        },
+    )
     results = {r.name: r.returncode for r in run(root, jobs=2)}
     assert results["ok"] == 0 and results["bad"] != 0
     assert "after" not in results and not (root / "after.txt").exists()
@@ -136,11 +159,14 @@ def test_a_failure_stops_what_depends_on_it_and_keeps_finished_work(tmp_path: Pa
 
 
 def test_first_targets_start_first_and_targets_limit_the_run(tmp_path: Path) -> None:
-    root = make_repo(tmp_path / "repo", {
-        "x": stage("x"),
-        "y": stage("y"),
-        "z": stage("z", deps=("y.txt",)),
-    })
+    root = make_repo(
+        tmp_path / "repo",
+        {
+            "x": stage("x"),
+            "y": stage("y"),
+            "z": stage("z", deps=("y.txt",)),
+        },
+    )
     assert [r.name for r in run(root, jobs=1, first=("z",))] == ["y", "z", "x"]
     (root / "x.txt").unlink()
     # only x and what it needs; z is left alone

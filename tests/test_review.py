@@ -28,19 +28,57 @@ def project(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     llm, judged = [], []
     for n in range(4):
-        llm.append({"model": "sft", "id": f"q{n}", "difficulty": "easy", "instruction": f"Question {n}?",
-                    "reference": f"Answer {n}.", "prediction": f"Predicted {n}."})
-        llm.append({"model": "base", "id": f"q{n}", "difficulty": "easy", "instruction": f"Question {n}?",
-                    "reference": f"Answer {n}.", "prediction": "noise"})
+        llm.append(
+            {
+                "model": "sft",
+                "id": f"q{n}",
+                "difficulty": "easy",
+                "instruction": f"Question {n}?",
+                "reference": f"Answer {n}.",
+                "prediction": f"Predicted {n}.",
+            }
+        )
+        llm.append(
+            {
+                "model": "base",
+                "id": f"q{n}",
+                "difficulty": "easy",
+                "instruction": f"Question {n}?",
+                "reference": f"Answer {n}.",
+                "prediction": "noise",
+            }
+        )
         judged.append({"model": "sft", "id": f"q{n}", "difficulty": "easy", "scores": {k: 1 + n for k in CRITERIA}})
     write_jsonl(tmp_path / "models/llm/eval/predictions.jsonl", llm)
     write_jsonl(tmp_path / "models/llm/eval/judge.jsonl", judged)
-    vlm = [{"id": "img1:caption", "image_id": "img1", "task": "caption", "question_type": "caption", "question": "Describe.",
-            "reference": "SEM image of particles.", "finetuned": "SEM image of particles.", "base": "x", "source": "data/raw/images/a.png"}]
+    vlm = [
+        {
+            "id": "img1:caption",
+            "image_id": "img1",
+            "task": "caption",
+            "question_type": "caption",
+            "question": "Describe.",
+            "reference": "SEM image of particles.",
+            "finetuned": "SEM image of particles.",
+            "base": "x",
+            "source": "data/raw/images/a.png",
+        }
+    ]
     for n, (ref, pred) in enumerate([("particles", "particles"), ("12", "30"), ("SEM", "SEM")]):
         qtype = ("class", "count", "modality")[n]
-        vlm.append({"id": f"img1:qa{n}", "image_id": "img1", "task": "vqa", "question_type": qtype, "question": f"Q{n}?",
-                    "reference": ref, "finetuned": pred, "base": "x", "source": "data/raw/images/a.png"})
+        vlm.append(
+            {
+                "id": f"img1:qa{n}",
+                "image_id": "img1",
+                "task": "vqa",
+                "question_type": qtype,
+                "question": f"Q{n}?",
+                "reference": ref,
+                "finetuned": pred,
+                "base": "x",
+                "source": "data/raw/images/a.png",
+            }
+        )
     write_jsonl(tmp_path / "models/qwen2_5_vl/eval/predictions.jsonl", vlm)
     subprocess.run(["git", "init", "-q"], check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
@@ -101,9 +139,12 @@ def test_export_fill_import_with_bad_rows(project):
     res = runner.invoke(app, ["review", "import", str(filled)])
     assert res.exit_code == 1, res.output  # some rows were refused; the good ones are kept
     out = res.output
-    expected = {by_id["llm:sft:q3"] + 2: "outside 1-5", by_id["vlm:qwen2_5_vl:img1:qa1"] + 2: "do(es) not apply",
-                by_id["vlm:qwen2_5_vl:img1:qa2"] + 2: "not a whole number",
-                by_id["vlm:qwen2_5_vl:img1:caption"] + 2: "unknown item id"}
+    expected = {
+        by_id["llm:sft:q3"] + 2: "outside 1-5",
+        by_id["vlm:qwen2_5_vl:img1:qa1"] + 2: "do(es) not apply",
+        by_id["vlm:qwen2_5_vl:img1:qa2"] + 2: "not a whole number",
+        by_id["vlm:qwen2_5_vl:img1:caption"] + 2: "unknown item id",
+    }
     for number, reason in expected.items():
         assert f"row {number} rejected" in out and reason in out, (number, out)
     assert "3 ratings accepted, 4 rows rejected, 1 left blank" in out
@@ -124,7 +165,11 @@ def test_export_fill_import_with_bad_rows(project):
     llm = metrics["agreement"]["llm"]["criteria"]
     assert llm["practicality"]["paired"] == 3 and llm["practicality"]["spearman"] == 1.0
     assert llm["practicality"]["weighted_kappa"] == 1.0
-    assert llm["clarity"]["paired"] == 3 and 0 < llm["clarity"]["spearman"] < 1.0 and llm["clarity"]["weighted_kappa"] < 1.0
+    assert (
+        llm["clarity"]["paired"] == 3
+        and 0 < llm["clarity"]["spearman"] < 1.0
+        and llm["clarity"]["weighted_kappa"] < 1.0
+    )
     vlm = metrics["agreement"]["vlm"]["criteria"]
     assert vlm["correctness"]["paired"] == 2 and vlm["relevance"]["paired"] == 0
     assert metrics["last_import"] == {"file": "filled.csv", "accepted": 5, "rejected": 2, "skipped_blank": 1}

@@ -214,8 +214,12 @@ def test_field_width_read_from_an_fei_like_databar_grid():
     img = Image.fromarray(np.vstack([_specimen(h - bar, w, 4), np.zeros((bar, w), np.uint8)]))
     draw = ImageDraw.Draw(img)
     font = _font(18)
-    for x, head, value in ((20, "HV", "10.00 kV"), (160, "WD", "10.5 mm"), (300, "HFW", "31.7 µm"),
-                           (460, "mag", "4 000 x")):
+    for x, head, value in (
+        (20, "HV", "10.00 kV"),
+        (160, "WD", "10.5 mm"),
+        (300, "HFW", "31.7 µm"),
+        (460, "mag", "4 000 x"),
+    ):
         draw.text((x, h - bar + 6), head, fill=255, font=font)
         draw.text((x, h - bar + 32), value, fill=255, font=font)
         draw.line((x - 8, h - bar, x - 8, h), fill=255)

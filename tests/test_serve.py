@@ -91,7 +91,9 @@ def test_models_lists_the_checkpoint_under_its_name(text_server, text_model, fol
     listed = client(url).models.list()
     assert [m.id for m in listed.data] == [name] and listed.data[0].owned_by == "semilens"
     raw = httpx.get(f"{url}/models").json()
-    assert raw["object"] == "list" and raw["data"][0]["object"] == "model" and isinstance(raw["data"][0]["created"], int)
+    assert (
+        raw["object"] == "list" and raw["data"][0]["object"] == "model" and isinstance(raw["data"][0]["created"], int)
+    )
 
     # --model-name renames it; the folder path is then an unknown model
     with serve_in_background(make_app(text_model, ServeOptions(model_name="semilens-tiny"))) as url2:
@@ -134,8 +136,13 @@ def test_vlm_answer_with_a_data_url_is_what_semilens_predict_prints(vlm_server, 
 
     url, name = vlm_server
     question = "How many particles are visible?"
-    content = [{"type": "image_url", "image_url": {"url": data_url(folders["png"])}}, {"type": "text", "text": question}]
-    reply = client(url).chat.completions.create(model=name, messages=[{"role": "user", "content": content}], max_tokens=10)
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(folders["png"])}},
+        {"type": "text", "text": question},
+    ]
+    reply = client(url).chat.completions.create(
+        model=name, messages=[{"role": "user", "content": content}], max_tokens=10
+    )
     assert reply.choices[0].message.content == predict(folders["vlm"], folders["png"], question, 10)
     with_image = reply.usage.prompt_tokens
     # the image's tokens are part of the prompt: the same question without it is shorter
@@ -155,7 +162,9 @@ def test_multi_turn_chats_go_through_the_chat_template(text_server, text_model):
     ]
     reply = client(url).chat.completions.create(model=name, messages=chat, max_tokens=4)
     # text parts of one message are joined with a newline, then the template renders the turns
-    rendered = [{**m, "content": m["content"] if isinstance(m["content"], str) else "What is RIE?\nOne line."} for m in chat]
+    rendered = [
+        {**m, "content": m["content"] if isinstance(m["content"], str) else "What is RIE?\nOne line."} for m in chat
+    ]
     prompt = text_model.tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
     assert reply.usage.prompt_tokens == len(text_model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     single = client(url).chat.completions.create(model=name, messages=user(QUESTION), max_tokens=4)
@@ -186,7 +195,11 @@ def test_sampling_is_reproducible_with_a_seed(text_server):
     c = client(url)
 
     def say(**kw) -> str:
-        return c.chat.completions.create(model=name, messages=user(QUESTION), max_tokens=12, **kw).choices[0].message.content
+        return (
+            c.chat.completions.create(model=name, messages=user(QUESTION), max_tokens=12, **kw)
+            .choices[0]
+            .message.content
+        )
 
     greedy = say()
     assert say(temperature=0) == greedy
@@ -198,12 +211,22 @@ def test_sampling_is_reproducible_with_a_seed(text_server):
 def test_stream_concatenates_to_the_answer(text_server, vlm_server, folders):
     for url, name, content in (
         (*text_server, QUESTION),
-        (*vlm_server, [{"type": "image_url", "image_url": {"url": data_url(folders["png"])}}, {"type": "text", "text": "Describe it."}]),
+        (
+            *vlm_server,
+            [
+                {"type": "image_url", "image_url": {"url": data_url(folders["png"])}},
+                {"type": "text", "text": "Describe it."},
+            ],
+        ),
     ):
         c = client(url)
         messages = [{"role": "user", "content": content}]
         whole = c.chat.completions.create(model=name, messages=messages, max_tokens=16)
-        chunks = list(c.chat.completions.create(model=name, messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            c.chat.completions.create(
+                model=name, messages=messages, max_tokens=16, stream=True, stream_options={"include_usage": True}
+            )
+        )
         assert chunks[0].choices[0].delta.role == "assistant"
         pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
         assert len(pieces) > 1, "the reply should arrive in several pieces"
@@ -215,7 +238,9 @@ def test_stream_concatenates_to_the_answer(text_server, vlm_server, folders):
 
     # on the wire: server-sent events ending with [DONE]
     url, name = text_server
-    with httpx.stream("POST", f"{url}/chat/completions", json={"model": name, "messages": user("hi"), "max_tokens": 3, "stream": True}) as resp:
+    with httpx.stream(
+        "POST", f"{url}/chat/completions", json={"model": name, "messages": user("hi"), "max_tokens": 3, "stream": True}
+    ) as resp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         events = [line for line in resp.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -230,13 +255,18 @@ def test_streamed_pieces_never_take_anything_back(folders, clean_up_spaces):
     import torch
     from transformers import AutoTokenizer
 
-    from semilens.serve import _DeltaStreamer
+    from semilens.serve.checkpoint import _DeltaStreamer
 
     tok = AutoTokenizer.from_pretrained(folders["llm"])
     tok.clean_up_tokenization_spaces = clean_up_spaces
     # transformers 5 skips the clean-up for BPE unless forced; a WordPiece checkpoint would not
     tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = clean_up_spaces
-    for text in ["  Etch rate = 390 nm/min .  \n", "Rate: 1.2 µm/min , do n't tilt Å", "Tilt it 7 degrees .", "a \x1c\ufffd é"]:
+    for text in [
+        "  Etch rate = 390 nm/min .  \n",
+        "Rate: 1.2 µm/min , do n't tilt Å",
+        "Tilt it 7 degrees .",
+        "a \x1c\ufffd é",
+    ]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         final = tok.decode(ids, skip_special_tokens=True).strip()
         pieces: list[str] = []
@@ -270,8 +300,16 @@ TINY_PNG_B64 = base64.b64encode(b"not an image at all").decode()
         ({"model": "M", "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "system"),
         ({"model": "M", "messages": [{"role": "user", "content": 5}]}, "messages[0].content", "valid list"),
         ({"model": "M", "messages": [{"role": "user"}]}, "messages[0].content", "Field required"),
-        ({"model": "M", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "messages[0].content[0].type", "image_url"),
-        ({"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content[0].image_url.url", "Field required"),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages[0].content[0].type",
+            "image_url",
+        ),
+        (
+            {"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages[0].content[0].image_url.url",
+            "Field required",
+        ),
         ({"model": "M", "messages": user("hi"), "max_tokens": "5"}, "max_tokens", "integer"),
         ({"model": "M", "messages": user("hi"), "max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
         ({"model": "M", "messages": user("hi"), "temperature": -1}, "temperature", "greater than or equal to 0"),
@@ -283,7 +321,9 @@ def test_bad_payloads_are_400_naming_the_field(text_server, body, param, says):
     url, name = text_server
     if isinstance(body, dict):
         body = json.dumps({k: (name if v == "M" else v) for k, v in body.items()}).encode()
-    error = openai_error(httpx.post(f"{url}/chat/completions", content=body, headers={"Content-Type": "application/json"}), 400)
+    error = openai_error(
+        httpx.post(f"{url}/chat/completions", content=body, headers={"Content-Type": "application/json"}), 400
+    )
     assert error["type"] == "invalid_request_error" and error["param"] == param
     assert says in error["message"] and (param is None or error["message"].startswith(param))
 
@@ -303,13 +343,19 @@ def test_bad_payloads_are_400_naming_the_field(text_server, body, param, says):
 def test_bad_images_are_400(vlm_server, image_url, says):
     url, name = vlm_server
     content = [{"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": image_url}}]
-    error = openai_error(httpx.post(f"{url}/chat/completions", json={"model": name, "messages": [{"role": "user", "content": content}]}), 400)
+    error = openai_error(
+        httpx.post(f"{url}/chat/completions", json={"model": name, "messages": [{"role": "user", "content": content}]}),
+        400,
+    )
     assert error["param"] == "messages[0].content[1].image_url.url" and says in error["message"]
 
 
 def test_an_image_for_the_text_model_is_400(text_server, folders):
     url, name = text_server
-    content = [{"type": "image_url", "image_url": {"url": data_url(folders["png"])}}, {"type": "text", "text": "What is it?"}]
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(folders["png"])}},
+        {"type": "text", "text": "What is it?"},
+    ]
     with pytest.raises(openai.BadRequestError) as caught:
         client(url).chat.completions.create(model=name, messages=[{"role": "user", "content": content}], max_tokens=4)
     assert caught.value.status_code == 400 and "text-only" in caught.value.message
@@ -360,7 +406,10 @@ def test_an_api_key_is_required_when_configured(text_model):
         with pytest.raises(openai.AuthenticationError):
             client(url).chat.completions.create(model=name, messages=user("hi"), max_tokens=1)
         good = openai.OpenAI(base_url=url, api_key="s3cret-value", max_retries=0)
-        assert good.chat.completions.create(model=name, messages=user("hi"), max_tokens=1).choices[0].message.role == "assistant"
+        assert (
+            good.chat.completions.create(model=name, messages=user("hi"), max_tokens=1).choices[0].message.role
+            == "assistant"
+        )
 
 
 def test_a_client_that_hangs_up_frees_the_model(text_model):
@@ -405,7 +454,12 @@ def test_a_generation_failure_is_500_and_the_server_goes_on(text_model, monkeypa
         error = openai_error(httpx.post(f"{url}/chat/completions", json={**body, "stream": True}), 500)
         assert "out of memory (simulated)" in error["message"]
         assert httpx.post(f"{url}/chat/completions", json=body).status_code == 200
-        assert stats(url) == {"requests": 3, "completed": 1, "busy": 0, "faults": dict.fromkeys(["429", "500", "timeout", "malformed"], 0)}
+        assert stats(url) == {
+            "requests": 3,
+            "completed": 1,
+            "busy": 0,
+            "faults": dict.fromkeys(["429", "500", "timeout", "malformed"], 0),
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -459,7 +513,12 @@ def test_timeout_fault_holds_past_the_client_timeout(text_model):
         assert time.monotonic() - start >= 1.0 and reply.choices[0].message.content is not None
         time.sleep(0.3)  # the first request notices its client is gone
         counts = stats(url)
-    assert counts == {"requests": 2, "completed": 1, "busy": 0, "faults": {"429": 0, "500": 0, "timeout": 2, "malformed": 0}}
+    assert counts == {
+        "requests": 2,
+        "completed": 1,
+        "busy": 0,
+        "faults": {"429": 0, "500": 0, "timeout": 2, "malformed": 0},
+    }
 
 
 def test_faults_follow_the_seed_and_the_rate(text_model):
@@ -490,7 +549,11 @@ def test_latency_delays_every_request_without_blocking_the_others(text_model):
         assert single >= 0.2
         start = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(lambda _: c.chat.completions.create(model=name, messages=user(QUESTION), max_tokens=2), range(8)))
+            replies = list(
+                pool.map(
+                    lambda _: c.chat.completions.create(model=name, messages=user(QUESTION), max_tokens=2), range(8)
+                )
+            )
         together = time.monotonic() - start
     # the model calls are serialised, the sleeps are not
     assert together < 0.6 * 8 * 0.2 + 8 * (single - 0.2), (together, single)
@@ -504,7 +567,14 @@ def test_latency_delays_every_request_without_blocking_the_others(text_model):
 
 def test_options_are_validated():
     assert ServeOptions(fault_kinds="timeout, 429,timeout").fault_kinds == ("timeout", "429")
-    for bad in ({"fault_kinds": "429,503"}, {"fault_kinds": ""}, {"fault_rate": 1.5}, {"latency_ms": -1}, {"max_request_bytes": 0}, {"nonsense": 1}):
+    for bad in (
+        {"fault_kinds": "429,503"},
+        {"fault_kinds": ""},
+        {"fault_rate": 1.5},
+        {"latency_ms": -1},
+        {"max_request_bytes": 0},
+        {"nonsense": 1},
+    ):
         with pytest.raises(ValidationError):
             ServeOptions(**bad)
 
@@ -519,14 +589,27 @@ def test_a_folder_that_is_neither_text_nor_vision_is_refused(tmp_path):
 
 def semilens_cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "semilens.cli", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "semilens.cli", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **kw.pop("env", {})},
     )
 
 
 def test_cli_serves_until_terminated(folders):
-    proc = semilens_cli("serve", str(folders["llm"]), "--port", "0", "--model-name", "tiny", "--api-key-env", "SERVE_TEST_KEY",
-                        env={"SERVE_TEST_KEY": "k-123"})
+    proc = semilens_cli(
+        "serve",
+        str(folders["llm"]),
+        "--port",
+        "0",
+        "--model-name",
+        "tiny",
+        "--api-key-env",
+        "SERVE_TEST_KEY",
+        env={"SERVE_TEST_KEY": "k-123"},
+    )
     try:
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)

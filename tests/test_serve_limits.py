@@ -66,7 +66,9 @@ def png_header(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+    )
 
 
 def image_part(data: bytes) -> dict:
@@ -148,7 +150,9 @@ def test_images_per_request_are_capped(vlm_model, folders):
     with serve_in_background(app) as url:
         name = app.state.model_name
         picture = image_part(folders["png"].read_bytes())
-        error = refused(chat(url, name, [picture, picture, picture, {"type": "text", "text": "x"}], max_tokens=1), 400, "max_images")
+        error = refused(
+            chat(url, name, [picture, picture, picture, {"type": "text", "text": "x"}], max_tokens=1), 400, "max_images"
+        )
         assert error["code"] == "too_many_images" and "3 images" in error["message"]
 
 
@@ -159,8 +163,21 @@ def test_predict_refuses_a_bomb_header_in_one_line(tmp_path):
         if picture.name == "mid.png":
             picture.write_bytes(png_header(9000, 9000))  # over 64 Mpx, under Pillow's own limit
         done = subprocess.run(
-            [sys.executable, "-m", "semilens.cli", "predict", str(picture), "what is it", "--checkpoint", str(tmp_path / "none")],
-            cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+            [
+                sys.executable,
+                "-m",
+                "semilens.cli",
+                "predict",
+                str(picture),
+                "what is it",
+                "--checkpoint",
+                str(tmp_path / "none"),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
         )
         assert done.returncode == 2, done.stderr
         assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -177,9 +194,8 @@ def test_deeply_nested_json_is_400_not_500(text_model):
     with serve_in_background(app) as url:
         name = app.state.model_name
         for depth in (10_000, 100):
-            body = '{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "response_format": %s%s}' % (
-                name, "[" * depth, "]" * depth
-            )
+            head = f'"model": "{name}", "messages": [{{"role": "user", "content": "hi"}}]'
+            body = "{" + head + ', "response_format": ' + "[" * depth + "]" * depth + "}"
             resp = httpx.post(f"{url}/chat/completions", content=body, headers={"content-type": "application/json"})
             error = refused(resp, 400, "max_json_depth")
             assert error["code"] == "json_too_deep"

@@ -9,8 +9,8 @@ from scipy import ndimage as ndi
 
 from semilens.config import SYNTH_CLASSES, SynthImagesConfig
 from semilens.images import synth
+from semilens.images.records import Sidecar
 from semilens.io import read_json
-from semilens.records import Sidecar
 
 ELONGATED = {"nanowires", "fibres", "cracked_film", "lines"}
 PERIODIC = {"lines", "holes"}

@@ -36,37 +36,67 @@ def _doc(*sections: tuple[str, str]) -> list[dict]:
 
 
 RIE_SOP = _doc(
-    ("Scope", "This SOP covers the RIE tool in bay 3 for silicon dioxide and silicon nitride etching "
-     "with a CF4/CHF3 plasma. Only trained users may run the RIE."),
-    ("Chamber preparation", "Run the O2 plasma chamber clean recipe for 10 minutes before the first lot. "
-     "Check the base pressure is below 5 mTorr and the RF reflected power stays under 5 W."),
-    ("Recipe", "Load the wafer, select recipe OX-ETCH: CHF3 25 sccm, CF4 25 sccm, 40 mTorr, 150 W RF. "
-     "The self-bias voltage should read 350-400 V; etch rate of thermal oxide is about 40 nm/min."),
-    ("Endpoint", "Use the laser interferometer endpoint and add 20% over-etch. Record etch selectivity "
-     "to the photoresist mask and the sidewall angle from a test wafer."),
-    ("Troubleshooting", "A drifting etch rate usually means polymer build-up on the chamber walls; "
-     "run the plasma clean and re-qualify with a monitor wafer."),
+    (
+        "Scope",
+        "This SOP covers the RIE tool in bay 3 for silicon dioxide and silicon nitride etching "
+        "with a CF4/CHF3 plasma. Only trained users may run the RIE.",
+    ),
+    (
+        "Chamber preparation",
+        "Run the O2 plasma chamber clean recipe for 10 minutes before the first lot. "
+        "Check the base pressure is below 5 mTorr and the RF reflected power stays under 5 W.",
+    ),
+    (
+        "Recipe",
+        "Load the wafer, select recipe OX-ETCH: CHF3 25 sccm, CF4 25 sccm, 40 mTorr, 150 W RF. "
+        "The self-bias voltage should read 350-400 V; etch rate of thermal oxide is about 40 nm/min.",
+    ),
+    (
+        "Endpoint",
+        "Use the laser interferometer endpoint and add 20% over-etch. Record etch selectivity "
+        "to the photoresist mask and the sidewall angle from a test wafer.",
+    ),
+    (
+        "Troubleshooting",
+        "A drifting etch rate usually means polymer build-up on the chamber walls; "
+        "run the plasma clean and re-qualify with a monitor wafer.",
+    ),
     ("Revision", "Rev B"),
 )
 
 SEM_SOP = _doc(
-    ("Scope", "Operating procedure for the field emission scanning electron microscope (SEM) used to "
-     "image patterned wafers and measure linewidths."),
-    ("Sample loading", "Mount the sample on the stub with carbon tape, vent the load lock and insert the "
-     "holder. Pump down until the chamber vacuum is below 1e-5 mbar."),
-    ("Imaging", "Set the accelerating voltage to 2 kV and the working distance to 4 mm. Select the SE "
-     "detector for topography and the in-lens detector for surface detail. Adjust focus, stigmation "
-     "and brightness on a feature away from the area of interest to limit charging."),
-    ("Linewidth measurement", "Use the CD measurement tool on top-down images: the edge detection "
-     "algorithm reports the linewidth of resist lines; repeat on five sites to average out noise. "
-     "Line edge roughness is reported from the same images."),
+    (
+        "Scope",
+        "Operating procedure for the field emission scanning electron microscope (SEM) used to "
+        "image patterned wafers and measure linewidths.",
+    ),
+    (
+        "Sample loading",
+        "Mount the sample on the stub with carbon tape, vent the load lock and insert the "
+        "holder. Pump down until the chamber vacuum is below 1e-5 mbar.",
+    ),
+    (
+        "Imaging",
+        "Set the accelerating voltage to 2 kV and the working distance to 4 mm. Select the SE "
+        "detector for topography and the in-lens detector for surface detail. Adjust focus, stigmation "
+        "and brightness on a feature away from the area of interest to limit charging.",
+    ),
+    (
+        "Linewidth measurement",
+        "Use the CD measurement tool on top-down images: the edge detection "
+        "algorithm reports the linewidth of resist lines; repeat on five sites to average out noise. "
+        "Line edge roughness is reported from the same images.",
+    ),
     ("Shutdown", "Turn the beam off, retract the SE detector and vent only after the gun valve is closed."),
 )
 
 # A document about ellipsometry: here "SE" is the ellipsometer.
 SE_SPEC = _doc(
-    ("Film thickness", "Oxide thickness is measured by SE on nine sites: the ellipsometry fit of psi "
-     "and delta uses a Cauchy dispersion model and reports thickness and refractive index."),
+    (
+        "Film thickness",
+        "Oxide thickness is measured by SE on nine sites: the ellipsometry fit of psi "
+        "and delta uses a Cauchy dispersion model and reports thickness and refractive index.",
+    ),
 )
 
 
@@ -111,13 +141,20 @@ def test_se_counts_for_ellipsometry_only_where_the_document_is_about_ellipsometr
     assert "spectroscopic_ellipsometry" not in _units(results)
     assert topic["on_topic"] and topic["top_group"] == "metrology", topic
     # the old behaviour (every abbreviation counts) is what tagged SE as ellipsometry
-    from semilens.text.tag import tag_chunk
     from semilens.minilm import embed
+    from semilens.text.tag import tag_chunk
 
     imaging = SEM_SOP[2]["text"]
     vec = np.asarray(embed([imaging]))[0]
     uv = embed([unit_text(r) for r in tagger.refs])
-    blind = tag_chunk(imaging, vec, tagger.refs, tagger.patterns, uv, tagger.cfg.model_copy(update={"min_similarity_with_keyword": -1}))
+    blind = tag_chunk(
+        imaging,
+        vec,
+        tagger.refs,
+        tagger.patterns,
+        uv,
+        tagger.cfg.model_copy(update={"min_similarity_with_keyword": -1}),
+    )
     assert "spectroscopic_ellipsometry" in {t["unit"] for t in blind}
     # ... and in the ellipsometry document SE is still a hit
     results, topic = tagger(SE_SPEC)
@@ -168,8 +205,20 @@ def test_pdf_real_benchmark_runs_on_one_small_file(realdata, tmp_path):
     # the benchmark reads the full set (../shared/realdata or SEMILENS_REALDATA) itself
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "pdf_real.py"), "--only", "S380", "--synthetic", "1", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "pdf_real.py"),
+            "--only",
+            "S380",
+            "--synthetic",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())

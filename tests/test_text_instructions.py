@@ -23,8 +23,6 @@ from semilens.text.instruct import SPLITS, assign_split, build_pairs, is_drill, 
 from semilens.text.knowledge import load_knowledge
 from semilens.text.tag import coverage, tag_chunk, tag_ontology, unit_patterns, unit_text
 
-
-
 # ---------------------------------------------------------------- etching maths
 
 
@@ -174,7 +172,11 @@ def test_instruction_dataset_has_sources_splits_and_difficulties(text_run, kb):
     for r in rows:
         kind, _, ref = r["source"].partition(":")
         kinds.add(kind)
-        assert (kind == "kb" and ref in paths) or (kind == "chunk" and ref in chunk_ids) or (kind == "generator" and r["category"] == "etch_math")
+        assert (
+            (kind == "kb" and ref in paths)
+            or (kind == "chunk" and ref in chunk_ids)
+            or (kind == "generator" and r["category"] == "etch_math")
+        )
         assert r["messages"][0]["content"] == r["instruction"] and r["messages"][1]["role"] == "assistant"
         if r["category"] == "etch_math":
             ans = json.loads(r["answer"])
@@ -192,7 +194,11 @@ def test_instruction_dataset_has_sources_splits_and_difficulties(text_run, kb):
     for r in rows:
         if r["kind"] == "corpus":
             assert "|" not in r["response"]
-            chunk = next(c for c in read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl") if f"chunk:{c['chunk_id']}" == r["source"])
+            chunk = next(
+                c
+                for c in read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")
+                if f"chunk:{c['chunk_id']}" == r["source"]
+            )
             if len(r["response"]) < cfg.synth_instructions.max_response_chars - 50:
                 assert r["response"].split()[-1] in chunk["text"].split(), r["response"][-80:]
     assert len({r["instruction"] for r in rows}) == len(rows)
@@ -261,14 +267,35 @@ def test_the_llm_backend_adds_grounded_pairs_and_only_right_maths(text_run):
             return f"Using {p.formula}: = {value:.4g} {p.unit}"
         passage = prompt.split("Passage:\n", 1)[1]
         quote = " ".join(passage.split()[:40])
-        return json.dumps({"pairs": [
-            {"category": "concepts", "difficulty": "medium", "instruction": f"What does the passage starting '{quote[:30]}' state?", "response": quote},
-            {"category": "concepts", "difficulty": "medium", "instruction": f"What does the passage starting '{quote[:30]}' state?", "response": quote},
-            {"category": "process_control", "difficulty": "hard", "instruction": f"Which vendor sells tools for '{quote[:20]}'?", "response": "Several vendors advertise proprietary turnkey solutions worldwide nowadays."},
-        ]})
+        return json.dumps(
+            {
+                "pairs": [
+                    {
+                        "category": "concepts",
+                        "difficulty": "medium",
+                        "instruction": f"What does the passage starting '{quote[:30]}' state?",
+                        "response": quote,
+                    },
+                    {
+                        "category": "concepts",
+                        "difficulty": "medium",
+                        "instruction": f"What does the passage starting '{quote[:30]}' state?",
+                        "response": quote,
+                    },
+                    {
+                        "category": "process_control",
+                        "difficulty": "hard",
+                        "instruction": f"Which vendor sells tools for '{quote[:20]}'?",
+                        "response": "Several vendors advertise proprietary turnkey solutions worldwide nowadays.",
+                    },
+                ]
+            }
+        )
 
     with ChatStub(default=model) as stub:
-        icfg = cfg.synth_instructions.model_copy(update={"backend": "llm", "llm": EndpointConfig(base_url=stub.url, model="m", backoff_s=0)})
+        icfg = cfg.synth_instructions.model_copy(
+            update={"backend": "llm", "llm": EndpointConfig(base_url=stub.url, model="m", backoff_s=0)}
+        )
         llm_cfg = cfg.model_copy(update={"synth_instructions": icfg})
         synth_instructions(llm_cfg)
         metrics = read_json(Path(cfg.paths.metrics) / "instructions.json")
@@ -276,9 +303,13 @@ def test_the_llm_backend_adds_grounded_pairs_and_only_right_maths(text_run):
         n_math = sum(p["category"] == "etch_math" for p in template)
         assert corpus and n_math and len(stub.requests) == len(corpus) + n_math
         assert metrics["counts"] == {
-            "pairs_from_llm": len(corpus), "dropped_duplicate": len(corpus), "dropped_ungrounded": len(corpus),
+            "pairs_from_llm": len(corpus),
+            "dropped_duplicate": len(corpus),
+            "dropped_ungrounded": len(corpus),
             "math_answers_from_llm": sum(p["instruction"] in right for p in template if p["category"] == "etch_math"),
-            "dropped_wrong_answer": sum(p["instruction"] not in right for p in template if p["category"] == "etch_math"),
+            "dropped_wrong_answer": sum(
+                p["instruction"] not in right for p in template if p["category"] == "etch_math"
+            ),
         }
         rows = [r for s in SPLITS for r in read_jsonl_parquet(Path(cfg.paths.instructions) / f"{s}.parquet")]
         by_id = {r["id"]: r for r in rows}
@@ -293,7 +324,10 @@ def test_the_llm_backend_adds_grounded_pairs_and_only_right_maths(text_run):
                 assert got["messages"][1]["content"] == got["response"]
         n = len(stub.requests)
         synth_instructions(llm_cfg)  # a re-run sends nothing
-        assert len(stub.requests) == n and read_json(Path(cfg.paths.metrics) / "instructions.json")["requests"]["requests_sent"] == 0
+        assert (
+            len(stub.requests) == n
+            and read_json(Path(cfg.paths.metrics) / "instructions.json")["requests"]["requests_sent"] == 0
+        )
     synth_instructions(cfg)
 
 

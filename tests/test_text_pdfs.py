@@ -22,8 +22,6 @@ from semilens.text.corpus import synth_corpus
 from semilens.text.extract import PdfProblem, extract_pdf, extract_pdfs, garbled_ratio, repair_glyphs
 from semilens.text.knowledge import PROCESS_GROUPS, KnowledgeError, load_knowledge
 
-
-
 # ---------------------------------------------------------------- knowledge base
 
 
@@ -98,7 +96,9 @@ def test_synthetic_pdfs_clean_back_to_their_source(corpus_run):
     # provenance: every chunk names its file, hash and pages
     chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
     docs = {d["doc_id"]: d for d in read_jsonl(Path(cfg.paths.markdown) / "documents.jsonl")}
-    assert chunks and all(c["doc_id"] in docs and c["pages"] and c["sha256"] == docs[c["doc_id"]]["sha256"] for c in chunks)
+    assert chunks and all(
+        c["doc_id"] in docs and c["pages"] and c["sha256"] == docs[c["doc_id"]]["sha256"] for c in chunks
+    )
     md = (Path(cfg.paths.markdown) / "docs" / f"{chunks[0]['doc_id']}.md").read_text()
     assert md.startswith("# ") and "\n| Parameter | Unit | Typical |\n|---|---|---|\n" in md
 
@@ -191,7 +191,10 @@ def test_bad_pdfs_are_quarantined_with_reasons_and_good_ones_pass(tmp_path):
     assert reasons["truncated.pdf"].startswith("truncated:")
     assert reasons["locked.pdf"] == "encrypted: a password is needed to open it"
     assert reasons["picture.pdf"].startswith("not a PDF: no %PDF- header")
-    assert reasons["blank_scan.pdf"].startswith("no text on any of its 1 pages") and "OCR found no text" in reasons["blank_scan.pdf"]
+    assert (
+        reasons["blank_scan.pdf"].startswith("no text on any of its 1 pages")
+        and "OCR found no text" in reasons["blank_scan.pdf"]
+    )
     assert reasons["broken.pdf"].startswith(("corrupt PDF", "the PDF has no pages"))
     assert set(reasons) == {"zero.pdf", "truncated.pdf", "locked.pdf", "picture.pdf", "blank_scan.pdf", "broken.pdf"}
     pages = {Path(p["source"]).name: p for p in read_jsonl(Path(cfg.paths.pages) / "pages.jsonl")}
@@ -302,7 +305,10 @@ def test_a_machine_problem_is_not_cached_and_an_unforeseen_error_is_quarantined(
     (raw / "other.pdf").write_bytes(_one_page_pdf("Another file."))
     third = extract_pdfs(cfg)
     reasons = {Path(q["source"]).name: q["reason"] for q in read_jsonl(Path(cfg.paths.pages) / "quarantine.jsonl")}
-    assert reasons["other.pdf"].startswith(("unreadable: RecursionError", "corrupt PDF: page 1: RecursionError")) and third["pages"] == 2
+    assert (
+        reasons["other.pdf"].startswith(("unreadable: RecursionError", "corrupt PDF: page 1: RecursionError"))
+        and third["pages"] == 2
+    )
 
 
 # ---------------------------------------------------------------- backend: llm
@@ -315,7 +321,10 @@ def test_a_rewrite_must_keep_the_words_and_numbers_and_add_little():
     assert check_rewrite(src, src.replace("SiO2 in", "SiO2  in"), 0.05, 0.10) is None
     assert check_rewrite(src, src[: len(src) // 2], 0.05, 0.10) == "dropped_content"
     assert check_rewrite(src, src.replace("120", "12"), 0.05, 0.10) == "dropped_numbers"
-    assert check_rewrite(src, src + " In short, plasma etching is a very important and widely used step.", 0.05, 0.10) == "added_content"
+    assert (
+        check_rewrite(src, src + " In short, plasma etching is a very important and widely used step.", 0.05, 0.10)
+        == "added_content"
+    )
     assert check_rewrite(src, "   ", 0.05, 0.10) == "empty"
 
 
@@ -340,12 +349,17 @@ def test_the_llm_backend_keeps_accepted_rewrites_and_refuses_lossy_ones(corpus_r
     clean_markdown(cfg)
     rules_chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
     pages = list(read_jsonl(Path(cfg.paths.pages) / "pages.jsonl"))
-    blocks = [b for src in sorted({p["source"] for p in pages})
-              for b in clean_document([dict(p) for p in pages if p["source"] == src], cfg.clean_markdown)["blocks"]
-              if b["kind"] != "heading"]
+    blocks = [
+        b
+        for src in sorted({p["source"] for p in pages})
+        for b in clean_document([dict(p) for p in pages if p["source"] == src], cfg.clean_markdown)["blocks"]
+        if b["kind"] != "heading"
+    ]
     expected = {  # what the editor's habits must come to
         "refused_dropped_numbers": sum("1" in b["text"] for b in blocks),
-        "refused_dropped_content": sum(not any(c.isdigit() for c in b["text"]) and len(b["text"]) > 400 for b in blocks),
+        "refused_dropped_content": sum(
+            not any(c.isdigit() for c in b["text"]) and len(b["text"]) > 400 for b in blocks
+        ),
     }
     with ChatStub(default=_polishing_server) as stub:
         endpoint = EndpointConfig(base_url=stub.url, model="editor", backoff_s=0)
@@ -368,7 +382,10 @@ def test_the_llm_backend_keeps_accepted_rewrites_and_refuses_lossy_ones(corpus_r
         # a re-run sends nothing
         n = len(stub.requests)
         clean_markdown(llm_cfg)
-        assert len(stub.requests) == n and read_json(Path(cfg.paths.metrics) / "clean.json")["requests"]["requests_sent"] == 0
+        assert (
+            len(stub.requests) == n
+            and read_json(Path(cfg.paths.metrics) / "clean.json")["requests"]["requests_sent"] == 0
+        )
     clean_markdown(cfg)  # back to the rules for the tests that share this corpus
 
 
@@ -384,7 +401,9 @@ def test_the_llm_backend_through_semilens_serve_falls_back_to_the_rules(corpus_r
     clean_markdown(cfg)
     docs = Path(cfg.paths.markdown) / "docs"
     rules = {p.name: p.read_text() for p in docs.glob("*.md")}
-    model, tokenizer = build_tiny(TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0)
+    model, tokenizer = build_tiny(
+        TinyLLMConfig(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1), seed=0
+    )
     model.save_pretrained(tmp_path / "llm")
     tokenizer.save_pretrained(tmp_path / "llm")
     app = make_app(tmp_path / "llm")

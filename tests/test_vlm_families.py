@@ -145,7 +145,9 @@ def test_fine_tune_and_evaluate(family_run):
     base = AutoModelForImageTextToText.from_pretrained(models / "base")
     adapted = PeftModel.from_pretrained(base, models / "adapter")
     assert any("lora_" in n for n, _ in adapted.named_parameters())
-    assert AutoModelForImageTextToText.from_pretrained(models / "merged").config.model_type == get_family(name).model_type
+    assert (
+        AutoModelForImageTextToText.from_pretrained(models / "merged").config.model_type == get_family(name).model_type
+    )
     evaluate_vlm(cfg, name)
     report = read_json(cfg.paths.metrics / "vlm" / f"{name}.json")
     assert report["n_test_rows"] == 6
@@ -156,8 +158,12 @@ def test_fine_tune_and_evaluate(family_run):
 def _evaluation(vqa: tuple[float, float], rouge: tuple[float, float], cls: tuple[float, float]) -> dict:
     def model(i: int) -> dict:
         return {
-            "vqa_accuracy": vqa[i], "vqa_macro_accuracy": vqa[i], "class_accuracy": cls[i], "caption_rouge_l": rouge[i],
-            "caption_bleu": 100 * rouge[i], "caption_bertscore_f1": 0.5 + rouge[i] / 2,
+            "vqa_accuracy": vqa[i],
+            "vqa_macro_accuracy": vqa[i],
+            "class_accuracy": cls[i],
+            "caption_rouge_l": rouge[i],
+            "caption_bleu": 100 * rouge[i],
+            "caption_bertscore_f1": 0.5 + rouge[i] / 2,
             "vqa_per_type": {"class": {"n": 5, "accuracy": cls[i]}, "count": {"n": 5, "accuracy": vqa[i]}},
         }
 
@@ -171,7 +177,10 @@ def test_compare_puts_families_side_by_side_and_checks_each_margin(tmp_path):
     from semilens.io import write_json
     from semilens.vlm.compare import compare_vlm
 
-    cfg = Config(paths=PathsConfig(metrics=tmp_path), prepare_vlm=PrepareVLMConfig(bases={"qwen2_5_vl": "tiny", "mllama": "tiny"}))
+    cfg = Config(
+        paths=PathsConfig(metrics=tmp_path),
+        prepare_vlm=PrepareVLMConfig(bases={"qwen2_5_vl": "tiny", "mllama": "tiny"}),
+    )
     # qwen clears every margin; mllama's VQA is 0.45 (under 0.5) and its class accuracy 0.6
     write_json(tmp_path / "vlm" / "qwen2_5_vl.json", _evaluation((0.01, 0.62), (0.01, 0.66), (0.0, 0.82)))
     write_json(tmp_path / "vlm" / "mllama.json", _evaluation((0.2, 0.45), (0.1, 0.5), (0.0, 0.6)))
@@ -179,13 +188,18 @@ def test_compare_puts_families_side_by_side_and_checks_each_margin(tmp_path):
     assert summary == {"families": 2, "qwen2_5_vl_margins_hold": True, "mllama_margins_hold": False}
     out = read_json(tmp_path / "vlm" / "compare.json")
     assert out["margins"]["mllama"] == {
-        "vqa_at_least_2x_base": True, "vqa_at_least_0.5": False, "rouge_l_gain_at_least_0.2": True,
-        "class_accuracy_at_least_0.8": False, "all": False,
+        "vqa_at_least_2x_base": True,
+        "vqa_at_least_0.5": False,
+        "rouge_l_gain_at_least_0.2": True,
+        "class_accuracy_at_least_0.8": False,
+        "all": False,
     }
     assert out["metrics"]["qwen2_5_vl"]["caption_rouge_l"] == {"base": 0.01, "finetuned": 0.66, "delta": 0.65}
     assert out["per_type"]["mllama"]["class"] == {"base": 0.0, "finetuned": 0.6}
     rows = list(csv.DictReader((tmp_path / "vlm" / "compare.csv").open()))
-    assert {(r["family"], r["model"]) for r in rows} == {(f, m) for f in ("qwen2_5_vl", "mllama") for m in ("base", "finetuned")}
+    assert {(r["family"], r["model"]) for r in rows} == {
+        (f, m) for f in ("qwen2_5_vl", "mllama") for m in ("base", "finetuned")
+    }
     assert "caption_bleu" not in {r["metric"] for r in rows}  # 0-100: kept out of the 0-1 plot
     types = list(csv.DictReader((tmp_path / "vlm" / "compare_types.csv").open()))
     assert len(types) == 2 * 2 * 2

@@ -32,11 +32,20 @@ from semilens.config import (
     TrainerSection,
     VLMPretrainConfig,
 )
-from semilens.io import read_json
 from semilens.images.split import rows_for_image, write_parquet
-from semilens.vlm.families import get_family
+from semilens.io import read_json
 from semilens.vlm.evaluate import evaluate_vlm
-from semilens.vlm.finetune import BackendError, augment_example, dihedral, finetune_vlm, image_conversations, make_collator, select_backend, turn_angles
+from semilens.vlm.families import get_family
+from semilens.vlm.finetune import (
+    BackendError,
+    augment_example,
+    dihedral,
+    finetune_vlm,
+    image_conversations,
+    make_collator,
+    select_backend,
+    turn_angles,
+)
 from semilens.vlm.labels import IGNORE
 from semilens.vlm.prepare import prepare_vlm
 
@@ -56,16 +65,32 @@ def _png(seed: int) -> bytes:
 
 def _annotation(i: int) -> dict:
     return {
-        "id": f"img{i}", "group": f"img{i}", "label": "particles",
+        "id": f"img{i}",
+        "group": f"img{i}",
+        "label": "particles",
         # Odd images are drawn by the project, even ones are a user's micrographs.
         "source": f"data/synthetic/images/particles/img{i}.tif" if i % 2 else f"data/raw/images/img{i}.png",
-        "sha256": f"{i:064x}", "page": 0, "png": "unused",
+        "sha256": f"{i:064x}",
+        "page": 0,
+        "png": "unused",
         "caption": f"SEM image of particles: {6 + i} particles, median diameter 10 nm.",
         "qa": [
-            {"type": "class", "question": "What kind of morphology does this micrograph show?",
-             "answer": "particles", "value": "particles", "unit": None, "grounding": {"label": "particles"}},
-            {"type": "count", "question": "How many particles are visible in the image?",
-             "answer": str(6 + i), "value": 6 + i, "unit": None, "grounding": {"object_count": 6 + i}},
+            {
+                "type": "class",
+                "question": "What kind of morphology does this micrograph show?",
+                "answer": "particles",
+                "value": "particles",
+                "unit": None,
+                "grounding": {"label": "particles"},
+            },
+            {
+                "type": "count",
+                "question": "How many particles are visible in the image?",
+                "answer": str(6 + i),
+                "value": 6 + i,
+                "unit": None,
+                "grounding": {"object_count": 6 + i},
+            },
         ],
     }
 
@@ -195,9 +220,13 @@ def test_turned_answers_state_the_orientation_the_measure_stage_finds_in_the_tur
 
 
 def test_augmenting_a_chat_turns_its_image_and_its_angles_together():
-    chat = {"messages": [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Shape at 37°?"}]},
-                         {"role": "assistant", "content": [{"type": "text", "text": "elongated, aligned near 37°, 12 lines"}]}],
-            "images": [Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4))]}
+    chat = {
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": "Shape at 37°?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "elongated, aligned near 37°, 12 lines"}]},
+        ],
+        "images": [Image.fromarray(np.arange(12, dtype=np.uint8).reshape(3, 4))],
+    }
     assert augment_example(chat, 0) is chat
     turned = augment_example(chat, 3)
     assert turned["messages"][1]["content"][0]["text"] == "elongated, aligned near 127°, 12 lines"
@@ -303,8 +332,13 @@ def test_two_processes_through_accelerate_launch(run, tmp_path):
     # The split it trains on lies in the module's folder, beside this one: outside the
     # params file's folder, so the run allows it explicitly.
     paths = cfg.paths.model_copy(
-        update={"models": tmp_path / "models", "metrics": tmp_path / "metrics", "logs": tmp_path / "logs",
-                "cache": tmp_path / "cache", "allow_outside": True}
+        update={
+            "models": tmp_path / "models",
+            "metrics": tmp_path / "metrics",
+            "logs": tmp_path / "logs",
+            "cache": tmp_path / "cache",
+            "allow_outside": True,
+        }
     )
     shutil.copytree(cfg.paths.models / FAMILY / "base", paths.models / FAMILY / "base")
     two = cfg.model_copy(update={"paths": paths})
@@ -315,10 +349,23 @@ def test_two_processes_through_accelerate_launch(run, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        "-m", "stages.finetune_vlm", FAMILY,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "stages.finetune_vlm",
+        FAMILY,
     ]
     done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -407,20 +454,36 @@ def test_predict_answers_with_merged_adapter_and_base_folders(run, tmp_path):
     image = tmp_path / "p.png"
     image.write_bytes(_png(11))
     models = cfg.paths.models / FAMILY
-    answers = {kind: predict(models / kind, image, "How many particles are visible in the image?", 8)
-               for kind in ("base", "merged", "adapter")}
+    answers = {
+        kind: predict(models / kind, image, "How many particles are visible in the image?", 8)
+        for kind in ("base", "merged", "adapter")
+    }
     assert all(isinstance(a, str) for a in answers.values())
     assert answers["merged"] == answers["adapter"]  # the same weights, merged or not
     with pytest.raises(ValueError, match="not a readable image"):
         predict(models / "merged", tmp_path / "missing.png", "q")
     res = subprocess.run(
-        [sys.executable, "-m", "semilens.cli", "predict", str(image), "Describe this micrograph.",
-         "--checkpoint", str(models / "merged"), "--max-new-tokens", "8"],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "semilens.cli",
+            "predict",
+            str(image),
+            "Describe this micrograph.",
+            "--checkpoint",
+            str(models / "merged"),
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert res.returncode == 0, res.stderr
     res = subprocess.run(
         [sys.executable, "-m", "semilens.cli", "predict", str(image), "q", "--checkpoint", str(tmp_path)],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert res.returncode == 2 and "not a checkpoint folder" in res.stderr

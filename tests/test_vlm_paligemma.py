@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from semilens.config import TinyVLMConfig
+from semilens.tokenizer import general_corpus
 from semilens.vlm import generic_task, paligemma
 from semilens.vlm.labels import IGNORE
-from semilens.vlm.tokenizer import general_corpus
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ import shutil
 import pytest
 import torch
 
+from semilens.checkpoints import SOURCE_FILE, resolve_checkpoint
 from semilens.config import Config, PathsConfig, PrepareVLMConfig, TinyVLMConfig, VLMPretrainConfig
 from semilens.io import read_json
 from semilens.vlm import generic_task
 from semilens.vlm.families import get_family
 from semilens.vlm.labels import IGNORE, check_image_tokens
-from semilens.vlm.prepare import SOURCE_FILE, prepare_vlm, resolve_checkpoint, validate_real_base
+from semilens.vlm.prepare import prepare_vlm, validate_real_base
 
 FAMILY = "qwen2_5_vl"
 
@@ -49,7 +50,13 @@ def test_tiny_preset_is_a_real_qwen2_5_vl_checkpoint(tiny):
 
     cfg, summary, folder = tiny
     names = {p.name for p in folder.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "semilens_config.yaml"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "semilens_config.yaml",
+    } <= names
     assert json.loads((folder / "config.json").read_text())["model_type"] == "qwen2_5_vl"
     model = AutoModelForImageTextToText.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)

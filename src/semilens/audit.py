@@ -13,7 +13,8 @@ its source file, that file's sha256 and the page), and the MLflow registry's ver
 
 Nothing here runs DVC: hashes are recomputed with ``semilens.lineage.dvc_md5`` (DVC 3's
 own scheme), so the check works in a clone without a DVC cache and is the same code the
-register stages trust.
+register stages trust. ``trace_tree`` and ``verify_lines`` render the two results for the
+terminal; ``semilens.cli`` prints them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import yaml
 from semilens.config import Config
 from semilens.io import read_json, read_jsonl, sha256_file
 from semilens.lineage import LOCK_FILE, Hashed, LineageError, LockStage, dvc_md5, parse_lock, run_git
-from semilens.registry import flatten
+from semilens.registry import describe_uri, flatten
 
 MODEL_URI = "models:/"
 # Dependencies that are code, not data: a stage's own script and the library it imports.
@@ -63,8 +64,7 @@ class Lock:
     def consumers(self, path: str) -> list[str]:
         """Stages that depend on ``path``, on a folder holding it, or on a file inside it."""
         return [
-            s.name for s in self.stages.values()
-            if any(_inside(path, d.path) or _inside(d.path, path) for d in s.deps)
+            s.name for s in self.stages.values() if any(_inside(path, d.path) or _inside(d.path, path) for d in s.deps)
         ]
 
     def downstream(self, paths: Iterable[str]) -> list[str]:
@@ -108,7 +108,7 @@ def stage_commits(root: Path, lock: Lock, history: list[str] | None = None) -> d
     committed yet (the stage ran after the last commit of dvc.lock)."""
     revs = lock_history(root) if history is None else history
     if lock.rev is not None:
-        revs = revs[revs.index(lock.rev):] if lock.rev in revs else [lock.rev, *revs]
+        revs = revs[revs.index(lock.rev) :] if lock.rev in revs else [lock.rev, *revs]
     found: dict[str, str | None] = {name: None for name in lock.stages}
     open_ = set(lock.stages)
     for rev in revs:
@@ -195,15 +195,19 @@ def _instruction_records(folder: Path, sources: Sources, cfg: Config) -> None:
     rows = pd.concat([pd.read_parquet(p, columns=["source"]) for p in files])
     refs = rows["source"].value_counts()
     root = folder.parents[len(Path(cfg.paths.instructions).parts) - 1]
-    chunks = {c["chunk_id"]: c for c in _chunks(root / cfg.paths.markdown)} if any(
-        r.startswith("chunk:") for r in refs.index
-    ) else {}
+    chunks = (
+        {c["chunk_id"]: c for c in _chunks(root / cfg.paths.markdown)}
+        if any(r.startswith("chunk:") for r in refs.index)
+        else {}
+    )
     groups = _knowledge_files(root / cfg.paths.knowledge)
     for ref, n in refs.items():
         kind, _, ident = str(ref).partition(":")
         if kind == "chunk":
             if ident not in chunks:
-                raise AuditError(f"{folder}: instruction source {ref!r} names no chunk in {cfg.paths.markdown}/chunks.jsonl")
+                raise AuditError(
+                    f"{folder}: instruction source {ref!r} names no chunk in {cfg.paths.markdown}/chunks.jsonl"
+                )
             c = chunks[ident]
             sources.add_pages(c["source"], c["sha256"], c["pages"])
         elif kind == "kb":
@@ -216,7 +220,7 @@ def _instruction_records(folder: Path, sources: Sources, cfg: Config) -> None:
 def _base_checkpoint(folder: Path, sources: Sources, cfg: Config) -> None:
     """The GGUF file a text base was converted from (``base/gguf.json``); the tiny preset and
     a referenced folder have none, and add nothing."""
-    from semilens.llm.prepare import GGUF_SOURCE_FILE
+    from semilens.checkpoints import GGUF_SOURCE_FILE
 
     if (folder / GGUF_SOURCE_FILE).is_file():
         sources.checkpoints.append(read_json(folder / GGUF_SOURCE_FILE))
@@ -258,8 +262,10 @@ def _model_version(uri: str, name: str, version: str) -> Any:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        raise AuditError(f"no MLflow store at {uri[len('sqlite:///'):]} (run the pipeline, or set MLFLOW_TRACKING_URI)")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise AuditError(
+            f"no MLflow store at {uri[len('sqlite:///') :]} (run the pipeline, or set MLFLOW_TRACKING_URI)"
+        )
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         if version == "latest":
@@ -301,14 +307,16 @@ def _lock_matching(root: Path, wanted: dict[str, Hashed]) -> Lock | None:
 def resolve(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = None) -> tuple[Target, Lock]:
     """What ARTIFACT names (a stage, a path, or ``models:/name/version``) and the lock to read."""
     if artifact.startswith(MODEL_URI):
-        name, _, version = artifact[len(MODEL_URI):].rpartition("/")
+        name, _, version = artifact[len(MODEL_URI) :].rpartition("/")
         if not name or not version:
             raise AuditError(f"{artifact!r}: expected models:/<name>/<version> (or .../latest)")
         mv = _model_version(uri, name, version)
         tags = dict(mv.tags)
         wanted = version_artifacts(tags)
         if not wanted:
-            raise AuditError(f"{artifact}: version {mv.version} has no dvc.* lineage tags; it was not registered by semilens")
+            raise AuditError(
+                f"{artifact}: version {mv.version} has no dvc.* lineage tags; it was not registered by semilens"
+            )
         lock = read_lock(root, rev) if rev else _lock_matching(root, wanted)
         warnings = []
         if lock is None:
@@ -317,13 +325,19 @@ def resolve(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = 
                 f"no dvc.lock in the working tree or git history has this version's artifacts; "
                 f"showing the current pipeline (tagged commit {tags.get('git.commit', '?')})"
             )
-        roots = [s.name for s in lock.stages.values() if all(any(d.path == h.path for d in s.deps) for h in wanted.values())]
+        roots = [
+            s.name for s in lock.stages.values() if all(any(d.path == h.path for d in s.deps) for h in wanted.values())
+        ]
         if not roots:
             roots = list(dict.fromkeys(tags.get(f"dvc.{r}.stage", "") for r in wanted if f"dvc.{r}.stage" in tags))
         roots = [r for r in roots if r in lock.stages]
         model = {
-            "name": name, "version": int(mv.version), "run_id": mv.run_id, "source": mv.source,
-            "git_commit": tags.get("git.commit"), "params_hash": tags.get("params_hash"),
+            "name": name,
+            "version": int(mv.version),
+            "run_id": mv.run_id,
+            "source": mv.source,
+            "git_commit": tags.get("git.commit"),
+            "params_hash": tags.get("params_hash"),
             "artifacts": {r: {"path": h.path, "md5": h.md5} for r, h in wanted.items()},
         }
         return Target(artifact, "model", roots, model=model, warnings=warnings), lock
@@ -343,7 +357,13 @@ def resolve(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = 
         return Target(artifact, "artifact", [found[0].name], path=rel), lock
     users = lock.consumers(rel)
     if users:
-        return Target(artifact, "input", [], path=rel, warnings=[f"{rel} is a pipeline input (no stage makes it); used by {', '.join(users)}"]), lock
+        return Target(
+            artifact,
+            "input",
+            [],
+            path=rel,
+            warnings=[f"{rel} is a pipeline input (no stage makes it); used by {', '.join(users)}"],
+        ), lock
     raise AuditError(
         f"{artifact!r} is no stage, no dvc.lock output or input, and not models:/<name>/<version>; "
         f"stages: {', '.join(lock.stages)}"
@@ -458,13 +478,24 @@ def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = No
     if split is not None and any(split in splits for splits in sources.images.values()):
         sources.images = {k: v for k, v in sources.images.items() if split in v}
     images = [
-        {"source": src, "sha256": sha, "page": page, "splits": sorted(splits), "origin": _origin(lock, src),
-         "status": _file_status(root, src, sha)}
+        {
+            "source": src,
+            "sha256": sha,
+            "page": page,
+            "splits": sorted(splits),
+            "origin": _origin(lock, src),
+            "status": _file_status(root, src, sha),
+        }
         for (src, sha, page), splits in sorted(sources.images.items())
     ]
     pdfs = [
-        {"source": src, "sha256": sha, "pages": sorted(pages), "origin": _origin(lock, src),
-         "status": _file_status(root, src, sha)}
+        {
+            "source": src,
+            "sha256": sha,
+            "pages": sorted(pages),
+            "origin": _origin(lock, src),
+            "status": _file_status(root, src, sha),
+        }
         for (src, sha), pages in sorted(sources.pages.items())
     ]
     return {
@@ -488,6 +519,72 @@ def trace(artifact: str, root: Path, cfg: Config, uri: str, rev: str | None = No
     }
 
 
+def trace_tree(data: dict[str, Any]) -> Any:
+    """What `semilens trace` prints: a rich tree of ``trace``'s result, each stage once
+    (later references point back), its deps under it, then the raw files the records name."""
+    from rich.markup import escape
+    from rich.tree import Tree
+
+    title = f"[bold]{escape(data['artifact'])}[/bold] ({data['kind']}; dvc.lock of the {data['lock']})"
+    top = Tree(title)
+    if data["model"]:
+        m = data["model"]
+        top.add(
+            f"version {m['version']} of {escape(m['name'])}, run {m['run_id']}, git {str(m['git_commit'])[:12]}, params {m['params_hash']}"
+        )
+    for w in data["warnings"]:
+        top.add(f"[yellow]warning[/yellow]: {escape(w)}")
+    shown: set[str] = set()
+
+    def add(node, name: str) -> None:
+        s = data["stages"][name]
+        commit = (s["commit"] or "not committed")[:12]
+        branch = node.add(f"[cyan]{escape(name)}[/cyan]  `{escape(s['cmd'])}`  commit {commit}")
+        if name in shown:
+            branch.label = f"[cyan]{escape(name)}[/cyan] (shown above)"
+            return
+        shown.add(name)
+        for values in (s["params"] or {}).values():
+            for key, value in (values or {}).items():
+                branch.add(f"param {escape(key)} = {escape(json.dumps(value))[:120]}")
+        for d in s["deps"]:
+            label = f"{escape(d['path'])}  md5 {d['md5']}"
+            if d.get("stage"):
+                add(branch.add(label), d["stage"])
+            elif d["kind"] == "input":
+                branch.add(f"[green]input[/green] {label}")
+        code = [d for d in s["deps"] if d["kind"] == "code"]
+        if code:
+            branch.add(
+                f"code: {len(code)} files ({', '.join(escape(d['path']) for d in code[:4])}{', ...' if len(code) > 4 else ''})"
+            )
+
+    for root in data["roots"]:
+        add(top, root)
+    rec = data["records"]
+    if rec["from"]:
+        files = top.add(f"[bold]source files[/bold] (from the records in {', '.join(rec['from'])})")
+        for kind, rows in (("image", rec["images"]), ("pdf", rec["pdfs"])):
+            if not rows:
+                continue
+            group = files.add(f"{len(rows)} {kind}{'s' if len(rows) != 1 else ''}")
+            for r in rows:
+                where = f"page {r['page']}" if kind == "image" else f"pages {','.join(map(str, r['pages']))}"
+                extra = f" [{', '.join(r['splits'])}]" if kind == "image" else ""
+                status = "" if r["status"] == "ok" else f" [red]{r['status']}[/red]"
+                made = "" if r["origin"] == "input" else f" (made by {r['origin']})"
+                group.add(f"{escape(r['source'])} {where} sha256 {r['sha256'][:16]}{extra}{made}{status}")
+        if rec["knowledge"]:
+            files.add(f"knowledge base: {', '.join(rec['knowledge'])}")
+        for ref, n in rec["generated"].items():
+            files.add(f"{escape(ref)}: {n} rows generated (no source file)")
+        for c in rec.get("checkpoints", []):
+            files.add(
+                f"base checkpoint {escape(c['file'])} from the package {escape(c['package'])} {escape(c['version'])}, sha256 {c['sha256']}"
+            )
+    return top
+
+
 def target_lock_label(lock: Lock) -> str:
     return "working tree" if lock.rev is None else f"git {lock.rev}"
 
@@ -499,6 +596,7 @@ def target_lock_label(lock: Lock) -> str:
 class Finding:
     kind: str  # changed-input | changed-code | drifted-output | missing-output | stale-stage | changed-params
     #            | stale-registration | unregistered | changed-file | missing-file
+    #            | changed-registered-copy | missing-registered-copy
     path: str
     detail: str
     stages: list[str] = field(default_factory=list)  # stages it belongs to / is read by
@@ -572,8 +670,11 @@ def _output_files(root: Path, out: Hashed) -> str:
     changed = [rel for rel, md5 in listing.items() if rel in now and file_md5(now[rel]) != md5]
     gone = [rel for rel in listing if rel not in now]
     added = [rel for rel in now if rel not in listing]
-    parts = [f"{label}: {', '.join(sorted(items)[:5])}{' ...' if len(items) > 5 else ''}"
-             for label, items in (("changed", changed), ("missing", gone), ("added", added)) if items]
+    parts = [
+        f"{label}: {', '.join(sorted(items)[:5])}{' ...' if len(items) > 5 else ''}"
+        for label, items in (("changed", changed), ("missing", gone), ("added", added))
+        if items
+    ]
     return "; ".join(parts)
 
 
@@ -582,8 +683,8 @@ def _registry_versions(uri: str) -> list[Any] | str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return f"no MLflow store at {uri[len('sqlite:///'):]}"
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return f"no MLflow store at {uri[len('sqlite:///') :]}"
     try:
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         return list(client.search_model_versions())
@@ -591,16 +692,101 @@ def _registry_versions(uri: str) -> list[Any] | str:
         return f"MLflow registry at {uri} unreadable: {exc.message}"
 
 
+def _local_artifacts(source: str) -> Path | None:
+    """The local copy a version's ``source`` names: register() sets it to ``<run artifact
+    uri>/<model artifact>``, beside the run's other copies. None for a remote store (s3:,
+    mlflow-artifacts:), which this check cannot read without downloading it."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(source)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "":
+        return Path(source)
+    return None
+
+
+def _registered_copies(versions: list[Any]) -> tuple[list[Finding], int]:
+    """Findings for the copies register() put in the MLflow artifact store whose bytes no
+    longer hash to the ``dvc.<role>.md5`` tag of their version: the registry is what gets
+    deployed, so a flipped byte there matters even when the workspace is intact. Each
+    artifact named like a tagged role (adapter, gptq) is hashed with DVC's scheme, once
+    per path however many versions share its run. Returns (findings, copies hashed)."""
+    found: list[Finding] = []
+    hashed: dict[Path, str | None] = {}
+    for v in sorted(versions, key=lambda v: (v.name, int(v.version))):
+        model = _local_artifacts(str(v.source or ""))
+        if model is None:
+            continue
+        for role, tagged in version_artifacts(dict(v.tags)).items():
+            copy = model.parent / role
+            if copy != model and not copy.exists():
+                continue  # a role that is lineage only (dataset, evaluation), never copied
+            if copy not in hashed:
+                hashed[copy] = dvc_md5(copy) if copy.exists() else None
+            where = f"{MODEL_URI}{v.name}/{v.version}"
+            if hashed[copy] is None:
+                found.append(
+                    Finding("missing-registered-copy", str(copy), f"{role} of {where} is gone from the artifact store")
+                )
+            elif hashed[copy] != tagged.md5:
+                found.append(
+                    Finding(
+                        "changed-registered-copy",
+                        str(copy),
+                        f"{role} of {where} hashes to {hashed[copy]} but was registered as {tagged.md5} ({tagged.path})",
+                    )
+                )
+    return found, len(hashed)
+
+
 def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.yaml")) -> dict[str, Any]:
-    """Recompute every hash dvc.lock records and compare; check the registry against it."""
+    """Recompute every hash dvc.lock records and compare; check the registry against it.
+
+    In four steps, each adding findings and the paths they change: the outputs, the inputs
+    and code, the params, then (once the stale stages are known) the registry."""
     root = Path(root)
     lock = read_lock(root)
     md5 = _Hasher(root)
+    produced = {o.path: (s.name, o) for s in lock.stages.values() for o in s.outs}
     findings: list[Finding] = []
     changed_paths: list[str] = []
-    produced = {o.path: (s.name, o) for s in lock.stages.values() for o in s.outs}
+    for step in (
+        _check_outputs(root, produced, md5),
+        _check_deps(root, lock, cfg, produced, md5),
+        _check_params(root, lock, params_file),
+    ):
+        findings.extend(step[0])
+        changed_paths.extend(step[1])
 
-    # Outputs: present and as recorded.
+    stale = set(lock.downstream(changed_paths)) | {
+        f.stages[0] for f in findings if f.kind in ("changed-params", "stale-stage")
+    }
+    stale_stages = [name for name in lock.stages if name in stale]  # pipeline order
+    affected_outputs = {o.path for n in stale_stages for o in lock.stages[n].outs} | set(changed_paths)
+
+    registry_findings, models, registry_note, copies = _check_registry(uri, cfg, produced, affected_outputs)
+    findings.extend(registry_findings)
+    return {
+        "ok": not findings,
+        "lock": LOCK_FILE,
+        "registry": registry_note or uri,
+        "findings": [f.__dict__ for f in findings],
+        "stale_stages": stale_stages,
+        "affected_models": [m for m in models if m["affected_by"] or m["stale"]],
+        "models": models,
+        "checked": {"outputs": len(produced), "paths_hashed": len(md5.known), "registered_copies": copies},
+    }
+
+
+# Each check returns (findings, the paths they change) in the order verify reports them.
+Produced = dict[str, tuple[str, Hashed]]  # output path -> (its stage, its lock entry)
+
+
+def _check_outputs(root: Path, produced: Produced, md5: _Hasher) -> tuple[list[Finding], list[str]]:
+    """Outputs: present and as recorded."""
+    findings: list[Finding] = []
+    changed_paths: list[str] = []
     for path, (stage, out) in produced.items():
         now = md5(path)
         if now is None:
@@ -611,15 +797,30 @@ def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.y
             files = _output_files(root, out)
             findings.append(Finding("drifted-output", path, detail + (f" ({files})" if files else ""), [stage]))
             changed_paths.append(path)
+    return findings, changed_paths
 
-    # Inputs and code: as the stages that read them last saw them.
+
+def _check_deps(
+    root: Path, lock: Lock, cfg: Config, produced: Produced, md5: _Hasher
+) -> tuple[list[Finding], list[str]]:
+    """Inputs and code: as the stages that read them last saw them; a changed input folder
+    names the files in it that changed."""
+    findings: list[Finding] = []
+    changed_paths: list[str] = []
     recorded = None
     by_dep: dict[str, list[str]] = {}
     for s in lock.stages.values():
         for d in s.deps:
             if d.path in produced or any(_inside(d.path, p) for p in produced):
                 if d.path in produced and produced[d.path][1].md5 != d.md5:
-                    findings.append(Finding("stale-stage", d.path, f"{s.name} last ran on a different {d.path} than dvc.lock's output", [s.name]))
+                    findings.append(
+                        Finding(
+                            "stale-stage",
+                            d.path,
+                            f"{s.name} last ran on a different {d.path} than dvc.lock's output",
+                            [s.name],
+                        )
+                    )
                     changed_paths.extend(o.path for o in s.outs)
                 continue
             now = md5(d.path)
@@ -637,23 +838,33 @@ def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.y
             for f in _changed_files(root, path, recorded):
                 f.stages = users
                 findings.append(f)
+    return findings, changed_paths
 
-    # Params: the values each stage ran with.
+
+def _check_params(root: Path, lock: Lock, params_file: Path) -> tuple[list[Finding], list[str]]:
+    """Params: the values each stage ran with."""
+    findings: list[Finding] = []
+    changed_paths: list[str] = []
     current = (yaml.safe_load((root / params_file).read_text()) or {}) if (root / params_file).is_file() else {}
     flat_now = flatten("", current)
     for s in lock.stages.values():
         ran = flatten("", s.params.get(params_file.name, {}) or {})
         diff = sorted(k for k, v in ran.items() if k not in flat_now or flat_now[k] != v)
         if diff:
-            findings.append(Finding("changed-params", s.name, f"params changed since it ran: {', '.join(diff[:6])}", [s.name]))
+            findings.append(
+                Finding("changed-params", s.name, f"params changed since it ran: {', '.join(diff[:6])}", [s.name])
+            )
             changed_paths.extend(o.path for o in s.outs)
+    return findings, changed_paths
 
-    stale = set(lock.downstream(changed_paths)) | {f.stages[0] for f in findings if f.kind in ("changed-params", "stale-stage")}
-    stale_stages = [name for name in lock.stages if name in stale]  # pipeline order
-    affected_outputs = {o.path for n in stale_stages for o in lock.stages[n].outs} | set(changed_paths)
 
-    # Registry: the latest version of each model must carry the lock's md5s, and each model
-    # output must be in some version.
+def _check_registry(
+    uri: str, cfg: Config, produced: Produced, affected_outputs: set[str]
+) -> tuple[list[Finding], list[dict[str, Any]], str | None, int]:
+    """Registry: the latest version of each model must carry the lock's md5s, and each model
+    output must be in some version. Returns (findings, the models, why the registry could
+    not be read or None, registered copies checked)."""
+    findings: list[Finding] = []
     versions = _registry_versions(uri)
     models: list[dict[str, Any]] = []
     registry_note = None
@@ -669,8 +880,11 @@ def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.y
             by_name.setdefault(v.name, []).append(v)
 
     def mismatches(v: Any) -> list[str]:
-        return [f"{h.path} (tagged {h.md5[:12]}, lock {produced[h.path][1].md5[:12] if h.path in produced else 'none'})"
-                for h in version_artifacts(dict(v.tags)).values() if h.path not in produced or produced[h.path][1].md5 != h.md5]
+        return [
+            f"{h.path} (tagged {h.md5[:12]}, lock {produced[h.path][1].md5[:12] if h.path in produced else 'none'})"
+            for h in version_artifacts(dict(v.tags)).values()
+            if h.path not in produced or produced[h.path][1].md5 != h.md5
+        ]
 
     for name, vs in sorted(by_name.items()):
         # Registration reuses a version whose lineage is already registered, so the version
@@ -681,21 +895,55 @@ def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.y
         arts = version_artifacts(dict(v.tags))
         hit = sorted(h.path for h in arts.values() if h.path in affected_outputs)
         if current is None:
-            findings.append(Finding("stale-registration", f"{MODEL_URI}{name}/{v.version}",
-                                    "no version of this model was made from dvc.lock's artifacts; the newest: " + "; ".join(mismatches(v))))
+            findings.append(
+                Finding(
+                    "stale-registration",
+                    f"{MODEL_URI}{name}/{v.version}",
+                    "no version of this model was made from dvc.lock's artifacts; the newest: "
+                    + "; ".join(mismatches(v)),
+                )
+            )
         models.append({"name": name, "version": int(v.version), "affected_by": hit, "stale": current is None})
+    copy_findings, copies = _registered_copies(versions)
+    findings.extend(copy_findings)
     model_root = Path(cfg.paths.models).as_posix()
     for path, (stage, out) in produced.items():
         if _inside(path, model_root) and not path.endswith(".md") and out.md5 not in tagged_md5s:
-            findings.append(Finding("unregistered", path, f"output of {stage} is in no registered model version"
-                                    + (f" ({registry_note})" if registry_note else ""), [stage]))
-    return {
-        "ok": not findings,
-        "lock": LOCK_FILE,
-        "registry": registry_note or uri,
-        "findings": [f.__dict__ for f in findings],
-        "stale_stages": stale_stages,
-        "affected_models": [m for m in models if m["affected_by"] or m["stale"]],
-        "models": models,
-        "checked": {"outputs": len(produced), "paths_hashed": len(md5.known)},
-    }
+            findings.append(
+                Finding(
+                    "unregistered",
+                    path,
+                    f"output of {stage} is in no registered model version"
+                    + (f" ({registry_note})" if registry_note else ""),
+                    [stage],
+                )
+            )
+    return findings, models, registry_note, copies
+
+
+def verify_lines(report: dict[str, Any]) -> list[str]:
+    """What `semilens verify` prints (rich markup), one line each: every finding, the stale
+    stages, the affected models, then the verdict."""
+    from rich.markup import escape
+
+    lines = []
+    for f in report["findings"]:
+        where = (
+            f" (read by {', '.join(f['stages'])})"
+            if f["stages"] and f["kind"] in ("changed-input", "changed-code", "changed-file")
+            else ""
+        )
+        lines.append(f"[red]{f['kind']}[/red] {escape(f['path'])}: {escape(f['detail'])}{escape(where)}")
+    if report["stale_stages"]:
+        lines.append(f"stale stages (downstream): {', '.join(report['stale_stages'])}")
+    for m in report["affected_models"]:
+        why = f"built from {', '.join(m['affected_by'])}" if m["affected_by"] else "tags differ from dvc.lock"
+        lines.append(f"affected model: models:/{m['name']}/{m['version']} ({escape(why)})")
+    checked = report["checked"]
+    verdict = "[green]ok[/green]" if report["ok"] else f"[red]{len(report['findings'])} finding(s)[/red]"
+    lines.append(
+        f"{verdict}: {checked['outputs']} outputs and {checked['paths_hashed']} paths hashed against dvc.lock; "
+        f"{len(report['models'])} registered model(s) and {checked['registered_copies']} registered artifact copies "
+        f"checked in {escape(describe_uri(report['registry']))}"
+    )
+    return lines

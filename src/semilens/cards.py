@@ -39,9 +39,7 @@ def lineage_table(lineage: Mapping[str, Mapping[str, str]]) -> str:
     )
 
 
-def write_card(
-    folder: Path, title: str, front_matter: Mapping[str, Any], sections: list[tuple[str, str]]
-) -> Path:
+def write_card(folder: Path, title: str, front_matter: Mapping[str, Any], sections: list[tuple[str, str]]) -> Path:
     """Write ``folder/README.md``; ``sections`` are (heading, Markdown body) pairs."""
     meta = yaml.safe_dump(dict(front_matter), sort_keys=False).strip()
     body = "\n\n".join(f"## {heading}\n\n{text.strip()}" for heading, text in sections)

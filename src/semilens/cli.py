@@ -19,11 +19,11 @@ imported by the stage itself, so ``--help`` stays fast.
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -74,7 +74,7 @@ def stages() -> None:
 
 @app.command()
 def config(
-    section: Optional[str] = typer.Argument(None, help="one section, e.g. synth_images"),
+    section: str | None = typer.Argument(None, help="one section, e.g. synth_images"),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
 ) -> None:
     """Print the resolved config (defaults filled in, validated)."""
@@ -90,7 +90,7 @@ def config(
 
 @app.command()
 def preset(
-    name: Optional[str] = typer.Argument(None, help="a preset in presets/, e.g. qwen2_5_vl-7b-instruct"),
+    name: str | None = typer.Argument(None, help="a preset in presets/, e.g. qwen2_5_vl-7b-instruct"),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params file the preset is checked against"),
 ) -> None:
     """List the real-checkpoint presets, or show one: its settings and the `dvc exp run` for it."""
@@ -103,7 +103,9 @@ def preset(
                 typer.echo(f"{p.name}\t{p.family}\t{p.summary}")
             return
         if name not in presets:
-            err.print(f"[red]unknown preset[/red] {name!r}; known: {', '.join(presets) or 'none (not in the project root?)'}")
+            err.print(
+                f"[red]unknown preset[/red] {name!r}; known: {', '.join(presets) or 'none (not in the project root?)'}"
+            )
             raise typer.Exit(2)
         chosen = presets[name]
         apply(yaml.safe_load(params.read_text(encoding="utf-8")) or {}, chosen)  # refuses what does not validate
@@ -129,6 +131,7 @@ def run(
     if stage not in names:
         err.print(f"[red]unknown stage[/red] {stage!r}; known: {', '.join(names) or 'none (not in the project root?)'}")
         raise typer.Exit(2)
+    _check_matrix_item(stage, item, need_item=not dry_run)
     cfg = _load(params)
     if dry_run:
         # A stage reads `paths` and its own section; show exactly that.
@@ -141,16 +144,71 @@ def run(
     if params != DEFAULT_PARAMS:
         err.print("[red]stages read params.yaml from the project root[/red]; use --dry-run with other files")
         raise typer.Exit(2)
+    from semilens.stage_runner import StageLockError, dvc_stage_lock
+
     sys.path.insert(0, str(Path.cwd()))
-    sys.argv = [f"stages.{stage}", *([item] if item else [])]
-    runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
+    target = f"{stage}@{item}" if item else stage
+    try:
+        with dvc_stage_lock(target):
+            sys.argv = [f"stages.{stage}", *([item] if item else [])]
+            runpy.run_module(f"stages.{stage}", run_name="__main__", alter_sys=True)
+    except StageLockError as exc:
+        err.print(f"[red]error[/red]: {escape(str(exc))}")
+        raise typer.Exit(2) from exc
+    except (FileNotFoundError, ValueError) as exc:
+        # What the stages raise for bad or missing input (the library's convention: one
+        # message naming the file). A bug raising ValueError would hide behind this too,
+        # so SEMILENS_TRACEBACK=1 re-raises; `dvc repro` runs the module directly and keeps
+        # its traceback in any case.
+        if os.environ.get("SEMILENS_TRACEBACK"):
+            raise
+        if isinstance(exc, FileNotFoundError) and exc.filename:
+            why = f"{exc.strerror}: {exc.filename} (an input is missing; run the stages before it: dvc repro {target})"
+        else:
+            why = " ".join(str(exc).split())
+        err.print(f"[red]error[/red]: {escape(target)}: {escape(why)} (SEMILENS_TRACEBACK=1 shows where)")
+        raise typer.Exit(2) from exc
+
+
+def _check_matrix_item(stage: str, item: str, need_item: bool = True, dvc_yaml: Path = Path("dvc.yaml")) -> None:
+    """Refuse (exit 2, one line) an item a matrix stage does not have, a matrix stage run
+    without one (a dry run may leave it out: the config it prints is shared), and an item given to a plain stage: `run prepare_vlm@gpt4v` would
+    otherwise fail deep inside the stage with a traceback, and `--dry-run` pass it.
+    The items are dvc.yaml's own, so `run` accepts exactly the names `dvc repro` does."""
+    if not dvc_yaml.is_file():
+        return  # outside a DVC project the stage itself checks its argument
+    spec = (yaml.safe_load(dvc_yaml.read_text(encoding="utf-8")) or {}).get("stages", {}).get(stage) or {}
+    matrix = spec.get("matrix") if isinstance(spec, dict) else None
+    if not matrix:
+        if item:
+            err.print(f"[red]error[/red]: stage {stage!r} runs once, it takes no @{escape(item)}")
+            raise typer.Exit(2)
+        return
+    # one matrix key (family) as in dvc.yaml; a templated or multi-key matrix is left to DVC
+    if len(matrix) != 1 or not isinstance(next(iter(matrix.values())), list):
+        return
+    key, values = next(iter(matrix.items()))
+    known = [str(v) for v in values]
+    if not item:
+        if not need_item:
+            return
+        err.print(
+            f"[red]error[/red]: stage {stage!r} runs once per {key}; name one, e.g. {stage}@{known[0]} "
+            f"(known {key} values: {', '.join(known)})"
+        )
+        raise typer.Exit(2)
+    if item not in known:
+        err.print(
+            f"[red]error[/red]: unknown {key} {escape(repr(item))} for stage {stage!r}; known: {', '.join(known)}"
+        )
+        raise typer.Exit(2)
 
 
 @app.command()
 def repro(
-    targets: Optional[list[str]] = typer.Argument(None, help="stages (and all they depend on); default: every stage"),
+    targets: list[str] | None = typer.Argument(None, help="stages (and all they depend on); default: every stage"),
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="stages at once; each gets cores/jobs threads"),
-    first: Optional[list[str]] = typer.Option(
+    first: list[str] | None = typer.Option(
         None, help="start the stages this target needs before the rest (repeatable, in order)"
     ),
 ) -> None:
@@ -177,8 +235,10 @@ def predict(
         Path("models/qwen2_5_vl/merged"), help="any semilens VLM folder: base, merged or adapter"
     ),
     max_new_tokens: int = typer.Option(64, min=1),
-    max_pixels: Optional[int] = typer.Option(
-        None, min=1, help="refuse images whose header claims more pixels (default: ingest_images.max_pixels of params.yaml)"
+    max_pixels: int | None = typer.Option(
+        None,
+        min=1,
+        help="refuse images whose header claims more pixels (default: ingest_images.max_pixels of params.yaml)",
     ),
 ) -> None:
     """Answer a question about an image with a VLM checkpoint (greedy)."""
@@ -215,26 +275,34 @@ def ask(
 
 @app.command()
 def serve(
-    checkpoint: Path = typer.Argument(..., help="any semilens folder, text or VLM: base, pretrained, sft, gptq, merged or adapter"),
+    checkpoint: Path = typer.Argument(
+        ..., help="any semilens folder, text or VLM: base, pretrained, sft, gptq, merged or adapter"
+    ),
     host: str = typer.Option("127.0.0.1", help="interface to bind; the default keeps the server to this machine"),
     port: int = typer.Option(8000, min=0, max=65535, help="0: any free port (the URL is printed)"),
-    model_name: Optional[str] = typer.Option(None, help="the model id clients send (default: CHECKPOINT as given)"),
-    api_key_env: Optional[str] = typer.Option(
+    model_name: str | None = typer.Option(None, help="the model id clients send (default: CHECKPOINT as given)"),
+    api_key_env: str | None = typer.Option(
         None, help="require `Authorization: Bearer <key>`, the key read from this environment variable (never printed)"
     ),
     max_request_bytes: int = typer.Option(20_000_000, min=1, help="larger request bodies get 413"),
     default_max_tokens: int = typer.Option(256, min=1, help="reply length when a request gives no max_tokens"),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: torch's choice)"),
-    latency_ms: float = typer.Option(0.0, min=0, help="fixed delay before every /v1 answer (does not block other requests)"),
+    threads: int | None = typer.Option(None, min=1, help="torch threads (default: torch's choice)"),
+    latency_ms: float = typer.Option(
+        0.0, min=0, help="fixed delay before every /v1 answer (does not block other requests)"
+    ),
     fault_rate: float = typer.Option(0.0, min=0, max=1, help="fraction of chat requests that get an injected fault"),
     fault_kinds: str = typer.Option("429,500,timeout,malformed", help="comma list of faults to draw from"),
     fault_seed: int = typer.Option(0, help="seed of the fault draw"),
     fault_hold_s: float = typer.Option(30.0, min=0, help="how long a `timeout` fault holds the reply"),
     fault_retry_after_s: int = typer.Option(1, min=0, help="Retry-After seconds of an injected 429"),
     max_tokens_cap: int = typer.Option(4096, min=1, help="requests asking for more max_tokens get 400"),
-    context_tokens: Optional[int] = typer.Option(None, min=2, help="prompt + max_tokens limit (default: the model's positions)"),
-    max_image_pixels: Optional[int] = typer.Option(
-        None, min=1, help="images claiming more pixels get 400, undecoded (default: ingest_images.max_pixels of params.yaml)"
+    context_tokens: int | None = typer.Option(
+        None, min=2, help="prompt + max_tokens limit (default: the model's positions)"
+    ),
+    max_image_pixels: int | None = typer.Option(
+        None,
+        min=1,
+        help="images claiming more pixels get 400, undecoded (default: ingest_images.max_pixels of params.yaml)",
     ),
     max_images: int = typer.Option(8, min=0, help="images per request"),
     max_json_depth: int = typer.Option(64, min=2, help="deeper-nested request bodies get 400"),
@@ -242,7 +310,6 @@ def serve(
     busy_retry_after_s: int = typer.Option(1, min=0, help="Retry-After seconds of a 429 for a full queue"),
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/models, /v1/chat/completions) until Ctrl-C."""
-    import os
     import signal
     import threading
 
@@ -254,19 +321,36 @@ def serve(
     if api_key_env is not None:
         key = os.environ.get(api_key_env, "")
         if not key:
-            err.print(f"[red]error[/red]: --api-key-env {escape(api_key_env)}: that environment variable is unset or empty")
+            err.print(
+                f"[red]error[/red]: --api-key-env {escape(api_key_env)}: that environment variable is unset or empty"
+            )
             raise typer.Exit(2)
     try:
         options = ServeOptions(
-            model_name=model_name, api_key=key, max_request_bytes=max_request_bytes, default_max_tokens=default_max_tokens,
-            threads=threads, latency_ms=latency_ms, fault_rate=fault_rate, fault_kinds=fault_kinds, fault_seed=fault_seed,
-            fault_hold_s=fault_hold_s, fault_retry_after_s=fault_retry_after_s, max_tokens_cap=max_tokens_cap,
-            context_tokens=context_tokens, max_image_pixels=max_image_pixels or _ingest_max_pixels(), max_images=max_images,
-            max_json_depth=max_json_depth, max_in_flight=max_in_flight, busy_retry_after_s=busy_retry_after_s,
+            model_name=model_name,
+            api_key=key,
+            max_request_bytes=max_request_bytes,
+            default_max_tokens=default_max_tokens,
+            threads=threads,
+            latency_ms=latency_ms,
+            fault_rate=fault_rate,
+            fault_kinds=fault_kinds,
+            fault_seed=fault_seed,
+            fault_hold_s=fault_hold_s,
+            fault_retry_after_s=fault_retry_after_s,
+            max_tokens_cap=max_tokens_cap,
+            context_tokens=context_tokens,
+            max_image_pixels=max_image_pixels or _ingest_max_pixels(),
+            max_images=max_images,
+            max_json_depth=max_json_depth,
+            max_in_flight=max_in_flight,
+            busy_retry_after_s=busy_retry_after_s,
         )
         server = make_app(checkpoint, options)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
         err.print(f"[red]error[/red]: {escape(problems)}")
         raise typer.Exit(2) from exc
     except (ValueError, OSError) as exc:  # as _answer: a bad folder is one line, exit 2
@@ -292,75 +376,19 @@ def serve(
         raise typer.Exit(1) from exc
 
 
-def _tree_text(data: dict) -> "object":
-    """A rich tree of a trace: each stage once (later references point back), its deps
-    under it, then the raw files the records name."""
-    from rich.tree import Tree
-
-    title = f"[bold]{escape(data['artifact'])}[/bold] ({data['kind']}; dvc.lock of the {data['lock']})"
-    top = Tree(title)
-    if data["model"]:
-        m = data["model"]
-        top.add(f"version {m['version']} of {escape(m['name'])}, run {m['run_id']}, git {str(m['git_commit'])[:12]}, params {m['params_hash']}")
-    for w in data["warnings"]:
-        top.add(f"[yellow]warning[/yellow]: {escape(w)}")
-    shown: set[str] = set()
-
-    def add(node, name: str) -> None:
-        s = data["stages"][name]
-        commit = (s["commit"] or "not committed")[:12]
-        branch = node.add(f"[cyan]{escape(name)}[/cyan]  `{escape(s['cmd'])}`  commit {commit}")
-        if name in shown:
-            branch.label = f"[cyan]{escape(name)}[/cyan] (shown above)"
-            return
-        shown.add(name)
-        for file, values in (s["params"] or {}).items():
-            for key, value in (values or {}).items():
-                branch.add(f"param {escape(key)} = {escape(json.dumps(value))[:120]}")
-        for d in s["deps"]:
-            label = f"{escape(d['path'])}  md5 {d['md5']}"
-            if d.get("stage"):
-                add(branch.add(label), d["stage"])
-            elif d["kind"] == "input":
-                branch.add(f"[green]input[/green] {label}")
-        code = [d for d in s["deps"] if d["kind"] == "code"]
-        if code:
-            branch.add(f"code: {len(code)} files ({', '.join(escape(d['path']) for d in code[:4])}{', ...' if len(code) > 4 else ''})")
-
-    for root in data["roots"]:
-        add(top, root)
-    rec = data["records"]
-    if rec["from"]:
-        files = top.add(f"[bold]source files[/bold] (from the records in {', '.join(rec['from'])})")
-        for kind, rows in (("image", rec["images"]), ("pdf", rec["pdfs"])):
-            if not rows:
-                continue
-            group = files.add(f"{len(rows)} {kind}{'s' if len(rows) != 1 else ''}")
-            for r in rows:
-                where = f"page {r['page']}" if kind == "image" else f"pages {','.join(map(str, r['pages']))}"
-                extra = f" [{', '.join(r['splits'])}]" if kind == "image" else ""
-                status = "" if r["status"] == "ok" else f" [red]{r['status']}[/red]"
-                made = "" if r["origin"] == "input" else f" (made by {r['origin']})"
-                group.add(f"{escape(r['source'])} {where} sha256 {r['sha256'][:16]}{extra}{made}{status}")
-        if rec["knowledge"]:
-            files.add(f"knowledge base: {', '.join(rec['knowledge'])}")
-        for ref, n in rec["generated"].items():
-            files.add(f"{escape(ref)}: {n} rows generated (no source file)")
-        for c in rec.get("checkpoints", []):
-            files.add(f"base checkpoint {escape(c['file'])} from the package {escape(c['package'])} {escape(c['version'])}, sha256 {c['sha256']}")
-    return top
-
-
 @app.command()
 def trace(
-    artifact: str = typer.Argument(..., help="a path under models/ or data/, a stage name, or models:/NAME/VERSION (or /latest)"),
+    artifact: str = typer.Argument(
+        ..., help="a path under models/ or data/, a stage name, or models:/NAME/VERSION (or /latest)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the chain as JSON"),
-    rev: Optional[str] = typer.Option(None, help="read dvc.lock as committed at this git revision"),
+    rev: str | None = typer.Option(None, help="read dvc.lock as committed at this git revision"),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
 ) -> None:
     """Print the chain behind an artifact: stages (command, params, commit), every
     dependency's md5 from dvc.lock, down to the raw images and PDF pages its records name."""
-    from semilens.audit import AuditError, trace as run_trace
+    from semilens.audit import AuditError, trace_tree
+    from semilens.audit import trace as run_trace
     from semilens.lineage import LineageError
     from semilens.registry import tracking_uri
 
@@ -373,7 +401,7 @@ def trace(
     if as_json:
         typer.echo(json.dumps(data, indent=1, sort_keys=True))
         return
-    Console(soft_wrap=True).print(_tree_text(data))
+    Console(soft_wrap=True).print(trace_tree(data))
 
 
 @app.command()
@@ -384,8 +412,9 @@ def verify(
     """Recompute the hashes of the artifacts present, compare with dvc.lock and with the
     registered versions' tags; exit 1 naming every drifted, missing or unregistered one."""
     from semilens.audit import verify as run_verify
+    from semilens.audit import verify_lines
     from semilens.lineage import LineageError
-    from semilens.registry import describe_uri, tracking_uri
+    from semilens.registry import tracking_uri
 
     cfg = _load(params)
     try:
@@ -397,18 +426,8 @@ def verify(
         typer.echo(json.dumps(report, indent=1, sort_keys=True))
     else:
         out = Console(soft_wrap=True)
-        for f in report["findings"]:
-            where = f" (read by {', '.join(f['stages'])})" if f["stages"] and f["kind"] in ("changed-input", "changed-code", "changed-file") else ""
-            out.print(f"[red]{f['kind']}[/red] {escape(f['path'])}: {escape(f['detail'])}{escape(where)}")
-        if report["stale_stages"]:
-            out.print(f"stale stages (downstream): {', '.join(report['stale_stages'])}")
-        for m in report["affected_models"]:
-            why = f"built from {', '.join(m['affected_by'])}" if m["affected_by"] else "tags differ from dvc.lock"
-            out.print(f"affected model: models:/{m['name']}/{m['version']} ({escape(why)})")
-        checked = report["checked"]
-        verdict = "[green]ok[/green]" if report["ok"] else f"[red]{len(report['findings'])} finding(s)[/red]"
-        out.print(f"{verdict}: {checked['outputs']} outputs and {checked['paths_hashed']} paths hashed against dvc.lock; "
-                  f"{len(report['models'])} registered model(s) checked in {escape(describe_uri(report['registry']))}")
+        for line in verify_lines(report):
+            out.print(line)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -435,14 +454,18 @@ def review_export(
     except ReviewError as exc:
         err.print(f"[red]error[/red]: {escape(str(exc))}")
         raise typer.Exit(2) from exc
-    typer.echo(f"wrote {done['csv']}: {done['llm_items']} text answers (six expert criteria), "
-               f"{done['vlm_items']} VLM outputs (correctness, relevance, clarity); scores 1-5, '-' where a criterion does not apply")
+    typer.echo(
+        f"wrote {done['csv']}: {done['llm_items']} text answers (six expert criteria), "
+        f"{done['vlm_items']} VLM outputs (correctness, relevance, clarity); scores 1-5, '-' where a criterion does not apply"
+    )
 
 
 @review_app.command("import")
 def review_import(
     sheet: Path = typer.Argument(..., help="the filled CSV"),
-    reviewer: Optional[str] = typer.Option(None, help="the reviewer's name for every row (overrides the sheet's reviewer column)"),
+    reviewer: str | None = typer.Option(
+        None, help="the reviewer's name for every row (overrides the sheet's reviewer column)"
+    ),
     reviews: Path = typer.Option(Path("reviews"), help="where the manifests and ratings.jsonl live"),
     no_dvc: bool = typer.Option(False, "--no-dvc", help="do not `dvc add` the ratings file"),
     params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
@@ -459,13 +482,17 @@ def review_import(
         raise typer.Exit(2) from exc
     for number, reason in result.rejected:
         err.print(f"[red]row {number} rejected[/red]: {escape(reason)}")
-    typer.echo(f"{len(result.accepted)} ratings accepted, {len(result.rejected)} rows rejected, {result.skipped} left blank; "
-               f"{summary['ratings']} ratings stored in {summary['store']}")
+    typer.echo(
+        f"{len(result.accepted)} ratings accepted, {len(result.rejected)} rows rejected, {result.skipped} left blank; "
+        f"{summary['ratings']} ratings stored in {summary['store']}"
+    )
     for kind, block in summary["agreement"].items():
         for name, c in block["criteria"].items():
             if c["rated"]:
-                typer.echo(f"  {kind} {name}: expert mean {c['expert_mean']}, {c['paired']} paired with the machine, "
-                           f"Spearman {c['spearman']}, weighted kappa {c['weighted_kappa']}")
+                typer.echo(
+                    f"  {kind} {name}: expert mean {c['expert_mean']}, {c['paired']} paired with the machine, "
+                    f"Spearman {c['spearman']}, weighted kappa {c['weighted_kappa']}"
+                )
     if summary["versioned"] and not summary["versioned"].endswith(".dvc"):
         err.print(f"[yellow]note[/yellow]: {escape(summary['versioned'])}")
     if result.rejected:

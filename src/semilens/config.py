@@ -2,16 +2,21 @@
 
 Every stage reads its own section; unknown keys anywhere are an error, so a typo in
 ``params.yaml`` or a ``dvc exp run -S`` override fails loudly instead of being ignored.
-Paths live here once (``paths``) and ``dvc.yaml`` templates them from the same file.
+Paths live here once (``paths``) and ``dvc.yaml`` templates them from the same file;
+model servers live once under ``endpoints`` and the steps that use one name it.
+
+The defaults here are the values params.yaml ships, and params.yaml spells out every
+field, so DVC tracks each value a stage reads (tests/test_config_defaults.py holds both).
 """
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -25,9 +30,13 @@ SYNTH_CLASSES = (
     "holes",
     "grains",
 )
-SynthClass = Literal[
-    "particles", "nanowires", "fibres", "porous", "cracked_film", "lines", "holes", "grains"
-]
+# The VLM families semilens knows, named as in dvc.yaml's matrix and
+# src/semilens/vlm/<family>.py. Kept here rather than imported from vlm/families.py, whose
+# modules pull in torch, so loading params.yaml stays fast; families.py checks its
+# registry against this tuple when imported.
+VLM_FAMILIES = ("qwen2_5_vl", "mllama", "paligemma")
+
+SynthClass = Literal["particles", "nanowires", "fibres", "porous", "cracked_film", "lines", "holes", "grains"]
 
 
 class Section(BaseModel):
@@ -80,14 +89,15 @@ class PathsConfig(Section):
         return found
 
 
-class EndpointConfig(Section):
+class ServerConfig(Section):
     """An OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, Ollama,
-    ``semilens serve``), as every model-backed step talks to it through
-    ``semilens.openai_client``. The API key is read from the environment variable
-    ``api_key_env`` names and never from this file."""
+    ``semilens serve``), as params.yaml's ``endpoints`` declares it once by name. The API
+    key is read from the environment variable ``api_key_env`` names and never from this file."""
 
     base_url: str | None = Field(
-        None, pattern=r"^https?://", description="e.g. http://127.0.0.1:8000/v1 (the SDK POSTs to <base_url>/chat/completions)"
+        None,
+        pattern=r"^https?://",
+        description="e.g. http://127.0.0.1:8000/v1 (the SDK POSTs to <base_url>/chat/completions)",
     )
     model: str | None = Field(None, description="the model name the server serves; required with a URL")
     api_key_env: str = Field(
@@ -95,33 +105,42 @@ class EndpointConfig(Section):
     )
     concurrency: int = Field(8, ge=1, le=1024, description="requests in flight at once")
     timeout_s: float = Field(120.0, gt=0, description="per attempt; a slower reply is retried as a timeout")
-    max_retries: int = Field(5, ge=0, le=20, description="extra tries after 429, 5xx, timeouts, dropped connections, malformed replies")
-    backoff_s: float = Field(1.0, ge=0, description="retry n waits up to backoff * 2**n (random, full jitter) unless the server sends Retry-After")
+    max_retries: int = Field(
+        5, ge=0, le=20, description="extra tries after 429, 5xx, timeouts, dropped connections, malformed replies"
+    )
+    backoff_s: float = Field(
+        1.0,
+        ge=0,
+        description="retry n waits up to backoff * 2**n (random, full jitter) unless the server sends Retry-After",
+    )
     max_backoff_s: float = Field(60.0, ge=0, description="cap on any single wait, Retry-After included")
     max_reasks: int = Field(2, ge=0, le=10, description="re-asks of a reply that fails its JSON schema")
     temperature: float = Field(0.0, ge=0, le=2)
     seed: int | None = Field(0, description="sent with every request (servers that support it sample reproducibly)")
-    max_tokens: int = Field(1024, ge=1, description="reply budget per request")
     price_input_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens (cost accounting only)")
     price_output_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens")
+
+
+class EndpointConfig(ServerConfig):
+    """A server as one model-backed step uses it (what ``semilens.openai_client`` takes):
+    in params.yaml the step's block names one of ``endpoints`` (``endpoint: default``) and
+    sets what is its own, such as its reply budget; see ``resolve_endpoints``."""
+
+    max_tokens: int = Field(1024, ge=1, description="reply budget per request")
 
 
 class SynthImagesConfig(Section):
     """Procedural SEM/TEM-like images with exact ground truth."""
 
     seed: int = 0
-    n_per_class: int = Field(4, ge=0, description="images per class; 0 disables the stage")
+    n_per_class: int = Field(30, ge=0, description="images per class; 0 disables the stage")
     classes: tuple[SynthClass, ...] = SYNTH_CLASSES
     size: int = Field(384, ge=64, le=4096, description="image side in pixels (before the databar)")
-    tem_fraction: float = Field(
-        0.25, ge=0.0, le=1.0, description="share of particle images drawn with the TEM look"
-    )
-    pixel_size_nm: tuple[float, float] = Field(
-        (1.0, 8.0), description="range the pixel size is drawn from (nm/px)"
-    )
+    tem_fraction: float = Field(0.25, ge=0.0, le=1.0, description="share of particle images drawn with the TEM look")
+    pixel_size_nm: tuple[float, float] = Field((1.0, 8.0), description="range the pixel size is drawn from (nm/px)")
 
     @model_validator(mode="after")
-    def _check(self) -> "SynthImagesConfig":
+    def _check(self) -> SynthImagesConfig:
         lo, hi = self.pixel_size_nm
         if not 0 < lo <= hi:
             raise ValueError("pixel_size_nm must be (low, high) with 0 < low <= high")
@@ -133,13 +152,9 @@ class SynthImagesConfig(Section):
 class IngestImagesConfig(Section):
     """Raw + synthetic images -> normalised 8-bit PNGs and one record per image."""
 
-    max_pixels: int = Field(
-        64_000_000, description="refuse images larger than this (decompression-bomb guard)"
-    )
+    max_pixels: int = Field(64_000_000, description="refuse images larger than this (decompression-bomb guard)")
     min_side: int = Field(16, ge=1, description="refuse images smaller than this on any side")
-    low_info_std: float = Field(
-        2.0, ge=0.0, description="8-bit std below which a frame is flagged low-information"
-    )
+    low_info_std: float = Field(2.0, ge=0.0, description="8-bit std below which a frame is flagged low-information")
     low_info_structure: float = Field(
         0.02,
         ge=0.0,
@@ -179,7 +194,7 @@ class IngestImagesConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "IngestImagesConfig":
+    def _check(self) -> IngestImagesConfig:
         bad = [k for k, label in self.label_aliases.items() if not k.strip() or not label.strip()]
         if bad:
             raise ValueError(f"label_aliases: empty folder name or class for {bad}")
@@ -190,9 +205,7 @@ class MeasureImagesConfig(Section):
     """Classical morphology per image (scikit-image)."""
 
     min_object_px: int = Field(12, ge=1, description="objects smaller than this are noise")
-    watershed_min_distance: int = Field(
-        4, ge=1, description="min peak distance (px) when splitting touching particles"
-    )
+    watershed_min_distance: int = Field(4, ge=1, description="min peak distance (px) when splitting touching particles")
     smooth_sigma: float = Field(1.0, ge=0.0, description="Gaussian sigma before thresholding")
     split_depth_px: float = Field(
         0.5, gt=0.0, description="a neck must be this much (px) thinner than both blobs to split"
@@ -201,12 +214,16 @@ class MeasureImagesConfig(Section):
         0.1, ge=0.0, description="... and this fraction of the typical particle radius thinner"
     )
     outline_level: float = Field(
-        0.3, ge=0.0, le=0.5,
+        0.3,
+        ge=0.0,
+        le=0.5,
         description="where a particle's outline is drawn on its blurred edge, as a share of "
         "the step above the local background (0.5: the middle of the edge, no growth)",
     )
     debris_rel_size: float = Field(
-        0.35, ge=0.0, lt=1.0,
+        0.35,
+        ge=0.0,
+        lt=1.0,
         description="particles below this fraction of the area-weighted median diameter are "
         "speckle or debris: reported in the notes, not counted",
     )
@@ -220,12 +237,11 @@ class MeasureImagesConfig(Section):
         3.0, gt=1.0, description="unlabelled objects longer than this aspect are measured as wires"
     )
     rod_max_aspect: float = Field(
-        8.0, gt=1.0,
+        8.0,
+        gt=1.0,
         description="... as rods instead when they are straight, convex and at most this long",
     )
-    min_structure: float = Field(
-        0.1, ge=0.0, description="lag-1 autocorrelation below which a frame is noise only"
-    )
+    min_structure: float = Field(0.1, ge=0.0, description="lag-1 autocorrelation below which a frame is noise only")
 
 
 class AnnotateImagesConfig(Section):
@@ -238,14 +254,25 @@ class AnnotateImagesConfig(Section):
     )
     seed: int = 0
     min_questions: int = Field(6, ge=5, description="VQA pairs per image (at least five types)")
+    min_success_rate: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="with backend vlm: the stage fails when a smaller fraction of images got an answer from the server "
+        "(401, unreachable, 5xx after retries); 0 fills every failed image from the grounded backend",
+    )
     vlm: EndpointConfig = Field(
-        default_factory=lambda: EndpointConfig(max_tokens=768), description="the server with backend: vlm"
+        default_factory=lambda: EndpointConfig(max_tokens=768),
+        description="the server with backend: vlm (params.yaml names one of `endpoints`); its own reply budget",
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "AnnotateImagesConfig":
+    def _check(self) -> AnnotateImagesConfig:
         if self.backend == "vlm" and not (self.vlm.base_url and self.vlm.model):
-            raise ValueError("backend: vlm needs annotate_images.vlm.base_url and .model (an OpenAI-compatible server)")
+            raise ValueError(
+                "backend: vlm needs an OpenAI-compatible server: base_url and .model on the endpoint "
+                "annotate_images.vlm names (endpoints.<name>) or in annotate_images.vlm"
+            )
         return self
 
 
@@ -257,7 +284,7 @@ class SplitDatasetConfig(Section):
     salt: str = Field("semilens", description="changing it reshuffles every group")
 
     @model_validator(mode="after")
-    def _check(self) -> "SplitDatasetConfig":
+    def _check(self) -> SplitDatasetConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave room for train")
         return self
@@ -283,7 +310,7 @@ class TinyVLMConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "TinyVLMConfig":
+    def _check(self) -> TinyVLMConfig:
         if self.hidden_size % self.heads or self.heads % self.kv_heads:
             raise ValueError("hidden_size must divide by heads, heads by kv_heads")
         if (self.hidden_size // self.heads) % 8:
@@ -294,7 +321,7 @@ class TinyVLMConfig(Section):
 class VLMPretrainConfig(Section):
     """Generic (non-microscopy) pretraining of a tiny preset."""
 
-    steps: int = Field(300, ge=0, description="0 keeps the random init")
+    steps: int = Field(600, ge=0, description="0 keeps the random init")
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
@@ -310,22 +337,36 @@ class PrepareVLMConfig(Section):
         1, ge=1, description="torch CPU threads; a param because the count changes the weights' last bits"
     )
     bases: dict[str, str] = Field(default_factory=lambda: {"qwen2_5_vl": "tiny", "mllama": "tiny", "paligemma": "tiny"})
-    tiny: TinyVLMConfig = TinyVLMConfig()
+    # 224*224: Llama-3.2-Vision's tile and PaliGemma-2's input side. The class default
+    # (112*112) stays the smallest size, for tests that build a preset in seconds.
+    tiny: TinyVLMConfig = TinyVLMConfig(max_pixels=224 * 224)
     # The preset is shared, but a size can suit one family and not the others: each family
     # derives its input side from max_pixels, and Qwen2.5-VL needs more pixels for the
     # class than PaliGemma-2 (whose token count grows with the square of the side) can pay.
     tiny_overrides: dict[str, dict[str, int]] = Field(
-        default_factory=dict,
+        default_factory=lambda: {"qwen2_5_vl": {"max_pixels": 336 * 336}},
         description="per family, keys of `tiny` replaced for that family only, e.g. {qwen2_5_vl: {max_pixels: 112896}}",
     )
     pretrain: VLMPretrainConfig = VLMPretrainConfig()
 
+    @field_validator("bases")
+    @classmethod
+    def _known_families(cls, bases: dict[str, str]) -> dict[str, str]:
+        # Refused here, not when prepare_vlm@<family> first looks it up: a typo would
+        # otherwise pass --dry-run and every stage that never reads that family.
+        unknown = sorted(set(bases) - set(VLM_FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown VLM family {', '.join(map(repr, unknown))}; known: {', '.join(VLM_FAMILIES)}")
+        return bases
+
     @model_validator(mode="after")
-    def _check_overrides(self) -> "PrepareVLMConfig":
+    def _check_overrides(self) -> PrepareVLMConfig:
+        # Checked against the known families, not `bases`: an override of a family this
+        # run does not build (a single-family bases) is unused, not wrong.
         for family in self.tiny_overrides:
-            if family not in self.bases:
+            if family not in VLM_FAMILIES:
                 raise ValueError(
-                    f"tiny_overrides names {family!r}, which is not a family in prepare_vlm.bases ({sorted(self.bases)})"
+                    f"tiny_overrides names {family!r}, which is not a family semilens knows ({', '.join(VLM_FAMILIES)})"
                 )
             self.tiny_for(family)
         return self
@@ -343,10 +384,11 @@ class PrepareVLMConfig(Section):
 
 
 class LoraConfigSection(Section):
-    """PEFT LoRA adapter settings."""
+    """PEFT LoRA adapter settings of a VLM fine-tune. The class defaults suit a real base
+    (what the presets set); ``FinetuneVLMConfig.lora`` changes what the tiny preset needs."""
 
-    r: int = Field(8, ge=1, description="rank; higher: more capacity and memory")
-    alpha: int = Field(16, ge=1, description="scale = alpha / r")
+    r: int = Field(16, ge=1, description="rank; higher: more capacity and memory")
+    alpha: int = Field(32, ge=1, description="scale = alpha / r")
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] | None = Field(
         None, description="None: the family's language-model projections (regex or names)"
@@ -358,24 +400,32 @@ class LoraConfigSection(Section):
     )
 
 
+class LLMLoraConfig(Section):
+    """PEFT LoRA adapter settings of the text model (no vision tower, so no train_vision)."""
+
+    r: int = Field(16, ge=1, description="rank; higher: more capacity and memory")
+    alpha: int = Field(32, ge=1, description="scale = alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] | None = Field(None, description="None: Llama's attention and MLP projections")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full beside the adapter (PEFT), e.g. lm_head"
+    )
+
+
 class TrainerSection(Section):
     """How the adapter is trained (TRL SFTTrainer)."""
 
     backend: Literal["auto", "transformers", "unsloth"] = Field(
         "auto", description="auto: unsloth on CUDA when the gpu extra is installed, else transformers + PEFT"
     )
-    quantization: Literal["none", "4bit"] = Field(
-        "none", description="4bit: QLoRA with bitsandbytes; CUDA only"
-    )
+    quantization: Literal["none", "4bit"] = Field("none", description="4bit: QLoRA with bitsandbytes; CUDA only")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
-    max_steps: int = Field(150, ge=1)
+    max_steps: int = Field(400, ge=1)
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(2e-3, gt=0)
+    learning_rate: float = Field(5e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
-    max_length: int = Field(
-        512, ge=32, description="tokens per example; must exceed image tokens + prompt + answer"
-    )
+    max_length: int = Field(768, ge=32, description="tokens per example; must exceed image tokens + prompt + answer")
     save_steps: int = Field(50, ge=1, description="checkpoint every N steps (a killed run resumes)")
     save_total_limit: int = Field(2, ge=1)
     logging_steps: int = Field(5, ge=1)
@@ -399,7 +449,11 @@ class FinetuneVLMConfig(Section):
         "and a few dozen images per class stop being memorised by their exact pixels. An "
         "answer that states an angle is rewritten to match the turn",
     )
-    lora: LoraConfigSection = LoraConfigSection()
+    # The tiny preset's output layer and vision tower never saw microscopy, so it trains
+    # them too and, under-fitting rather than over-fitting, needs no dropout.
+    lora: LoraConfigSection = LoraConfigSection(
+        dropout=0.0, train_vision=True, modules_to_save=["lm_head", "embed_tokens"]
+    )
     trainer: TrainerSection = TrainerSection()
 
 
@@ -437,38 +491,80 @@ class ExtractPdfsConfig(Section):
     ocr_min_chars: int = Field(20, ge=0, description="fewer text-layer characters: the page is OCRed")
     ocr_dpi: int = Field(300, ge=72, le=1200)
     ocr_lang: str = "eng"
-    ocr_timeout_s: int = Field(300, ge=1)
+    ocr_timeout_s: int = Field(300, ge=1, description="OCR seconds for one page (render + tesseract)")
+    ocr_file_timeout_s: int = Field(
+        1800, ge=1, description="OCR seconds for one file, cached pages counting what they took"
+    )
+    max_pages: int = Field(2000, ge=1, description="a file with more pages is quarantined before any page is read")
+    max_ocr_pixels: int = Field(
+        25_000_000, ge=1_000_000, description="a page rendered for OCR is scaled down to about this many pixels at most"
+    )
+    max_blank_run: int = Field(50, ge=1, description="this many consecutive pages without text quarantine the file")
     max_garbled: float = Field(0.01, ge=0, le=1, description="pages above: counted as garbled")
     word_gap: float = Field(0.15, gt=0, le=1, description="a gap between glyph runs of this many em is a space")
-    max_glued: float = Field(0.005, ge=0, le=1, description="pages whose text has more glued words: pdfium's reading if it has fewer")
-    reading_margin: float = Field(0.05, gt=0, le=1, description="pdfium's reading replaces the visitor's when it scores this much higher")
+    max_glued: float = Field(
+        0.005, ge=0, le=1, description="pages whose text has more glued words: pdfium's reading if it has fewer"
+    )
+    reading_margin: float = Field(
+        0.05, gt=0, le=1, description="pdfium's reading replaces the visitor's when it scores this much higher"
+    )
 
 
 class CleanMarkdownConfig(Section):
     """Rule-based PDF text -> Markdown (see semilens.text.clean for the rules)."""
 
-    margin_band: float = Field(0.08, gt=0, lt=0.5, description="top/bottom share of a page where a bare number is a page number even without a sequence")
-    repeat_fraction: float = Field(0.3, gt=0, le=1, description="an edge line repeating at one position on this share of pages (3 at least) is running")
-    edge_lines: int = Field(3, ge=1, le=10, description="baselines at the top and at the bottom of a page searched for running lines")
-    position_tolerance: float = Field(0.015, gt=0, lt=0.2, description="share of the page height within which a repeated line counts as at the same position")
+    margin_band: float = Field(
+        0.08,
+        gt=0,
+        lt=0.5,
+        description="top/bottom share of a page where a bare number is a page number even without a sequence",
+    )
+    repeat_fraction: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="an edge line repeating at one position on this share of pages (3 at least) is running",
+    )
+    edge_lines: int = Field(
+        3, ge=1, le=10, description="baselines at the top and at the bottom of a page searched for running lines"
+    )
+    position_tolerance: float = Field(
+        0.015,
+        gt=0,
+        lt=0.2,
+        description="share of the page height within which a repeated line counts as at the same position",
+    )
     heading_ratio: float = Field(1.15, ge=1, description="font size / body size from which a line is a heading")
     max_heading_chars: int = Field(120, ge=10)
-    max_front_chars: int = Field(100, ge=20, description="a first-page line longer than this ends the title/author block")
+    max_front_chars: int = Field(
+        100, ge=20, description="a first-page line longer than this ends the title/author block"
+    )
     cell_gap: float = Field(
-        0.8, gt=0, description="pieces of a line closer than this many em are one table cell (a word space at a font change)"
+        0.8,
+        gt=0,
+        description="pieces of a line closer than this many em are one table cell (a word space at a font change)",
     )
     chunk_chars: int = Field(1500, ge=200, description="chunks are cut at headings and at this length")
     backend: Literal["rules", "llm"] = Field(
-        "rules", description="rules: offline; llm: a model on an OpenAI-compatible server (``llm``) polishes each block, checked"
+        "rules",
+        description="rules: offline; llm: a model on an OpenAI-compatible server (``llm``) polishes each block, checked",
     )
-    llm: EndpointConfig = Field(default_factory=lambda: EndpointConfig(max_tokens=2048), description="the server with backend: llm")
-    max_dropped: float = Field(0.05, ge=0, lt=1, description="a rewrite keeping fewer of the block's words than 1 - this is refused")
+    llm: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(max_tokens=2048),
+        description="the server with backend: llm (params.yaml names one of `endpoints`); its own reply budget",
+    )
+    max_dropped: float = Field(
+        0.05, ge=0, lt=1, description="a rewrite keeping fewer of the block's words than 1 - this is refused"
+    )
     max_added: float = Field(0.10, ge=0, lt=1, description="a rewrite with more new words than this share is refused")
 
     @model_validator(mode="after")
-    def _check(self) -> "CleanMarkdownConfig":
+    def _check(self) -> CleanMarkdownConfig:
         if self.backend == "llm" and not (self.llm.base_url and self.llm.model):
-            raise ValueError("backend: llm needs clean_markdown.llm.base_url and .model (an OpenAI-compatible server)")
+            raise ValueError(
+                "backend: llm needs an OpenAI-compatible server: base_url and .model on the endpoint "
+                "clean_markdown.llm names (endpoints.<name>) or in clean_markdown.llm"
+            )
         return self
 
 
@@ -493,7 +589,10 @@ class TagOntologyConfig(Section):
     )
     context_units: int = Field(5, ge=1, description="leading units of a document that its untagged chunks may take")
     context_min_share: float = Field(
-        0.1, ge=0, le=1, description="a leading unit is the first tag of at least this share of the directly tagged chunks"
+        0.1,
+        ge=0,
+        le=1,
+        description="a leading unit is the first tag of at least this share of the directly tagged chunks",
     )
     min_similarity_in_context: float = Field(
         0.2, ge=-1, le=1, description="similarity an untagged chunk needs to one of its document's leading units"
@@ -525,17 +624,27 @@ class SynthInstructionsConfig(Section):
         description="templates: offline; llm: a model on an OpenAI-compatible server (``llm``) also writes "
         "pairs from the corpus and works the maths, checked (see semilens.text.instruct_llm)",
     )
-    llm: EndpointConfig = Field(default_factory=lambda: EndpointConfig(max_tokens=1536), description="the server with backend: llm")
+    llm: EndpointConfig = Field(
+        default_factory=lambda: EndpointConfig(max_tokens=1536),
+        description="the server with backend: llm (params.yaml names one of `endpoints`); its own reply budget",
+    )
     llm_pairs_per_chunk: int = Field(3, ge=1, le=10)
-    min_grounding: float = Field(0.6, ge=0, le=1, description="share of an answer's content words that must occur in its chunk")
-    math_rel_tol: float = Field(0.02, gt=0, lt=1, description="a worked maths answer within this of the computed one is kept")
+    min_grounding: float = Field(
+        0.6, ge=0, le=1, description="share of an answer's content words that must occur in its chunk"
+    )
+    math_rel_tol: float = Field(
+        0.02, gt=0, lt=1, description="a worked maths answer within this of the computed one is kept"
+    )
 
     @model_validator(mode="after")
-    def _check(self) -> "SynthInstructionsConfig":
+    def _check(self) -> SynthInstructionsConfig:
         if self.val_fraction + self.test_fraction + self.benchmark_fraction >= 0.9:
             raise ValueError("val + test + benchmark fractions must leave at least 10% for train")
         if self.backend == "llm" and not (self.llm.base_url and self.llm.model):
-            raise ValueError("backend: llm needs synth_instructions.llm.base_url and .model (an OpenAI-compatible server)")
+            raise ValueError(
+                "backend: llm needs an OpenAI-compatible server: base_url and .model on the endpoint "
+                "synth_instructions.llm names (endpoints.<name>) or in synth_instructions.llm"
+            )
         return self
 
 
@@ -552,7 +661,7 @@ class TinyLLMConfig(Section):
     rope_theta: float = Field(500000.0, gt=0)
 
     @model_validator(mode="after")
-    def _check(self) -> "TinyLLMConfig":
+    def _check(self) -> TinyLLMConfig:
         if self.hidden_size % self.heads or self.heads % self.kv_heads:
             raise ValueError("hidden_size must divide by heads, and heads by kv_heads")
         return self
@@ -576,10 +685,10 @@ class PretrainLLMConfig(Section):
     seed: int = 0
     threads: int = Field(1, ge=1)
     method: Literal["full", "lora"] = Field("full", description="full for the tiny preset; lora for a large base")
-    lora: LoraConfigSection = LoraConfigSection(r=16, alpha=32)
+    lora: LLMLoraConfig = LLMLoraConfig()
     heldout_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of chunks kept out for perplexity")
     block_size: int = Field(256, ge=16, description="packed sequence length (tokens)")
-    max_steps: int = Field(300, ge=1)
+    max_steps: int = Field(250, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
@@ -592,9 +701,9 @@ class SftLLMConfig(Section):
 
     seed: int = 0
     threads: int = Field(1, ge=1)
-    lora: LoraConfigSection = LoraConfigSection(r=16, alpha=32)
-    max_steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
+    lora: LLMLoraConfig = LLMLoraConfig()
+    max_steps: int = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(20, ge=0)
     max_length: int = Field(512, ge=32)
@@ -613,7 +722,11 @@ class QuantizeLLMConfig(Section):
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening")
     calibration_samples: int = Field(128, ge=1, description="packed corpus blocks (training chunks only)")
     max_seq_length: int = Field(256, ge=16, description="tokens per calibration block")
-    smoke_prompt: str = Field("What controls the etch rate in reactive ion etching?", min_length=1, description="generated once after reloading")
+    smoke_prompt: str = Field(
+        "What controls the etch rate in reactive ion etching?",
+        min_length=1,
+        description="generated once after reloading",
+    )
 
 
 class JudgeConfig(EndpointConfig):
@@ -642,7 +755,8 @@ class EvaluateLLMConfig(Section):
     batch_size: int = Field(16, ge=1)
     math_rel_tol: float = Field(0.02, gt=0, lt=1, description="relative tolerance of a maths answer")
     calculator: bool = Field(
-        True, description="also score maths with calculator-assisted decoding (the model writes the arithmetic, a calculator the digits)"
+        True,
+        description="also score maths with calculator-assisted decoding (the model writes the arithmetic, a calculator the digits)",
     )
     judge: JudgeConfig = JudgeConfig()
 
@@ -657,6 +771,9 @@ class Config(Section):
     """The whole of ``params.yaml``."""
 
     paths: PathsConfig = PathsConfig()
+    # Servers declared once by name; the model-backed steps' blocks name one (see
+    # resolve_endpoints), so after validation each step holds its resolved EndpointConfig.
+    endpoints: dict[str, ServerConfig] = Field(default_factory=lambda: {"default": ServerConfig()})
     synth_images: SynthImagesConfig = SynthImagesConfig()
     ingest_images: IngestImagesConfig = IngestImagesConfig()
     measure_images: MeasureImagesConfig = MeasureImagesConfig()
@@ -677,6 +794,83 @@ class Config(Section):
     quantize_llm: QuantizeLLMConfig = QuantizeLLMConfig()
     evaluate_llm: EvaluateLLMConfig = EvaluateLLMConfig()
     report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_endpoints(cls, data: object) -> object:
+        return resolve_endpoints(data) if isinstance(data, dict) else data
+
+
+# ---------------------------------------------------------------- endpoints
+# params.yaml declares each server once under `endpoints` and a model-backed step's block
+# names one:
+#     endpoints:
+#       default: {base_url: null, model: null, concurrency: 8, ...}
+#       vllm: {base_url: http://127.0.0.1:8000/v1, model: Qwen/Qwen2.5-VL-7B-Instruct}
+#     annotate_images:
+#       vlm: {endpoint: vllm, max_tokens: 768}
+# Resolving turns the step's block into the full EndpointConfig the step reads, so stages,
+# caches and written configs see what they saw before endpoints were shared.
+
+
+@cache
+def endpoint_uses() -> tuple[tuple[str, str, EndpointConfig], ...]:
+    """(section, field, typed default) of every step setting that is an endpoint."""
+    uses = []
+    for section, info in Config.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            for field, sub in kind.model_fields.items():
+                if isinstance(sub.annotation, type) and issubclass(sub.annotation, EndpointConfig):
+                    uses.append((section, field, getattr(info.get_default(call_default_factory=True), field)))
+    return tuple(uses)
+
+
+def own_settings(default: EndpointConfig) -> dict:
+    """What a step's typed default sets for itself: the keys a server does not have (its
+    reply budget, the judge's max_items) and any server key it sets apart from a plain
+    server's (the judge's key variable). They hold whichever endpoint the step names, and
+    the step's block in params.yaml can change them."""
+    plain = ServerConfig().model_dump()
+    return {k: v for k, v in default.model_dump().items() if k not in plain or plain[k] != v}
+
+
+def resolve_endpoints(raw: dict) -> dict:
+    """``raw`` (a params tree) with every step's endpoint block resolved.
+
+    A named endpoint other than ``default`` starts from ``default`` and sets what differs.
+    A step's block is ``endpoint`` (a name; ``default`` when left out) plus keys of its own;
+    it resolves to the named server, then the step's own settings (``own_settings``), then
+    the block's keys. An unknown name is refused naming the key; a server that does not
+    validate is left for the ``endpoints`` field to report, once."""
+    declared = raw.get("endpoints", {})
+    if isinstance(declared, dict):  # Config(endpoints={"default": ServerConfig(...)}) in code
+        declared = {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in declared.items()}
+    if not isinstance(declared, dict) or not all(isinstance(v, dict) for v in declared.values()):
+        return raw  # not a mapping of mappings: the endpoints field reports it
+    base = declared.get("default", {})
+    servers = {"default": base, **{name: {**base, **entry} for name, entry in declared.items() if name != "default"}}
+    valid = {}
+    for name, entry in servers.items():
+        try:
+            valid[name] = ServerConfig.model_validate(entry).model_dump()
+        except ValidationError:
+            pass
+    out, bad = {**raw, "endpoints": servers}, []
+    for section, field, default in endpoint_uses():
+        block = out.get(section, {})
+        use = block.get(field, {}) if isinstance(block, dict) else None
+        if not isinstance(use, dict):
+            continue  # the section's own validation reports the type
+        use = dict(use)
+        name = use.pop("endpoint", "default")
+        if not isinstance(name, str) or name not in servers:
+            bad.append(f"{section}.{field}.endpoint: {name!r} is not declared under endpoints ({', '.join(servers)})")
+            continue
+        out[section] = {**block, field: {**valid.get(name, {}), **own_settings(default), **use}}
+    if bad:
+        raise ValueError("; ".join(bad))
+    return out
 
 
 class ConfigError(ValueError):
@@ -699,7 +893,13 @@ def load_config(path: Path | str = DEFAULT_PARAMS) -> Config:
 
 def validation_problems(exc: ValidationError) -> str:
     """Every bad key of a validation error on one line: ``a.b: message; ...``."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+    # a whole-tree check (an endpoint name) has no location; its own message names the key
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+        if err["loc"]
+        else str(err.get("ctx", {}).get("error", err["msg"]))
+        for err in exc.errors()
+    )
 
 
 def validate_config(raw: dict, where: str, root: Path | None = None) -> Config:
@@ -713,11 +913,19 @@ def validate_config(raw: dict, where: str, root: Path | None = None) -> Config:
     if root is not None and not cfg.paths.allow_outside:
         outside = cfg.paths.outside(root)
         if outside:
-            listed = "; ".join(f"paths.{key}: {full} is outside the project {Path(root).resolve()}" for key, full in outside.items())
-            raise ConfigError(f"{where}: {listed} (set paths.allow_outside: true to use folders elsewhere, e.g. a mounted data disk)")
+            listed = "; ".join(
+                f"paths.{key}: {full} is outside the project {Path(root).resolve()}" for key, full in outside.items()
+            )
+            raise ConfigError(
+                f"{where}: {listed} (set paths.allow_outside: true to use folders elsewhere, e.g. a mounted data disk)"
+            )
     return cfg
 
 
-def dump_config(cfg: BaseModel) -> str:
-    """YAML of a resolved config (or section), as written next to artifacts."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg: BaseModel | dict[str, BaseModel]) -> str:
+    """YAML of a resolved config (or section, ``endpoints`` included), as written next to artifacts."""
+    if isinstance(cfg, BaseModel):
+        data = cfg.model_dump(mode="json")
+    else:
+        data = {k: v.model_dump(mode="json") for k, v in cfg.items()}
+    return yaml.safe_dump(data, sort_keys=False)

@@ -42,16 +42,29 @@ def trainer_for(path: str, steps: int) -> dict[str, Any]:
 
 
 def case_config(work: Path, vqa: Path, family: str, path: str, steps: int) -> Any:
-    from semilens.config import Config, FinetuneVLMConfig, LoraConfigSection, PathsConfig, PrepareVLMConfig, TrainerSection
-    from semilens.config import TinyVLMConfig, VLMPretrainConfig
+    from semilens.config import (
+        Config,
+        FinetuneVLMConfig,
+        LoraConfigSection,
+        PathsConfig,
+        PrepareVLMConfig,
+        TinyVLMConfig,
+        TrainerSection,
+        VLMPretrainConfig,
+    )
 
     return Config(
         paths=PathsConfig(
-            models=work / "models", metrics=work / path / "metrics", logs=work / path / "logs", vqa=vqa, cache=work / path / "cache"
+            models=work / "models",
+            metrics=work / path / "metrics",
+            logs=work / path / "logs",
+            vqa=vqa,
+            cache=work / path / "cache",
         ),
         prepare_vlm=PrepareVLMConfig(
             bases={family: "tiny"},
             tiny=TinyVLMConfig(),
+            tiny_overrides={},  # every family at the small tiny size: the check is of code paths, not quality
             pretrain=VLMPretrainConfig(steps=20, batch_size=4, eval_samples=0),
         ),
         finetune_vlm=FinetuneVLMConfig(
@@ -77,7 +90,12 @@ def run_case(work: Path, vqa: Path, family: str, path: str, steps: int) -> dict[
     try:
         summary = finetune_vlm(case_config(work, vqa, family, path, steps), family)
     except Exception as exc:  # the table reports it; the other cases go on
-        return {**row, "status": "failed", "seconds": round(time.perf_counter() - start, 1), "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {
+            **row,
+            "status": "failed",
+            "seconds": round(time.perf_counter() - start, 1),
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+        }
     return {
         **row,
         "status": "ok",
@@ -114,18 +132,24 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vqa", type=Path, default=Path("data/processed/vqa"), help="the VQA split folder (train.parquet)")
-    ap.add_argument("--work", type=Path, default=Path(".semilens_cache/gpu_check"), help="bases, adapters and checkpoints")
+    ap.add_argument(
+        "--work", type=Path, default=Path(".semilens_cache/gpu_check"), help="bases, adapters and checkpoints"
+    )
     ap.add_argument("--out", type=Path, default=Path("metrics/gpu_check.json"), help="the table's rows as JSON")
     ap.add_argument("--families", nargs="+", default=sorted(FAMILIES), choices=sorted(FAMILIES))
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--case", nargs=2, metavar=("FAMILY", "PATH"), help=argparse.SUPPRESS)  # one case, in a child process
+    ap.add_argument(
+        "--case", nargs=2, metavar=("FAMILY", "PATH"), help=argparse.SUPPRESS
+    )  # one case, in a child process
     args = ap.parse_args(argv)
 
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; it checks the GPU-only paths (bf16, QLoRA, unsloth) and runs nothing without one")
+        print(
+            "gpu_check: no CUDA device here; it checks the GPU-only paths (bf16, QLoRA, unsloth) and runs nothing without one"
+        )
         return 2
     if not (args.vqa / "train.parquet").is_file():
         print(f"gpu_check: {args.vqa / 'train.parquet'} not found; run `make run` first or give --vqa")
@@ -138,8 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for family in args.families:
         for path in args.paths:
-            cmd = [sys.executable, "-m", "semilens.gpu_check", "--case", family, path, "--vqa", str(args.vqa),
-                   "--work", str(args.work), "--steps", str(args.steps)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "semilens.gpu_check",
+                "--case",
+                family,
+                path,
+                "--vqa",
+                str(args.vqa),
+                "--work",
+                str(args.work),
+                "--steps",
+                str(args.steps),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
             if res.returncode == 0 and lines:
@@ -149,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"family": family, "path": path, "status": "crashed", "error": tail[:300]})
             print(f"{family} {path}: {rows[-1]['status']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": rows}, indent=2) + "\n"
+    )
     print(table(rows))
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 

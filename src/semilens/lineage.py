@@ -82,7 +82,14 @@ def parse_lock(text: str) -> dict[str, LockStage]:
         return [Hashed(Path(str(i["path"])).as_posix(), i.get("md5", "")) for i in items or []]
 
     return {
-        name: LockStage(name, entry.get("cmd", ""), hashed(entry.get("deps")), hashed(entry.get("outs")), entry.get("params") or {}, entry)
+        name: LockStage(
+            name,
+            entry.get("cmd", ""),
+            hashed(entry.get("deps")),
+            hashed(entry.get("outs")),
+            entry.get("params") or {},
+            entry,
+        )
         for name, entry in (data.get("stages") or {}).items()
     }
 
@@ -159,4 +166,7 @@ def git_state(root: Path = Path(".")) -> dict[str, Any]:
     """The commit the working tree is on, and whether tracked files differ from it."""
     commit = run_git(root, "rev-parse", "HEAD")
     dirty = run_git(root, "status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit.strip() if commit else "unknown", "dirty": bool(dirty.strip()) if dirty is not None else None}
+    return {
+        "commit": commit.strip() if commit else "unknown",
+        "dirty": bool(dirty.strip()) if dirty is not None else None,
+    }

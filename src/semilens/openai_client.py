@@ -117,7 +117,9 @@ class Accounting:
 
     @property
     def cost_usd(self) -> float:
-        return (self.prompt_tokens * self.price_input_per_mtok + self.completion_tokens * self.price_output_per_mtok) / 1e6
+        return (
+            self.prompt_tokens * self.price_input_per_mtok + self.completion_tokens * self.price_output_per_mtok
+        ) / 1e6
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -201,7 +203,14 @@ def classify(exc: Exception) -> RequestFailed:
             return RequestFailed("rate_limited", detail, wait)
         if status >= 500:
             return RequestFailed("server_error", detail, wait)
-        kind = {400: "bad_request", 401: "unauthorized", 403: "unauthorized", 404: "not_found", 413: "bad_request", 422: "bad_request"}
+        kind = {
+            400: "bad_request",
+            401: "unauthorized",
+            403: "unauthorized",
+            404: "not_found",
+            413: "bad_request",
+            422: "bad_request",
+        }
         return RequestFailed(kind.get(status, "http_error"), detail)
     if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError)):
         return RequestFailed("malformed", "the reply is not a chat completion (invalid JSON)")
@@ -301,7 +310,14 @@ class Client:
         extra = {} if request.schema is None else {"response_format": response_format(request.schema)}
         for ask in range(self.endpoint.max_reasks + 1):
             try:
-                text = await self._reply(sdk, gate, Request(messages, request.schema, request.max_tokens, request.tag), sampling, extra, outcome)
+                text = await self._reply(
+                    sdk,
+                    gate,
+                    Request(messages, request.schema, request.max_tokens, request.tag),
+                    sampling,
+                    extra,
+                    outcome,
+                )
             except RequestFailed as exc:
                 outcome.error = exc
                 break
@@ -322,8 +338,11 @@ class Client:
                 messages = [
                     *request.messages,
                     {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That reply does not match the JSON schema: {problem}. "
-                     "Answer again with only the JSON object."},
+                    {
+                        "role": "user",
+                        "content": f"That reply does not match the JSON schema: {problem}. "
+                        "Answer again with only the JSON object.",
+                    },
                 ]
         if outcome.error is None:
             self._unreachable = 0
@@ -337,7 +356,13 @@ class Client:
         return outcome
 
     async def _reply(
-        self, sdk: Any, gate: asyncio.Semaphore, request: Request, sampling: dict[str, Any], extra: dict[str, Any], outcome: Outcome
+        self,
+        sdk: Any,
+        gate: asyncio.Semaphore,
+        request: Request,
+        sampling: dict[str, Any],
+        extra: dict[str, Any],
+        outcome: Outcome,
     ) -> str:
         """The reply text to exactly these messages: from the cache, or sent (with retries)
         and then cached. Every reply that arrived is cached, an invalid one too: a re-run

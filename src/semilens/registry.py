@@ -141,9 +141,7 @@ def register(reg: Registration, uri: str, experiment: str, artifact_root: Path) 
         source = f"{run.info.artifact_uri}/{reg.model_artifact}"
     if not client.search_registered_models(f"name = '{reg.name}'"):
         client.create_registered_model(reg.name, description=f"semilens model {reg.name}")
-    mv = client.create_model_version(
-        reg.name, source=source, run_id=run_id, tags=tags, description=reg.description
-    )
+    mv = client.create_model_version(reg.name, source=source, run_id=run_id, tags=tags, description=reg.description)
     return {"name": reg.name, "version": int(mv.version), "run_id": run_id, "reused": False}
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from semilens.config import Config
 from semilens.io import atomic_write_text, read_json, read_jsonl
-from semilens.vlm.metrics import answer_correct
+from semilens.scores import answer_correct
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1200px;padding:16px 24px;color:#1d232a}
@@ -162,40 +162,82 @@ def vlm_section(cfg: Config, family: str) -> str:
     if not report_path.is_file():
         return f"<h3>{esc(family)}</h3><p class='muted'>no evaluation yet ({esc(report_path)})</p>"
     rep = read_json(report_path)
-    keys = ["vqa_accuracy", "vqa_macro_accuracy", "class_accuracy", "caption_rouge_l", "caption_bleu", "caption_bertscore_f1"]
-    rows = [{"metric": k, "base": rep["base"].get(k), "fine-tuned": rep["finetuned"].get(k),
-             "change": rep.get("delta", {}).get(k)} for k in keys]
+    keys = [
+        "vqa_accuracy",
+        "vqa_macro_accuracy",
+        "class_accuracy",
+        "caption_rouge_l",
+        "caption_bleu",
+        "caption_bertscore_f1",
+    ]
+    rows = [
+        {
+            "metric": k,
+            "base": rep["base"].get(k),
+            "fine-tuned": rep["finetuned"].get(k),
+            "change": rep.get("delta", {}).get(k),
+        }
+        for k in keys
+    ]
     types = sorted(rep["finetuned"].get("vqa_per_type", {}))
-    per_type = [{"type": t, "n": rep["finetuned"]["vqa_per_type"][t]["n"],
-                 "base": rep["base"]["vqa_per_type"].get(t, {}).get("accuracy"),
-                 "fine-tuned": rep["finetuned"]["vqa_per_type"][t]["accuracy"]} for t in types]
+    per_type = [
+        {
+            "type": t,
+            "n": rep["finetuned"]["vqa_per_type"][t]["n"],
+            "base": rep["base"]["vqa_per_type"].get(t, {}).get("accuracy"),
+            "fine-tuned": rep["finetuned"]["vqa_per_type"][t]["accuracy"],
+        }
+        for t in types
+    ]
     # Real micrographs first: the synthetic ones are drawn by the project and say less
     # about what a user's images will get.
     origins = [
-        {"images": kind, "n": f"{rep[kind]['n_images']} images, {rep[kind]['n_rows']} rows",
-         **{f"{m} {k}": rep[kind][m].get(k) for m in ("base", "finetuned")
-            for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")}}
-        for kind in ("real", "synthetic") if kind in rep
+        {
+            "images": kind,
+            "n": f"{rep[kind]['n_images']} images, {rep[kind]['n_rows']} rows",
+            **{
+                f"{m} {k}": rep[kind][m].get(k)
+                for m in ("base", "finetuned")
+                for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")
+            },
+        }
+        for kind in ("real", "synthetic")
+        if kind in rep
     ]
-    origin_cols = ["images", "n"] + [f"{m} {k}" for m in ("base", "finetuned")
-                                      for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")]
+    origin_cols = ["images", "n"] + [
+        f"{m} {k}" for m in ("base", "finetuned") for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")
+    ]
     by_origin = (
-        table(origins, origin_cols) if origins
+        table(origins, origin_cols)
+        if origins
         else "<p class='muted'>No real micrograph in the test split: every score below is on synthetic images.</p>"
     )
     plots = []
     if types:
-        plots.append(img(bar_plot(types, {"base": [r["base"] for r in per_type], "fine-tuned": [r["fine-tuned"] for r in per_type]},
-                                  f"{family}: VQA accuracy per question type", "accuracy"), f"{family} VQA accuracy per type"))
-    loss = curve_plot({"fine-tune": read_curve(metrics / "vlm" / f"loss_{family}.csv")}, f"{family}: LoRA fine-tune loss")
+        plots.append(
+            img(
+                bar_plot(
+                    types,
+                    {"base": [r["base"] for r in per_type], "fine-tuned": [r["fine-tuned"] for r in per_type]},
+                    f"{family}: VQA accuracy per question type",
+                    "accuracy",
+                ),
+                f"{family} VQA accuracy per type",
+            )
+        )
+    loss = curve_plot(
+        {"fine-tune": read_curve(metrics / "vlm" / f"loss_{family}.csv")}, f"{family}: LoRA fine-tune loss"
+    )
     if loss:
         plots.append(img(loss, f"{family} fine-tune loss"))
     prep = metrics / "vlm" / f"prepare_{family}.json"
     extra = ""
     if prep.is_file():
         p = read_json(prep)
-        extra = (f"<p>Base: {esc(p.get('base'))}; generic-task accuracy {esc(fmt(p.get('generic_accuracy_before')))} before and "
-                 f"{esc(fmt(p.get('generic_accuracy_after')))} after its generic pretraining.</p>")
+        extra = (
+            f"<p>Base: {esc(p.get('base'))}; generic-task accuracy {esc(fmt(p.get('generic_accuracy_before')))} before and "
+            f"{esc(fmt(p.get('generic_accuracy_after')))} after its generic pretraining.</p>"
+        )
     return (
         f"<h3>{esc(family)}</h3>{extra}<p>Test split: {esc(fmt(rep.get('n_test_rows')))} rows, "
         f"{esc(fmt(rep['finetuned'].get('n_vqa')))} questions, {esc(fmt(rep['finetuned'].get('n_captions')))} captions.</p>"
@@ -273,23 +315,33 @@ def image_grid(cfg: Config, family: str) -> tuple[str, dict[str, int]]:
             counts["answers"] += 1
             counts["finetuned_right"] += ok_ft
             counts["base_right"] += ok_base
-            qa_rows.append({"question": r["question"], "reference": r["reference"],
-                            "fine-tuned": Markup(f"{mark(ok_ft)} {esc(r['finetuned'])}"),
-                            "base": Markup(f"{mark(ok_base)} {esc(r['base'])}")})
+            qa_rows.append(
+                {
+                    "question": r["question"],
+                    "reference": r["reference"],
+                    "fine-tuned": Markup(f"{mark(ok_ft)} {esc(r['finetuned'])}"),
+                    "base": Markup(f"{mark(ok_base)} {esc(r['base'])}"),
+                }
+            )
         cap = ""
         if caption:
-            cap = (f"<p><b>reference</b>: {esc(caption['reference'])}<br><b>fine-tuned</b>: {esc(caption['finetuned'])}"
-                   f"<br><span class='muted'><b>base</b>: {esc(caption['base'])}</span></p>")
+            cap = (
+                f"<p><b>reference</b>: {esc(caption['reference'])}<br><b>fine-tuned</b>: {esc(caption['finetuned'])}"
+                f"<br><span class='muted'><b>base</b>: {esc(caption['base'])}</span></p>"
+            )
         cards.append(
             f"<div class='card'>{img(data, f'test image {image_id} ({labels[image_id]})')}"
             f"<div><b>{esc(labels[image_id])}</b> <span class='muted'>{esc(pic.source)}</span></div>{cap}"
-            + table(qa_rows, ["question", "reference", "fine-tuned", "base"]) + "</div>"
+            + table(qa_rows, ["question", "reference", "fine-tuned", "base"])
+            + "</div>"
         )
     counts["images"] = len(picked)
     counts["test_images"] = len(by_image)
-    note = (f"<p>{len(picked)} of {len(by_image)} test images, every class shown; "
-            f"answers right here: fine-tuned {counts['finetuned_right']}/{counts['answers']}, base {counts['base_right']}/{counts['answers']} "
-            "(✓ = right by the evaluation's own rule: numbers within tolerance, units understood).</p>")
+    note = (
+        f"<p>{len(picked)} of {len(by_image)} test images, every class shown; "
+        f"answers right here: fine-tuned {counts['finetuned_right']}/{counts['answers']}, base {counts['base_right']}/{counts['answers']} "
+        "(✓ = right by the evaluation's own rule: numbers within tolerance, units understood).</p>"
+    )
     return note + f"<div class='grid'>{''.join(cards)}</div>", dict(counts)
 
 
@@ -299,25 +351,80 @@ def llm_section(cfg: Config) -> str:
     if not path.is_file():
         return "<p class='muted'>no text-model evaluation yet</p>"
     rep = read_json(path)
-    cols = ["model", "difficulty", "n", "heldout_perplexity", "rouge_l", "bertscore_f1", "math_exact", "math_exact_calculator", "math_n"]
-    out = [f"<p>Benchmark: {esc(fmt(rep.get('benchmark_rows')))} held-out pairs; maths counted exact within "
-           f"{esc(fmt(rep.get('math_rel_tol')))} relative.</p>", table(rep.get("rows", []), cols)]
+    cols = [
+        "model",
+        "difficulty",
+        "n",
+        "heldout_perplexity",
+        "rouge_l",
+        "bertscore_f1",
+        "math_exact",
+        "math_exact_calculator",
+        "math_n",
+    ]
+    out = [
+        f"<p>Benchmark: {esc(fmt(rep.get('benchmark_rows')))} held-out pairs; maths counted exact within "
+        f"{esc(fmt(rep.get('math_rel_tol')))} relative.</p>",
+        table(rep.get("rows", []), cols),
+    ]
     judge = rep.get("judge") or {}
     if judge.get("scores"):
         crit = list(judge.get("criteria") or {})
-        out.append("<h3>Expert criteria (LLM judge, 1–5)</h3>" + table(judge["scores"], ["model", "difficulty", "n_judged", "n_failed", *crit]))
+        out.append(
+            "<h3>Expert criteria (LLM judge, 1–5)</h3>"
+            + table(judge["scores"], ["model", "difficulty", "n_judged", "n_failed", *crit])
+        )
     else:
         out.append(f"<p class='muted'>Expert criteria: {esc(judge.get('note', 'not scored'))}</p>")
     q = metrics / "quantize.json"
     if q.is_file():
         qd = read_json(q)
-        out.append(table([{k: qd.get(k) for k in ("method", "bits", "group_size", "linear_size_ratio", "heldout_perplexity_unquantized",
-                                                   "heldout_perplexity_quantized", "perplexity_ratio", "reloads_and_generates")}],
-                         ["method", "bits", "group_size", "linear_size_ratio", "heldout_perplexity_unquantized",
-                          "heldout_perplexity_quantized", "perplexity_ratio", "reloads_and_generates"],
-                         ["quantization", "bits", "group", "linear size ratio", "perplexity before", "after", "ratio", "reloads"]))
-    loss = curve_plot({"domain pretraining": read_curve(metrics / "llm" / "pretrain_loss.csv"),
-                       "LoRA SFT": read_curve(metrics / "llm" / "sft_loss.csv")}, "text model: training loss")
+        out.append(
+            table(
+                [
+                    {
+                        k: qd.get(k)
+                        for k in (
+                            "method",
+                            "bits",
+                            "group_size",
+                            "linear_size_ratio",
+                            "heldout_perplexity_unquantized",
+                            "heldout_perplexity_quantized",
+                            "perplexity_ratio",
+                            "reloads_and_generates",
+                        )
+                    }
+                ],
+                [
+                    "method",
+                    "bits",
+                    "group_size",
+                    "linear_size_ratio",
+                    "heldout_perplexity_unquantized",
+                    "heldout_perplexity_quantized",
+                    "perplexity_ratio",
+                    "reloads_and_generates",
+                ],
+                [
+                    "quantization",
+                    "bits",
+                    "group",
+                    "linear size ratio",
+                    "perplexity before",
+                    "after",
+                    "ratio",
+                    "reloads",
+                ],
+            )
+        )
+    loss = curve_plot(
+        {
+            "domain pretraining": read_curve(metrics / "llm" / "pretrain_loss.csv"),
+            "LoRA SFT": read_curve(metrics / "llm" / "sft_loss.csv"),
+        },
+        "text model: training loss",
+    )
     if loss:
         out.append(f"<div class='plots'>{img(loss, 'text model training loss')}</div>")
     return "".join(out)
@@ -330,27 +437,43 @@ def dataset_section(cfg: Config) -> str:
     if split.is_file():
         s = read_json(split)
         labels = sorted({label for v in s.values() for label in v.get("labels", {})})
-        rows = [{"split": name, "images": v.get("images"), "rows": v.get("rows"), **{lab: v.get("labels", {}).get(lab, 0) for lab in labels}}
-                for name, v in s.items()]
+        rows = [
+            {
+                "split": name,
+                "images": v.get("images"),
+                "rows": v.get("rows"),
+                **{lab: v.get("labels", {}).get(lab, 0) for lab in labels},
+            }
+            for name, v in s.items()
+        ]
         out.append("<h3>VQA dataset</h3>" + table(rows, ["split", "images", "rows", *labels]))
     ann = metrics / "annotate.json"
     if ann.is_file():
         a = read_json(ann)
-        out.append(f"<p>Annotation backend {esc(a.get('backend'))}: {esc(fmt(a.get('n_images')))} images, {esc(fmt(a.get('n_qa')))} questions, "
-                   f"{esc(fmt(a.get('n_skipped')))} images skipped.</p>")
+        out.append(
+            f"<p>Annotation backend {esc(a.get('backend'))}: {esc(fmt(a.get('n_images')))} images, {esc(fmt(a.get('n_qa')))} questions, "
+            f"{esc(fmt(a.get('n_skipped')))} images skipped.</p>"
+        )
     ins = metrics / "instructions.json"
     if ins.is_file():
         i = read_json(ins)
-        rows = [{"split": k, **v.get("by_category", {}), "total": sum(v.get("by_category", {}).values())} for k, v in i.get("splits", {}).items()]
+        rows = [
+            {"split": k, **v.get("by_category", {}), "total": sum(v.get("by_category", {}).values())}
+            for k, v in i.get("splits", {}).items()
+        ]
         cats = sorted(i.get("by_category", {}))
-        out.append(f"<h3>Instruction pairs</h3><p>{esc(fmt(i.get('pairs')))} pairs written by {esc(i.get('backend'))}.</p>"
-                   + table(rows, ["split", *cats, "total"]))
+        out.append(
+            f"<h3>Instruction pairs</h3><p>{esc(fmt(i.get('pairs')))} pairs written by {esc(i.get('backend'))}.</p>"
+            + table(rows, ["split", *cats, "total"])
+        )
     clean = metrics / "clean.json"
     if clean.is_file():
         c = read_json(clean)
         sims = [d.get("similarity") for d in c.get("per_document", []) if d.get("similarity") is not None]
-        out.append(f"<p>Corpus: {esc(fmt(c.get('documents')))} documents, {esc(fmt(c.get('chunks')))} chunks; leaked running lines "
-                   f"{esc(fmt(c.get('leaked_running_lines')))}; lowest similarity to the ground truth {esc(fmt(min(sims) if sims else None))}.</p>")
+        out.append(
+            f"<p>Corpus: {esc(fmt(c.get('documents')))} documents, {esc(fmt(c.get('chunks')))} chunks; leaked running lines "
+            f"{esc(fmt(c.get('leaked_running_lines')))}; lowest similarity to the ground truth {esc(fmt(min(sims) if sims else None))}.</p>"
+        )
     return "".join(out) or "<p class='muted'>no dataset statistics yet</p>"
 
 
@@ -359,10 +482,20 @@ def ontology_section(cfg: Config) -> str:
     if not path.is_file():
         return "<p class='muted'>no ontology tagging yet</p>"
     o = read_json(path)
-    rows = [{"level": lvl, "covered": o.get(f"{lvl}_covered"), "total": o.get(f"{lvl}_total"),
-             "missed": ", ".join(o.get(f"{lvl}_missed") or []) or "none"} for lvl in ("groups", "modules", "units")]
-    return (f"<p>{esc(fmt(o.get('chunks')))} chunks, {esc(fmt(o.get('chunks_untagged')))} untagged. Full table: "
-            f"<code>{esc(Path(cfg.paths.tags) / 'coverage.md')}</code>.</p>" + table(rows, ["level", "covered", "total", "missed"]))
+    rows = [
+        {
+            "level": lvl,
+            "covered": o.get(f"{lvl}_covered"),
+            "total": o.get(f"{lvl}_total"),
+            "missed": ", ".join(o.get(f"{lvl}_missed") or []) or "none",
+        }
+        for lvl in ("groups", "modules", "units")
+    ]
+    return (
+        f"<p>{esc(fmt(o.get('chunks')))} chunks, {esc(fmt(o.get('chunks_untagged')))} untagged. Full table: "
+        f"<code>{esc(Path(cfg.paths.tags) / 'coverage.md')}</code>.</p>"
+        + table(rows, ["level", "covered", "total", "missed"])
+    )
 
 
 def _reasons(rows: Iterable[Mapping[str, Any]]) -> Counter:
@@ -398,8 +531,11 @@ def measurement_section(cfg: Config) -> str:
     target = m.get("target")
     lead = f"<p>{esc(fmt(m.get('images')))} images measured, {esc(fmt(m.get('scored')))} scored against their synthetic ground truth"
     lead += f"; target: {esc(json.dumps(target))}</p>" if target else ".</p>"
-    return lead + table(rows, ["class", "n", "median_count_error", "median_size_error", "median_pitch_error"],
-                        ["class", "images", "median count error", "median size error", "median pitch error"])
+    return lead + table(
+        rows,
+        ["class", "n", "median_count_error", "median_size_error", "median_pitch_error"],
+        ["class", "images", "median count error", "median size error", "median pitch error"],
+    )
 
 
 # ---------------------------------------------------------------- the page
@@ -424,8 +560,14 @@ def build_report(cfg: Config) -> dict[str, Any]:
         if path.is_file():
             rep = read_json(path)
             for key in ("vqa_accuracy", "class_accuracy", "caption_rouge_l"):
-                summary_rows.append({"model": f"VLM {family}", "metric": key, "base": rep["base"].get(key),
-                                     "fine-tuned": rep["finetuned"].get(key)})
+                summary_rows.append(
+                    {
+                        "model": f"VLM {family}",
+                        "metric": key,
+                        "base": rep["base"].get(key),
+                        "fine-tuned": rep["finetuned"].get(key),
+                    }
+                )
     llm_path = Path(cfg.paths.metrics) / "llm.json"
     if llm_path.is_file():
         by_model = defaultdict(list)
@@ -433,7 +575,9 @@ def build_report(cfg: Config) -> dict[str, Any]:
             by_model[r["model"]].append(r)
         for key in ("heldout_perplexity", "rouge_l"):
             vals = {m: _weighted(rs, key) for m, rs in by_model.items()}
-            summary_rows.append({"model": "text", "metric": key, "base": vals.get("base"), "fine-tuned": vals.get("sft")})
+            summary_rows.append(
+                {"model": "text", "metric": key, "base": vals.get("base"), "fine-tuned": vals.get("sft")}
+            )
     vlm_html = compare_section(cfg) + "".join(vlm_section(cfg, f) for f in families)
     grids, grid_counts = [], {}
     for family in families:
@@ -458,12 +602,20 @@ def build_report(cfg: Config) -> dict[str, Any]:
         "<h1>semilens report</h1><p class='muted'>Built by the <code>report</code> stage from the pipeline's "
         "metrics and evaluation outputs; <code>semilens trace</code> follows any model to its source files.</p>"
         f"<table class='summary'><tr><th>model</th><th>metric</th><th>base</th><th>fine-tuned</th></tr>"
-        + "".join(f"<tr><td>{esc(r['model'])}</td><td>{esc(r['metric'])}</td><td class='num'>{esc(fmt(r['base']))}</td>"
-                  f"<td class='num'>{esc(fmt(r['fine-tuned']))}</td></tr>" for r in summary_rows)
+        + "".join(
+            f"<tr><td>{esc(r['model'])}</td><td>{esc(r['metric'])}</td><td class='num'>{esc(fmt(r['base']))}</td>"
+            f"<td class='num'>{esc(fmt(r['fine-tuned']))}</td></tr>"
+            for r in summary_rows
+        )
         + f"</table><nav>{nav}</nav>{body}</body></html>\n"
     )
     out = Path(cfg.paths.reports) / "index.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, page)
-    return {"report": str(out), "bytes": len(page.encode()), "families": families,
-            "images_shown": {f: c.get("images", 0) for f, c in grid_counts.items()}, "embedded_images": page.count("<img ")}
+    return {
+        "report": str(out),
+        "bytes": len(page.encode()),
+        "families": families,
+        "images_shown": {f: c.get("images", 0) for f, c in grid_counts.items()},
+        "embedded_images": page.count("<img "),
+    }

@@ -80,9 +80,12 @@ class Plan:
     def ready(self, done: set[str], running: set[str], held: set[str]) -> list[str]:
         """Stages whose upstream is done and whose exclusive resource is free, best first."""
         free = [
-            n for n in self.nodes.values()
-            if n.name not in done and n.name not in running
-            and n.upstream <= done and (n.exclusive is None or n.exclusive not in held)
+            n
+            for n in self.nodes.values()
+            if n.name not in done
+            and n.name not in running
+            and n.upstream <= done
+            and (n.exclusive is None or n.exclusive not in held)
         ]
         return sorted((n.name for n in free), key=lambda name: self.priority[name])
 
@@ -90,10 +93,9 @@ class Plan:
 def load_plan(root: Path, targets: Sequence[str] = (), first: Sequence[str] = ()) -> Plan:
     """The DVC stage graph under ``root``: ``targets`` and all they depend on (every stage
     when none is given), ordered as the module docstring says."""
+    import networkx as nx
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
-
-    import networkx as nx
 
     # chdir: DVC names stages relative to the working directory (`sub/dvc.yaml:name`)
     with contextlib.chdir(root), Repo(".") as repo:
@@ -208,20 +210,29 @@ def run_plan(
             proc.wait()
         raise
     not_run = sorted(set(plan.nodes) - done - {r.name for r in results})
-    write_json(Path(logs) / "repro.json", {
-        "jobs": jobs,
-        "omp_num_threads": env["OMP_NUM_THREADS"],
-        "wall_s": round(time.monotonic() - t0, 2),
-        "stages": [asdict(r) | {"seconds": round(r.seconds, 2)} for r in results],
-        "not_run": not_run,
-    })
+    write_json(
+        Path(logs) / "repro.json",
+        {
+            "jobs": jobs,
+            "omp_num_threads": env["OMP_NUM_THREADS"],
+            "wall_s": round(time.monotonic() - t0, 2),
+            "stages": [asdict(r) | {"seconds": round(r.seconds, 2)} for r in results],
+            "not_run": not_run,
+        },
+    )
     if failed and not_run:
         echo(f"not started after the failure: {', '.join(not_run)}")
     return results
 
 
-def repro(root: Path, logs: Path, targets: Sequence[str] = (), first: Sequence[str] = (), jobs: int = 2,
-          echo: Callable[[str], None] = print) -> bool:
+def repro(
+    root: Path,
+    logs: Path,
+    targets: Sequence[str] = (),
+    first: Sequence[str] = (),
+    jobs: int = 2,
+    echo: Callable[[str], None] = print,
+) -> bool:
     """Plan and run; True when every stage succeeded."""
     plan = load_plan(root, targets, first)
     beside = Path(sys.executable).with_name("dvc")  # the venv's own dvc, as the stages' python

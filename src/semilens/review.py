@@ -34,7 +34,7 @@ from typing import Any
 from semilens.config import Config
 from semilens.io import atomic_write_text, hash_json, read_json, read_jsonl, write_json
 from semilens.llm.judge import CRITERIA as LLM_CRITERIA
-from semilens.vlm.metrics import answer_correct
+from semilens.scores import answer_correct
 
 VLM_CRITERIA: dict[str, str] = {
     "correctness": "Correct for this image",
@@ -72,11 +72,18 @@ def _llm_items(cfg: Config, model: str) -> list[dict[str, Any]]:
     for p in read_jsonl(path):
         if p["model"] != model:
             continue
-        items.append({
-            "item_id": f"llm:{model}:{p['id']}", "kind": "llm", "model": model, "question": p["instruction"],
-            "reference": p.get("reference", ""), "answer": p["prediction"], "image": "",
-            "machine": judged.get((model, p["id"])),  # the judge's six scores, or None without a judge
-        })
+        items.append(
+            {
+                "item_id": f"llm:{model}:{p['id']}",
+                "kind": "llm",
+                "model": model,
+                "question": p["instruction"],
+                "reference": p.get("reference", ""),
+                "answer": p["prediction"],
+                "image": "",
+                "machine": judged.get((model, p["id"])),  # the judge's six scores, or None without a judge
+            }
+        )
     return items
 
 
@@ -89,16 +96,30 @@ def _vlm_items(cfg: Config, family: str) -> list[dict[str, Any]]:
         machine = None
         if p["task"] != "caption":
             machine = {"correctness": int(answer_correct(p["finetuned"], p["reference"], p["question_type"]))}
-        items.append({
-            "item_id": f"vlm:{family}:{p['id']}", "kind": "vlm", "model": family, "question": p["question"],
-            "reference": p["reference"], "answer": p["finetuned"], "image": p.get("source", ""),
-            "machine": machine,  # the evaluation's right (1) / wrong (0); captions have none
-        })
+        items.append(
+            {
+                "item_id": f"vlm:{family}:{p['id']}",
+                "kind": "vlm",
+                "model": family,
+                "question": p["question"],
+                "reference": p["reference"],
+                "answer": p["finetuned"],
+                "image": p.get("source", ""),
+                "machine": machine,  # the evaluation's right (1) / wrong (0); captions have none
+            }
+        )
     return items
 
 
-def export_review(cfg: Config, out_dir: Path, n_llm: int, n_vlm: int, seed: int = 0,
-                  llm_model: str = "sft", families: Iterable[str] | None = None) -> dict[str, Any]:
+def export_review(
+    cfg: Config,
+    out_dir: Path,
+    n_llm: int,
+    n_vlm: int,
+    seed: int = 0,
+    llm_model: str = "sft",
+    families: Iterable[str] | None = None,
+) -> dict[str, Any]:
     """Sample items, write ``<out_dir>/<export_id>.csv`` and its ``.items.json`` manifest."""
     rng = random.Random(seed)
     llm = _llm_items(cfg, llm_model)
@@ -107,26 +128,44 @@ def export_review(cfg: Config, out_dir: Path, n_llm: int, n_vlm: int, seed: int 
         raise ReviewError("nothing to review: no predictions under models/*/eval (run the pipeline first)")
     picked = rng.sample(llm, min(n_llm, len(llm))) + rng.sample(vlm, min(n_vlm, len(vlm)))
     picked.sort(key=lambda i: i["item_id"])
-    export_id = "review-" + hash_json({"items": [i["item_id"] for i in picked], "answers": [i["answer"] for i in picked]})[:12]
+    export_id = (
+        "review-" + hash_json({"items": [i["item_id"] for i in picked], "answers": [i["answer"] for i in picked]})[:12]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / f"{export_id}.csv"
     if csv_path.exists():
         # the sheet may be half filled in already; a new sample needs another --seed
-        raise ReviewError(f"{csv_path} exists (the same sample was exported before); fill that one, or pass another --seed")
+        raise ReviewError(
+            f"{csv_path} exists (the same sample was exported before); fill that one, or pass another --seed"
+        )
     with csv_path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, COLUMNS)
         w.writeheader()
         for item in picked:
             applies = criteria_of(item["kind"])
-            w.writerow({
-                "export_id": export_id, **{k: item[k] for k in ID_COLUMNS[1:]},
-                **{c: ("" if c in applies else NOT_APPLICABLE) for c in ALL_CRITERIA}, "reviewer": "", "comment": "",
-            })
-    manifest = {"export_id": export_id, "scale": list(SCALE), "seed": seed, "criteria": {"llm": LLM_CRITERIA, "vlm": VLM_CRITERIA},
-                "items": {i["item_id"]: i for i in picked}}
+            w.writerow(
+                {
+                    "export_id": export_id,
+                    **{k: item[k] for k in ID_COLUMNS[1:]},
+                    **{c: ("" if c in applies else NOT_APPLICABLE) for c in ALL_CRITERIA},
+                    "reviewer": "",
+                    "comment": "",
+                }
+            )
+    manifest = {
+        "export_id": export_id,
+        "scale": list(SCALE),
+        "seed": seed,
+        "criteria": {"llm": LLM_CRITERIA, "vlm": VLM_CRITERIA},
+        "items": {i["item_id"]: i for i in picked},
+    }
     write_json(out_dir / f"{export_id}.items.json", manifest)
-    return {"csv": str(csv_path), "export_id": export_id, "llm_items": sum(i["kind"] == "llm" for i in picked),
-            "vlm_items": sum(i["kind"] == "vlm" for i in picked)}
+    return {
+        "csv": str(csv_path),
+        "export_id": export_id,
+        "llm_items": sum(i["kind"] == "llm" for i in picked),
+        "vlm_items": sum(i["kind"] == "vlm" for i in picked),
+    }
 
 
 # ---------------------------------------------------------------- import
@@ -166,7 +205,9 @@ def read_ratings(csv_path: Path, manifests: Mapping[str, Mapping[str, Any]], rev
         export_id, item_id = (row.get("export_id") or "").strip(), (row.get("item_id") or "").strip()
         manifest = manifests.get(export_id)
         if manifest is None:
-            result.rejected.append((number, f"unknown export {export_id!r} (no {export_id}.items.json beside the sheet)"))
+            result.rejected.append(
+                (number, f"unknown export {export_id!r} (no {export_id}.items.json beside the sheet)")
+            )
             continue
         item = manifest["items"].get(item_id)
         if item is None:
@@ -199,10 +240,18 @@ def read_ratings(csv_path: Path, manifests: Mapping[str, Mapping[str, Any]], rev
         if not who:
             result.rejected.append((number, "no reviewer named (fill the reviewer column or pass --reviewer)"))
             continue
-        result.accepted.append({
-            "export_id": export_id, "item_id": item_id, "kind": item["kind"], "model": item["model"],
-            "reviewer": who, "scores": scores, "comment": (row.get("comment") or "").strip(), "machine": item.get("machine"),
-        })
+        result.accepted.append(
+            {
+                "export_id": export_id,
+                "item_id": item_id,
+                "kind": item["kind"],
+                "model": item["model"],
+                "reviewer": who,
+                "scores": scores,
+                "comment": (row.get("comment") or "").strip(),
+                "machine": item.get("machine"),
+            }
+        )
     return result
 
 
@@ -248,10 +297,18 @@ def agreement(ratings: list[dict[str, Any]]) -> dict[str, Any]:
         per: dict[str, Any] = {}
         for c in names:
             expert = [r["scores"][c] for r in rows if c in r["scores"]]
-            pairs = [(r["scores"][c], r["machine"][c]) for r in rows
-                     if c in r["scores"] and isinstance(r.get("machine"), dict) and r["machine"].get(c) is not None]
-            entry: dict[str, Any] = {"rated": len(expert), "expert_mean": round(sum(expert) / len(expert), 3) if expert else None,
-                                     "paired": len(pairs), "spearman": None, "weighted_kappa": None}
+            pairs = [
+                (r["scores"][c], r["machine"][c])
+                for r in rows
+                if c in r["scores"] and isinstance(r.get("machine"), dict) and r["machine"].get(c) is not None
+            ]
+            entry: dict[str, Any] = {
+                "rated": len(expert),
+                "expert_mean": round(sum(expert) / len(expert), 3) if expert else None,
+                "paired": len(pairs),
+                "spearman": None,
+                "weighted_kappa": None,
+            }
             if pairs:
                 e, m = [p[0] for p in pairs], [p[1] for p in pairs]
                 entry["spearman"] = spearman(e, m)
@@ -260,8 +317,11 @@ def agreement(ratings: list[dict[str, Any]]) -> dict[str, Any]:
                 else:
                     entry["weighted_kappa"] = weighted_kappa(e, m, list(range(SCALE[0], SCALE[1] + 1)))
             elif expert:
-                entry["note"] = ("no judge scores for these items (configure evaluate_llm.judge)" if kind == "llm"
-                                 else "no automatic score for this criterion")
+                entry["note"] = (
+                    "no judge scores for these items (configure evaluate_llm.judge)"
+                    if kind == "llm"
+                    else "no automatic score for this criterion"
+                )
             per[c] = entry
         out[kind] = {"items": len({r["item_id"] for r in rows}), "ratings": len(rows), "criteria": per}
     return out
@@ -281,8 +341,9 @@ def dvc_add(path: Path) -> str | None:
     return None
 
 
-def import_review(cfg: Config, csv_path: Path, reviews_dir: Path, reviewer: str | None = None,
-                  version: bool = True) -> tuple[Imported, dict[str, Any]]:
+def import_review(
+    cfg: Config, csv_path: Path, reviews_dir: Path, reviewer: str | None = None, version: bool = True
+) -> tuple[Imported, dict[str, Any]]:
     """Read a filled sheet, merge the good rows into the store, write metrics/review.json."""
     if not csv_path.is_file():
         raise ReviewError(f"{csv_path}: no such file")
@@ -294,9 +355,15 @@ def import_review(cfg: Config, csv_path: Path, reviews_dir: Path, reviewer: str 
     store.parent.mkdir(parents=True, exist_ok=True)
     ratings = merge_ratings(store, result.accepted)
     summary = {
-        "store": str(store), "ratings": len(ratings), "reviewers": sorted({r["reviewer"] for r in ratings}),
-        "last_import": {"file": csv_path.name, "accepted": len(result.accepted), "rejected": len(result.rejected),
-                        "skipped_blank": result.skipped},
+        "store": str(store),
+        "ratings": len(ratings),
+        "reviewers": sorted({r["reviewer"] for r in ratings}),
+        "last_import": {
+            "file": csv_path.name,
+            "accepted": len(result.accepted),
+            "rejected": len(result.rejected),
+            "skipped_blank": result.skipped,
+        },
         "agreement": agreement(ratings),
     }
     summary["versioned"] = None

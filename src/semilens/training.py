@@ -56,17 +56,39 @@ def open_run(ckpt_dir: Path, max_steps: int) -> Run:
 
 def loss_curve(trainer: Any) -> list[dict[str, Any]]:
     return [
-        {"step": int(h["step"]), "loss": round(float(h["loss"]), 4)}
-        for h in trainer.state.log_history
-        if "loss" in h
+        {"step": int(h["step"]), "loss": round(float(h["loss"]), 4)} for h in trainer.state.log_history if "loss" in h
     ]
+
+
+def whole_run_loss(
+    log_history: list[dict[str, Any]], training_loss: float, global_step: int, resumed_step: int
+) -> float:
+    """The mean step loss of the whole run, whether or not it was resumed.
+
+    The Trainer's ``training_loss`` sums only the losses of the steps this process ran
+    and divides by ``global_step`` (transformers 5: ``_total_loss_scalar /
+    global_step``), so a run resumed at step 50 of 100 reported half its loss. The steps
+    before the resume are in the log history the checkpoint carried: each logged ``loss``
+    is the mean over the steps since the previous log. Steps between the last log and the
+    checkpoint are in neither (logging_steps not dividing save_steps), so the mean is over
+    the steps whose loss is known; without a resume this is ``training_loss`` itself.
+    """
+    earlier_sum, earlier_steps = 0.0, 0
+    for h in log_history:
+        if "loss" in h and int(h["step"]) <= resumed_step:
+            earlier_sum += float(h["loss"]) * (int(h["step"]) - earlier_steps)
+            earlier_steps = int(h["step"])
+    this_run_sum = training_loss * max(global_step, 0.001)  # undo the Trainer's division
+    steps = earlier_steps + (global_step - resumed_step)
+    return (earlier_sum + this_run_sum) / steps if steps > 0 else training_loss
 
 
 def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
     """Train (resuming if a checkpoint is there) or load a finished run's final weights.
 
-    Returns the run's record: ``steps``, ``train_loss``, ``resumed_from``, ``curve`` (the
-    logged losses) and ``checkpoint`` (the final one).
+    Returns the run's record: ``steps``, ``train_loss`` (the mean step loss of the whole
+    run, resumed or not: ``whole_run_loss``), ``resumed_from``, ``curve`` (the logged
+    losses) and ``checkpoint`` (the final one).
     """
     if run.finished is not None:
         from transformers.trainer_utils import align_special_tokens
@@ -81,9 +103,15 @@ def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
         trainer._load_from_checkpoint(str(run.dir / run.finished["checkpoint"]))
         return run.finished
     result = trainer.train(resume_from_checkpoint=run.resume_from)
+    resumed_step = 0 if run.resume_from is None else checkpoint_step(run.resume_from)
     record = {
         "steps": int(trainer.state.global_step),
-        "train_loss": round(float(result.training_loss), 4),
+        "train_loss": round(
+            whole_run_loss(
+                trainer.state.log_history, float(result.training_loss), int(trainer.state.global_step), resumed_step
+            ),
+            4,
+        ),
         "resumed_from": None if run.checkpoint is None else Path(run.checkpoint).name,
         "curve": loss_curve(trainer),
         "checkpoint": f"checkpoint-{int(trainer.state.global_step)}",
@@ -113,7 +141,18 @@ def lora_target_pattern(targets: str | list[str]) -> str:
 # kwargs and save_pretrained writes back into tokenizer_config.json. `local_files_only`
 # follows HF_HUB_OFFLINE (set by `make run`, unset in a user's shell): left in, the same
 # model saved in two environments gives two different folders and DVC hashes.
-LOAD_OPTIONS = ("local_files_only", "is_local", "_is_local", "_commit_hash", "cache_dir", "token", "revision", "force_download", "proxies", "subfolder")
+LOAD_OPTIONS = (
+    "local_files_only",
+    "is_local",
+    "_is_local",
+    "_commit_hash",
+    "cache_dir",
+    "token",
+    "revision",
+    "force_download",
+    "proxies",
+    "subfolder",
+)
 
 
 def clear_runtime_state(processing_class: Any) -> Any:
@@ -162,9 +201,7 @@ def supervised_loss(logits: Any, labels: Any, num_items_in_batch: Any = None) ->
     import torch.nn.functional as F
 
     targets = labels[:, 1:][:, supervised_positions(labels)].reshape(-1).to(logits.device)
-    total = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE, reduction="sum"
-    )
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE, reduction="sum")
     count = (targets != IGNORE).sum() if num_items_in_batch is None else num_items_in_batch
     return total / count
 

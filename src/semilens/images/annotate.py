@@ -34,11 +34,11 @@ from typing import Any
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import Config
+from semilens.images.records import ImageRecord, Measurement, QuarantineEntry
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
-from semilens.records import ImageRecord, Measurement, QuarantineEntry
 
 # The per-image cache is keyed by this code (templates, answer rules, record schema).
-VERSION = code_version(__name__, "semilens.records")
+VERSION = code_version(__name__, "semilens.images.records")
 
 # What the measure stage's method means for a person reading the answer. "elongated" is
 # measure's class for long objects of unknown kind (wires, fibres, tubes); "rods" is its
@@ -114,7 +114,7 @@ ROUND_CIRCULARITY = 0.75
 
 
 def indefinite_article(phrase: str) -> str:
-    """"a" or "an" for ``phrase`` as it is spoken: "an SEM image", "a TEM image",
+    """ "a" or "an" for ``phrase`` as it is spoken: "an SEM image", "a TEM image",
     "a STEM image", "a FIB-SEM image", "a micrograph", "an elongated rod"."""
     first = re.split(r"[\s/-]", phrase.strip(), maxsplit=1)[0].strip("\"'(")
     if first.isalpha() and first.isupper() and len(first) > 1 and first not in READ_AS_WORD:
@@ -299,7 +299,7 @@ def _aspect_ratio(m: Measurement) -> float | None:
 
 
 def _orientation(m: Measurement) -> tuple[str | None, dict[str, Any]]:
-    """"aligned near 40°" or "randomly oriented" from the orientation spread: objects
+    """ "aligned near 40°" or "randomly oriented" from the orientation spread: objects
     within 15 degrees of each other are aligned."""
     if m.orientation_spread_deg is None:
         return None, {}
@@ -486,9 +486,7 @@ def _modality_qa(rec: ImageRecord, key: tuple[object, ...]) -> QA:
     return QA("modality", q, modality, modality, None, grounding)
 
 
-def _reasoning_qa(
-    rec: ImageRecord, m: Measurement, one: str, many: str, key: tuple[object, ...]
-) -> QA | None:
+def _reasoning_qa(rec: ImageRecord, m: Measurement, one: str, many: str, key: tuple[object, ...]) -> QA | None:
     """A yes/no question whose answer needs a comparison against a measured value.
 
     The threshold is a round number near the measured value (half or double it, chosen by
@@ -497,9 +495,7 @@ def _reasoning_qa(
     """
     cover = _coverage(m)
     size = _size_fields(rec, m)
-    use_size = size is not None and (
-        cover is None or choose_phrasing(["size", "cover"], *key, "reason-kind") == "size"
-    )
+    use_size = size is not None and (cover is None or choose_phrasing(["size", "cover"], *key, "reason-kind") == "size")
     if use_size:
         assert size is not None
         unit = _length(size.px, size.nm, rec)[2]
@@ -608,13 +604,9 @@ def annotate_images(cfg: Config) -> dict[str, Any]:
     """Annotate every measured image; returns the run summary (counts, cache stats)."""
     acfg = cfg.annotate_images
     records = {
-        r.id: r
-        for r in (ImageRecord.model_validate(x) for x in read_jsonl(cfg.paths.interim_images / "records.jsonl"))
+        r.id: r for r in (ImageRecord.model_validate(x) for x in read_jsonl(cfg.paths.interim_images / "records.jsonl"))
     }
-    measurements = [
-        Measurement.model_validate(x)
-        for x in read_jsonl(cfg.paths.measurements / "measurements.jsonl")
-    ]
+    measurements = [Measurement.model_validate(x) for x in read_jsonl(cfg.paths.measurements / "measurements.jsonl")]
     cache = ItemCache(cfg.paths.cache, "annotate_images", VERSION)
     params = acfg.model_dump(mode="json")
     rows: list[dict[str, Any]] = []
@@ -626,7 +618,9 @@ def annotate_images(cfg: Config) -> dict[str, Any]:
         if rec.low_information or m.method == "none":
             reason = rec.low_information_reason or "; ".join(m.notes) or "nothing measurable"
             skipped.append(
-                QuarantineEntry(source=rec.source, reason=f"not annotated: {reason}", sha256=rec.sha256, stage="annotate_images")
+                QuarantineEntry(
+                    source=rec.source, reason=f"not annotated: {reason}", sha256=rec.sha256, stage="annotate_images"
+                )
             )
             continue
         key = cache.key(rec.model_dump(mode="json"), m.model_dump(mode="json"), params)
@@ -652,7 +646,9 @@ def annotate_images(cfg: Config) -> dict[str, Any]:
 
         m_by_id = {m.id: m for m in measurements}
         facts = {r["id"]: wording_facts(records[r["id"]], m_by_id[r["id"]]) for r in rows}
-        rows, backend = annotate_with_vlm(rows, facts, acfg.vlm, cfg.paths.cache)
+        rows, backend = annotate_with_vlm(
+            rows, facts, acfg.vlm, cfg.paths.cache, min_success_rate=acfg.min_success_rate
+        )
     out = reset_dir(cfg.paths.annotations)
     write_jsonl(out / "annotations.jsonl", rows)
     write_jsonl(out / "skipped.jsonl", [s.model_dump(mode="json") for s in skipped])

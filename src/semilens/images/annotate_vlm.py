@@ -39,12 +39,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from semilens.config import EndpointConfig
 from semilens.images.annotate import ELECTRON_MODALITIES, with_article
 from semilens.openai_client import Client, Request
-from semilens.vlm.metrics import (
+from semilens.scores import (
     DEFAULT_ABS_TOL,
     answer_correct,
     find_quantities,
     normalise_answer,
 )
+from semilens.stage_runner import StageFailed
 
 QAType = Literal["class", "count", "size", "pitch", "shape", "coverage", "modality", "reasoning"]
 CAPTION_REL_TOL = 0.10  # a caption's lengths within 10% of a measured one, as size answers
@@ -151,7 +152,10 @@ def caption_consistent(caption: str, row: dict[str, Any], pixel_size_nm: float |
     """Whether every number in ``caption`` matches a measured value of its unit: counts
     within one, percentages within the coverage tolerance, lengths within 10%."""
     known: list[tuple[float, str | None]] = [
-        q for qa in row["qa"] if qa["type"] in ("count", "size", "pitch", "coverage") for q in find_quantities(qa["answer"])
+        q
+        for qa in row["qa"]
+        if qa["type"] in ("count", "size", "pitch", "coverage")
+        for q in find_quantities(qa["answer"])
     ]
     if pixel_size_nm is not None:
         known.append((pixel_size_nm, "nm"))
@@ -159,9 +163,7 @@ def caption_consistent(caption: str, row: dict[str, Any], pixel_size_nm: float |
         if unit not in (None, "nm", "px", "%"):
             continue  # angles and other units are not measured quantities here
         tol = {None: DEFAULT_ABS_TOL["count"], "%": DEFAULT_ABS_TOL["coverage"]}
-        if not any(
-            u == unit and abs(v - value) <= tol.get(unit, CAPTION_REL_TOL * abs(v)) + 1e-9 for v, u in known
-        ):
+        if not any(u == unit and abs(v - value) <= tol.get(unit, CAPTION_REL_TOL * abs(v)) + 1e-9 for v, u in known):
             return False
     return True
 
@@ -214,20 +216,48 @@ def merge(
     return {**row, "caption": caption, "caption_written_by": caption_by, "qa": qa}
 
 
+def check_success_rate(outcomes: list[Any], endpoint: EndpointConfig, min_success_rate: float) -> None:
+    """Raise StageFailed when too few requests got an answer from the server.
+
+    Filling a failed image from the grounded backend keeps the dataset whole, but when
+    every request fails (a wrong key answered 401, a dead URL) the stage would exit 0 with
+    a dataset no model wrote. A reply that came but did not fit the schema counts as
+    answered: that is the model's quality, which the per-answer checks already judge,
+    not a broken backend.
+    """
+    if not outcomes:
+        return
+    answered = sum(1 for o in outcomes if o.ok or o.error.kind == "invalid_output")
+    if answered / len(outcomes) >= min_success_rate:
+        return
+    kinds = Counter(o.error.kind for o in outcomes if not o.ok and o.error.kind != "invalid_output")
+    first = next(o.error for o in outcomes if not o.ok and o.error.kind != "invalid_output")
+    raise StageFailed(
+        f"only {answered} of {len(outcomes)} images got an answer from {endpoint.base_url} "
+        f"({answered / len(outcomes):.0%} < annotate_images.min_success_rate {min_success_rate:g}); "
+        f"failures: {', '.join(f'{n} {k}' for k, n in kinds.most_common())}; first: {' '.join(first.detail.split())[:200]}. "
+        "Check the endpoint's base_url, model and API key, or set min_success_rate: 0 to fill failed images "
+        "from the grounded backend"
+    )
+
+
 def annotate_with_vlm(
     rows: list[dict[str, Any]],
     facts: dict[str, dict[str, Any]],
     endpoint: EndpointConfig,
     cache_root: Path | None,
     root: Path = Path("."),
+    min_success_rate: float = 0.0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The grounded ``rows`` rewritten by the model where it agrees with the measurements,
     and the backend's report (counts and the client's accounting). ``facts`` maps an image
-    id to ``annotate.wording_facts`` of its record and measurement."""
+    id to ``annotate.wording_facts`` of its record and measurement. StageFailed when fewer
+    than ``min_success_rate`` of the images got an answer from the server."""
     client = Client(endpoint, cache_root, cache_stage="annotate_images_vlm")
     outcomes = client.run(
         [Request(prompt(r, root / r["png"], facts.get(r["id"])), schema=VLMAnnotation, tag=r["id"]) for r in rows]
     )
+    check_success_rate(outcomes, endpoint, min_success_rate)
     counts: Counter[str] = Counter()
     out = []
     for row, outcome in zip(rows, outcomes):

@@ -257,9 +257,7 @@ def spectral_ratio(gray: np.ndarray, axis_band: float = 0.01) -> float:
     return float(low.mean() / high.mean())
 
 
-def low_information(
-    gray: np.ndarray, min_std: float, min_structure: float, min_spectrum: float
-) -> str | None:
+def low_information(gray: np.ndarray, min_std: float, min_structure: float, min_spectrum: float) -> str | None:
     """Why ``gray`` carries almost no image content, or None if it does.
 
     Noise only needs both signs: little gradient energy survives smoothing AND the

@@ -46,9 +46,9 @@ from semilens.images.metadata import (
     sidecar_from_row,
 )
 from semilens.images.readers import Decoded, ReadError, decode, is_image_name, one_line, to_gray8
+from semilens.images.records import ImageRecord, QuarantineEntry, Sidecar
 from semilens.images.scalebar import ImageScale, image_scale
 from semilens.io import atomic_write_bytes, display_path, leaves_folder, sha256_bytes, write_jsonl
-from semilens.records import ImageRecord, QuarantineEntry, Sidecar
 
 STAGE = "ingest_images"
 # The per-item cache is keyed by this code: any change recomputes every cached record.
@@ -58,7 +58,7 @@ VERSION = code_version(
     "semilens.images.metadata",
     "semilens.images.databar",
     "semilens.images.scalebar",
-    "semilens.records",
+    "semilens.images.records",
 )
 
 
@@ -112,8 +112,7 @@ def _excluded(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
             run = pattern.rstrip("/").split("/")
             n = len(run)
             if any(
-                all(fnmatchcase(f, q) for f, q in zip(folders[i : i + n], run))
-                for i in range(len(folders) - n + 1)
+                all(fnmatchcase(f, q) for f, q in zip(folders[i : i + n], run)) for i in range(len(folders) - n + 1)
             ):
                 return True
         elif fnmatchcase(name, pattern) or fnmatchcase(path, pattern):
@@ -121,9 +120,7 @@ def _excluded(rel: PurePosixPath, patterns: tuple[str, ...]) -> bool:
     return False
 
 
-def discover(
-    root: Path, origin: str, exclude: tuple[str, ...], found: Found, own: tuple[Path, ...] = ()
-) -> None:
+def discover(root: Path, origin: str, exclude: tuple[str, ...], found: Found, own: tuple[Path, ...] = ()) -> None:
     """Walk ``root`` in sorted order, sorting entries into candidates, skips and quarantine.
 
     ``own`` are this stage's output and cache folders: never read back as inputs, even when
@@ -144,9 +141,7 @@ def discover(
                 continue
             if is_image_name(d):
                 # Still walked into: whatever it holds is judged on its own.
-                found.quarantine.append(
-                    _quarantine(source_of(path), "a directory named like an image file")
-                )
+                found.quarantine.append(_quarantine(source_of(path), "a directory named like an image file"))
             kept.append(d)
         dirnames[:] = kept
         for name in sorted(filenames):
@@ -219,9 +214,7 @@ class SidecarIndex:
         if row is not None:
             csv_path = image.parent / SIDECAR_CSV
             try:
-                sidecar, problems = sidecar_from_row(
-                    row, f"{SIDECAR_CSV} line {line} ({image.name})"
-                )
+                sidecar, problems = sidecar_from_row(row, f"{SIDECAR_CSV} line {line} ({image.name})")
                 found.append(("csv", sidecar, row))
                 for problem in problems:
                     self._problem(csv_path, problem)
@@ -283,9 +276,7 @@ class PixelSize:
     check: str | None = None  # "agree" | "disagree" when two sources gave one
 
 
-def _pick_pixel_size(
-    meta: FileMeta, ctx: Context, scale: ImageScale | None, tolerance: float
-) -> PixelSize:
+def _pick_pixel_size(meta: FileMeta, ctx: Context, scale: ImageScale | None, tolerance: float) -> PixelSize:
     """Sidecar > vendor tag > the image's own scale bar; a tag is cross-checked.
 
     The person who wrote a sidecar knows the calibration best (a tag can be stale after a
@@ -314,10 +305,7 @@ def _pick_pixel_size(
         if image is not None and scale is not None:
             diff = image / tag - 1.0
             verdict = "disagree" if abs(diff) > tolerance else "agree"
-            note = (
-                f"{source} {tag:g} nm and {scale.source} {image:g} nm {verdict} "
-                f"({diff:+.1%}): {scale.reason}"
-            )
+            note = f"{source} {tag:g} nm and {scale.source} {image:g} nm {verdict} ({diff:+.1%}): {scale.reason}"
         return PixelSize(tag, source, 1.0, note, verdict)
     if image is not None and scale is not None and scale.source:
         return PixelSize(image, scale.source, scale.confidence, note)
@@ -348,9 +336,7 @@ def _pick_modality(meta: FileMeta, ctx: Context) -> str:
     return "unknown"
 
 
-def page_record(
-    decoded: Decoded, index: int, ctx: Context, cfg: IngestImagesConfig
-) -> tuple[dict[str, Any], bytes]:
+def page_record(decoded: Decoded, index: int, ctx: Context, cfg: IngestImagesConfig) -> tuple[dict[str, Any], bytes]:
     """Record (without ``source``/``png``, which depend on paths, not content) and PNG."""
     page = decoded.pages[index]
     full = to_gray8(page.pixels, cfg.percentile_clip)
@@ -362,12 +348,8 @@ def page_record(
         bar, keep = Databar(0, None), height
     # Deep data is normalised on the specimen rows only: the bar's pure black and white
     # would otherwise decide the percentiles.
-    gray = full[:keep] if page.pixels.dtype == np.uint8 else to_gray8(
-        page.pixels[:keep], cfg.percentile_clip
-    )
-    reason = low_information(
-        gray, cfg.low_info_std, cfg.low_info_structure, cfg.low_info_spectrum
-    )
+    gray = full[:keep] if page.pixels.dtype == np.uint8 else to_gray8(page.pixels[:keep], cfg.percentile_clip)
+    reason = low_information(gray, cfg.low_info_std, cfg.low_info_structure, cfg.low_info_spectrum)
     png = encode_png(gray)
     label, label_source = _pick_label(ctx)
     # The bar's geometry is always found; its label (a tesseract call) is read when no
@@ -424,9 +406,7 @@ def page_record(
     return record, png
 
 
-def ingest_bytes(
-    data: bytes, path: Path, ctx: Context, cfg: IngestImagesConfig
-) -> dict[str, Any]:
+def ingest_bytes(data: bytes, path: Path, ctx: Context, cfg: IngestImagesConfig) -> dict[str, Any]:
     """The cache value for one file: records, PNG sizes, and any problem (one line)."""
     try:
         decoded = decode(data, path, cfg.max_pixels, cfg.min_side)
@@ -515,9 +495,7 @@ def _records_for(
 
     def build(value: dict[str, Any]) -> list[ImageRecord]:
         return [
-            ImageRecord.model_validate(
-                {**r, "source": source, "png": source_of(out_dir / "png" / f"{r['id']}.png")}
-            )
+            ImageRecord.model_validate({**r, "source": source, "png": source_of(out_dir / "png" / f"{r['id']}.png")})
             for r in value["records"]
         ]
 
@@ -561,7 +539,7 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
     """Run the stage: write the outputs under ``cfg.paths.interim_images``; return a summary."""
     from rich.progress import track
 
-    from semilens.runlog import console
+    from semilens.stage_runner import console
 
     icfg = cfg.ingest_images
     found = Found()
@@ -593,9 +571,7 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
     seen: dict[str, str] = {}  # sha256 -> source of the first copy
     unlabelled: dict[str, int] = {}  # folder under the raw root -> images without a label
     try:
-        for cand in track(
-            found.candidates, description="ingest_images", console=console, transient=True
-        ):
+        for cand in track(found.candidates, description="ingest_images", console=console, transient=True):
             source = source_of(cand.path)
             try:
                 data = _read_regular(cand.path)
@@ -625,9 +601,7 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
                 [(kind, raw) for kind, _, raw in found_sidecars],
                 params,
             )
-            made, pngs, problem = _records_for(
-                cache, key, data, cand.path, ctx, icfg, source, out_dir
-            )
+            made, pngs, problem = _records_for(cache, key, data, cand.path, ctx, icfg, source, out_dir)
             for record, png in zip(made, pngs):
                 atomic_write_bytes(png_dir / f"{record.id}.png", png)
             records.extend(made)

@@ -24,7 +24,9 @@ under SEM edge brightening. Which phase is
 the object is decided from the image, not the modality: particles by the sign of the
 curvature of the strongest edges (objects are convex), strands by which polarity forms
 ridges; the modality breaks only a tie. Touching blobs are split by a distance-transform
-watershed whose neck depth and smoothing scale with the typical particle radius; objects
+watershed whose neck depth and smoothing scale with the typical particle radius, read with
+the pockets between close-packed particles open (filled, they weld a packing into one
+blob) while particle cores and texture pinholes stay filled; objects
 far below the main population's (area-weighted) size are speckle or debris, set apart in
 the notes and not counted. Rods are measured along and across their own axes; thin
 objects from their pruned skeletons (count = ends / 2, width from area = w L + pi w^2 e /
@@ -54,17 +56,23 @@ from scipy.spatial import cKDTree
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import Config, MeasureImagesConfig
+from semilens.images.records import GroundTruth, ImageRecord, Measurement
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
-from semilens.records import GroundTruth, ImageRecord, Measurement
 
 # The per-image cache is keyed by this code: any change re-measures every image.
-VERSION = code_version(__name__, "semilens.records")
+VERSION = code_version(__name__, "semilens.images.records")
 # Acceptance target: median relative count and size error for these synthetic classes.
 TARGET_ERROR = 0.10
 TARGET_CLASSES = ("particles", "nanowires", "lines", "holes")
 
 METHODS = (
-    "particles", "rods", "elongated", "periodic_lines", "periodic_holes", "porous", "cracks",
+    "particles",
+    "rods",
+    "elongated",
+    "periodic_lines",
+    "periodic_holes",
+    "porous",
+    "cracks",
     "grains",
     "none",
 )
@@ -72,21 +80,46 @@ METHODS = (
 # Label -> method. Keys are labels lower-cased with everything but letters removed and a
 # trailing plural "s" dropped; whole-word abbreviations first, then stems found anywhere.
 _EXACT = {
-    "nw": "elongated", "cnt": "elongated", "np": "particles", "nps": "particles",
-    "fibre": "elongated", "fiber": "elongated", "rod": "rods", "line": "periodic_lines",
-    "hole": "periodic_holes", "via": "periodic_holes", "grain": "grains", "pore": "porous",
+    "nw": "elongated",
+    "cnt": "elongated",
+    "np": "particles",
+    "nps": "particles",
+    "fibre": "elongated",
+    "fiber": "elongated",
+    "rod": "rods",
+    "line": "periodic_lines",
+    "hole": "periodic_holes",
+    "via": "periodic_holes",
+    "grain": "grains",
+    "pore": "porous",
 }
 _STEMS = (
-    ("nanowire", "elongated"), ("wire", "elongated"), ("nanorod", "rods"),
-    ("nanotube", "elongated"), ("whisker", "elongated"), ("fibre", "elongated"),
-    ("fiber", "elongated"), ("filament", "elongated"),
+    ("nanowire", "elongated"),
+    ("wire", "elongated"),
+    ("nanorod", "rods"),
+    ("nanotube", "elongated"),
+    ("whisker", "elongated"),
+    ("fibre", "elongated"),
+    ("fiber", "elongated"),
+    ("filament", "elongated"),
     ("crack", "cracks"),
-    ("porous", "porous"), ("sponge", "porous"), ("foam", "porous"), ("pore", "porous"),
-    ("grain", "grains"), ("polycrystal", "grains"),
-    ("linespace", "periodic_lines"), ("grating", "periodic_lines"), ("lines", "periodic_lines"),
-    ("holearray", "periodic_holes"), ("holes", "periodic_holes"), ("contacthole", "periodic_holes"),
-    ("particle", "particles"), ("powder", "particles"), ("sphere", "particles"),
-    ("dots", "particles"), ("nanodot", "particles"),
+    ("porous", "porous"),
+    ("sponge", "porous"),
+    ("foam", "porous"),
+    ("pore", "porous"),
+    ("grain", "grains"),
+    ("polycrystal", "grains"),
+    ("linespace", "periodic_lines"),
+    ("grating", "periodic_lines"),
+    ("lines", "periodic_lines"),
+    ("holearray", "periodic_holes"),
+    ("holes", "periodic_holes"),
+    ("contacthole", "periodic_holes"),
+    ("particle", "particles"),
+    ("powder", "particles"),
+    ("sphere", "particles"),
+    ("dots", "particles"),
+    ("nanodot", "particles"),
     # NFFA "Patterned_surface": periodic, but lines or holes is for the spectrum to say.
     ("pattern", "periodic"),
 )
@@ -200,10 +233,7 @@ def _bright_mask(sm: np.ndarray, polarity: str, phases: bool = False) -> np.ndar
 
         otsu = float(threshold_otsu(sm))
         f_otsu, f_edge = float((sm > otsu).mean()), float((sm > t).mean())
-        if (
-            _PHASES_MIN <= f_otsu <= 1.0 - _PHASES_MIN
-            and abs(f_edge - f_otsu) > _PHASES_SHIFT
-        ):
+        if _PHASES_MIN <= f_otsu <= 1.0 - _PHASES_MIN and abs(f_edge - f_otsu) > _PHASES_SHIFT:
             t = otsu
     mask = sm > t if polarity == "bright" else sm < t
     return _snap_to_edges(sm, mask)
@@ -246,9 +276,7 @@ def edge_convexity(flat: np.ndarray) -> float:
             continue
         num = (ixx * iy * iy - (ixy + iyx) * ix * iy + iyy * ix * ix)[edge]
         # sum(kappa |grad|) / sum(|grad|): the gradient-weighted mean curvature.
-        total += sigma * float((num / np.maximum(g2[edge], 1e-18)).sum()) / float(
-            np.sqrt(g2[edge]).sum()
-        )
+        total += sigma * float((num / np.maximum(g2[edge], 1e-18)).sum()) / float(np.sqrt(g2[edge]).sum())
     return total
 
 
@@ -572,9 +600,7 @@ def _aspect(region: Any) -> float:
     return region.axis_major_length / max(region.axis_minor_length, 1.0)
 
 
-def _clean(
-    mask: np.ndarray, cfg: MeasureImagesConfig, excl: np.ndarray | None = None
-) -> np.ndarray:
+def _clean(mask: np.ndarray, cfg: MeasureImagesConfig, excl: np.ndarray | None = None) -> np.ndarray:
     """Drop specks and fill pinholes below ``min_object_px``; drop what touches ``excl``."""
     from skimage.morphology import remove_small_holes, remove_small_objects
 
@@ -603,19 +629,22 @@ def _split(
     fill: bool = False,
     depth: float | None = None,
     sigma: float = 0.7,
+    open_mask: np.ndarray | None = None,
 ) -> np.ndarray:
     """Label ``mask`` with touching blobs split by a distance-transform watershed.
 
     Seeds are distance maxima that stand at least ``split_depth_px`` above the neck to any
     higher maximum (h-maxima): shallower dips are boundary noise, not contacts. Seeds
     closer than ``watershed_min_distance`` merge. ``fill`` lets regions grow over the
-    pixels outside the mask too (grain boundaries go to the nearest grain).
+    pixels outside the mask too (grain boundaries go to the nearest grain). ``open_mask``
+    (``mask`` with some holes left open) gives the distance map instead: the regions
+    still cover all of ``mask``.
     """
     from skimage.morphology import disk
     from skimage.segmentation import watershed
 
     comps, _ = ndi.label(mask)
-    dt = ndi.gaussian_filter(ndi.distance_transform_edt(mask), sigma)
+    dt = ndi.gaussian_filter(ndi.distance_transform_edt(mask if open_mask is None else open_mask), sigma)
     seeds = _domes(dt, cfg.split_depth_px if depth is None else depth)
     seeds = ndi.binary_dilation(seeds, disk(cfg.watershed_min_distance // 2)) & mask
     markers, _ = ndi.label(seeds)
@@ -654,6 +683,52 @@ def _fill_round_holes(mask: np.ndarray, solidity: float = 0.85) -> np.ndarray:
     return out
 
 
+# A filled hole is a pocket between touching particles, not a pinhole in a textured
+# particle, when its equivalent radius is at least this share of the typical particle
+# radius (read with every hole filled): three touching discs enclose a pocket of 0.23 r,
+# less once blurred (0.16-0.27 r in the EMPS sphere packing 80719af02f), while pinholes in
+# rough SEM spheres measure 0.10 r or less (5a6c23682b, 032bd4a6b1). Lower: pinholes open
+# and cut textured particles in pieces; higher: packings stay welded in clusters.
+_POCKET_MIN_REL = 0.12
+
+# A filled hole is a particle's core when the ring around it is thinner than this share
+# of the hole's own diameter (a bright SEM rim, a core-shell contrast); pinholes inside a
+# particle and the pockets between close-packed particles sit in objects several times
+# their own size thick (ratio ~1 on the EMPS crops, cores below ~0.5).
+_CORE_RIM_REL = 0.6
+
+
+def _rimmed_cores(mask: np.ndarray, holes: np.ndarray) -> np.ndarray:
+    """The ``holes`` of ``mask`` that are a particle's core inside a thin rim.
+
+    The rim's thickness is read as the largest distance-to-background of the mask within
+    one hole diameter of the hole: around a core in a rim of thickness t it is t / 2,
+    around a pocket between touching particles (or a pinhole) it grows with the distance
+    from the hole, to the band's width.
+    """
+    labels, n = ndi.label(holes)
+    if n == 0:
+        return holes
+    index = np.arange(1, n + 1)
+    width = np.maximum(3.0, 2.0 * np.sqrt(np.bincount(labels.ravel())[1:] / math.pi))
+    dt = ndi.distance_transform_edt(mask)
+    dist, (iy, ix) = ndi.distance_transform_edt(labels == 0, return_indices=True)
+    near = labels[iy, ix]
+    band = np.where(mask & (dist <= np.concatenate([[0.0], width])[near]), near, 0)
+    rim = np.asarray(ndi.maximum(dt, band, index), float)
+    return np.isin(labels, index[rim < _CORE_RIM_REL * width])
+
+
+def _kept_filled(mask: np.ndarray, holes: np.ndarray, radius: float) -> np.ndarray:
+    """The filled ``holes`` of ``mask`` that stay filled for the split: cores of rimmed
+    particles and pinholes far smaller than a particle of typical ``radius``."""
+    labels, n = ndi.label(holes)
+    if n == 0:
+        return holes
+    small = np.sqrt(np.bincount(labels.ravel())[1:] / math.pi) < _POCKET_MIN_REL * radius
+    return np.isin(labels, np.arange(1, n + 1)[small]) | _rimmed_cores(mask, holes)
+
+
 def _domes(dt: np.ndarray, h: float) -> np.ndarray:
     """One seed plateau per maximum at least ``h`` above its saddle (h-dome tops).
 
@@ -690,9 +765,7 @@ def _radius(mask: np.ndarray, cfg: MeasureImagesConfig) -> float:
 _OUTLINE_REACH_REL = 0.15
 
 
-def _outer_outline(
-    sm: np.ndarray, labels: np.ndarray, polarity: str, level: float, reach_rel: float
-) -> np.ndarray:
+def _outer_outline(sm: np.ndarray, labels: np.ndarray, polarity: str, level: float, reach_rel: float) -> np.ndarray:
     """Grow each particle out to where its edge leaves the local background.
 
     The steepest-edge outline sits at the middle of a blurred edge; a microscopist's
@@ -745,10 +818,7 @@ def _outer_outline(
     # bands inside it, and of the band it cuts, that share of its pixels, brightest first.
     kmax = int(math.ceil(float(per_label_reach.max())))
     bands = [np.where(obj & ~ndi.binary_erosion(obj), labels, 0).ravel()]
-    bands += [
-        np.where(~obj & (dist > k - 1) & (dist <= k), nearest, 0).ravel()
-        for k in range(1, kmax + 1)
-    ]
+    bands += [np.where(~obj & (dist > k - 1) & (dist <= k), nearest, 0).ravel() for k in range(1, kmax + 1)]
     counts = np.stack([np.bincount(b, minlength=n + 1)[1:] for b in bands])
     means = np.stack([np.bincount(b, s.ravel(), minlength=n + 1)[1:] for b in bands])
     means = means / np.maximum(counts, 1)
@@ -795,7 +865,14 @@ def _particles(
     unsmoothed frame)."""
     from skimage.measure import regionprops
 
-    mask = _fill_round_holes(_clean(_bright_mask(sm, polarity, phases=True), cfg))
+    open_mask = _clean(_bright_mask(sm, polarity, phases=True), cfg)
+    mask = _fill_round_holes(open_mask)
+    # The split reads the distance map with the pockets between close-packed particles
+    # open again: small convex pockets pass the fill test, and filled they weld each
+    # triangle or hexagon of spheres into one blob with a single distance maximum. Open,
+    # each sphere keeps its own maximum; the watershed still hands the pocket's pixels to
+    # the particles around it. Cores of rimmed particles and pinholes stay filled.
+    open_mask |= _kept_filled(open_mask, mask & ~open_mask, _radius(mask, cfg))
     # Elongation is judged on the unsplit blobs: the watershed chops a rod into beads.
     blob_labels, n_blobs = ndi.label(mask)
     blobs = regionprops(blob_labels)
@@ -805,11 +882,13 @@ def _particles(
     # radius, so a 200-px sphere with a textured rim is not cut into dozens of pieces.
     # The distance map is smoothed on the same scale: a textured outline's bumps then
     # leave no maxima of their own.
-    radius = _radius(mask, cfg)
+    radius = _radius(open_mask, cfg)
     labels = _split(
-        mask, cfg,
+        mask,
+        cfg,
         depth=max(cfg.split_depth_px, (split_rel or cfg.split_depth_rel) * radius),
         sigma=max(0.7, _SPLIT_SMOOTH_REL * radius),
+        open_mask=open_mask,
     )
     if excl is not None and excl.any():
         # Split first, then drop: one particle under a scale bar must not take its
@@ -831,9 +910,7 @@ def _particles(
     if foot and cfg.outline_level < 0.5:
         # The foot is read on the unsmoothed frame: the measurement's own smoothing would
         # widen every edge (the band means already average the noise out).
-        labels = _outer_outline(
-            sm if raw is None else raw, labels, polarity, cfg.outline_level, _OUTLINE_REACH_REL
-        )
+        labels = _outer_outline(sm if raw is None else raw, labels, polarity, cfg.outline_level, _OUTLINE_REACH_REL)
         props = [p for p in regionprops(labels) if p.area >= cfg.min_object_px]
     mask = labels > 0
     border = _touching_border(labels)
@@ -885,18 +962,14 @@ def _convex_phase(
     """
     tries = {pol: _particles(sm, pol, cfg, excl, raw=raw) for pol in ("bright", "dark")}
     votes = {
-        pol: res.solidity
-        for pol, res in tries.items()
-        if res.solidity is not None and res.inner_count >= _MIN_VOTERS
+        pol: res.solidity for pol, res in tries.items() if res.solidity is not None and res.inner_count >= _MIN_VOTERS
     }
     if not votes:
         return tries[_polarity(sm, modality, convexity)]
     return tries[max(votes, key=lambda pol: votes[pol])]
 
 
-def _rods(
-    sm: np.ndarray, polarity: str, cfg: MeasureImagesConfig, excl: np.ndarray | None = None
-) -> Result:
+def _rods(sm: np.ndarray, polarity: str, cfg: MeasureImagesConfig, excl: np.ndarray | None = None) -> Result:
     """Short straight objects (nanorods, aspect 2.5-8): segmented and split like particles,
     each measured along its own axes.
 
@@ -995,9 +1068,7 @@ def _strands(mask: np.ndarray, method: str) -> Result:
     strands = []
     for i, sl in zip(range(1, n + 1), ndi.find_objects(labels)):
         # A crop with a 2-px margin: the skeleton sees background around the object.
-        box = tuple(
-            slice(max(s.start - 2, 0), min(s.stop + 2, dim)) for s, dim in zip(sl, mask.shape)
-        )
+        box = tuple(slice(max(s.start - 2, 0), min(s.stop + 2, dim)) for s, dim in zip(sl, mask.shape))
         strands.append(_strand(labels[box] == i, edge[box]))
     simple = [s for s in strands if s.simple] or strands
     # A crossing of k objects has one (shared) width: it counts k times in the median.
@@ -1015,15 +1086,11 @@ def _strands(mask: np.ndarray, method: str) -> Result:
     )
 
 
-def _elongated(
-    sm: np.ndarray, polarity: str, cfg: MeasureImagesConfig, excl: np.ndarray | None = None
-) -> Result:
+def _elongated(sm: np.ndarray, polarity: str, cfg: MeasureImagesConfig, excl: np.ndarray | None = None) -> Result:
     return _strands(_clean(_bright_mask(sm, polarity), cfg, excl), "elongated")
 
 
-def _dark_lines(
-    sm: np.ndarray, cfg: MeasureImagesConfig, rare: bool, excl: np.ndarray | None = None
-) -> np.ndarray:
+def _dark_lines(sm: np.ndarray, cfg: MeasureImagesConfig, rare: bool, excl: np.ndarray | None = None) -> np.ndarray:
     """Thin dark lines (cracks, grain boundaries) by a Sato ridge filter.
 
     A ridge filter answers to the line's cross-profile, not to the step between a dark
@@ -1055,9 +1122,7 @@ def _cracks(sm: np.ndarray, cfg: MeasureImagesConfig, excl: np.ndarray | None = 
     # the frame too (a crack that matters crosses a good part of the field of view), since
     # at high magnification every arc and pore is many line widths long.
     labels, n = ndi.label(mask, structure=np.ones((3, 3)))
-    min_extent = max(
-        4 * cfg.dark_line_max_width_px, int(_CRACK_MIN_FRAME_SHARE * min(mask.shape))
-    )
+    min_extent = max(4 * cfg.dark_line_max_width_px, int(_CRACK_MIN_FRAME_SHARE * min(mask.shape)))
     for i, sl in zip(range(1, n + 1), ndi.find_objects(labels)):
         if max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) < min_extent:
             mask[sl][labels[sl] == i] = False
@@ -1081,9 +1146,7 @@ def _grains(sm: np.ndarray, cfg: MeasureImagesConfig, excl: np.ndarray | None = 
     border = _touching_border(labels)
     if excl is not None and excl.any():
         border |= set(int(v) for v in np.unique(labels[ndi.binary_dilation(excl, iterations=2)]))
-    props = [
-        p for p in regionprops(labels) if p.label not in border and p.area >= cfg.min_object_px
-    ]
+    props = [p for p in regionprops(labels) if p.label not in border and p.area >= cfg.min_object_px]
     diam = [float(_eq_diameter(p.area)) for p in props]
     return Result(
         "grains",
@@ -1134,9 +1197,7 @@ def _holes(sm: np.ndarray, cfg: MeasureImagesConfig, excl: np.ndarray | None = N
     return res
 
 
-def _lines(
-    sm: np.ndarray, cfg: MeasureImagesConfig, per: Periodicity, excl: np.ndarray | None = None
-) -> Result:
+def _lines(sm: np.ndarray, cfg: MeasureImagesConfig, per: Periodicity, excl: np.ndarray | None = None) -> Result:
     """Line/space grating: pitch from the spectrum, width = duty cycle x pitch."""
     mask = _clean(_bright_mask(sm, "bright"), cfg, excl)
     labels, n = ndi.label(mask)
@@ -1181,6 +1242,7 @@ def _structure(img: np.ndarray) -> float:
     Any real structure (and any microscope's point-spread function) correlates neighbouring
     pixels; shot noise alone does not. Unlike a smoothing test, this keeps fine gratings.
     """
+
     def corr(a: np.ndarray, b: np.ndarray) -> float:
         a, b = a - a.mean(), b - b.mean()
         den = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
@@ -1206,14 +1268,17 @@ def measure_array(
     is hidden, like an object cut by the frame).
     """
     return analyse_array(
-        image, cfg, image_id=image_id, label=label, modality=modality,
-        pixel_size_nm=pixel_size_nm, overlays=overlays,
+        image,
+        cfg,
+        image_id=image_id,
+        label=label,
+        modality=modality,
+        pixel_size_nm=pixel_size_nm,
+        overlays=overlays,
     )[0]
 
 
-def _overlay_mask(
-    shape: tuple[int, ...], overlays: Iterable[tuple[int, int, int, int]]
-) -> np.ndarray:
+def _overlay_mask(shape: tuple[int, ...], overlays: Iterable[tuple[int, int, int, int]]) -> np.ndarray:
     """Boolean mask of the overlay boxes (right and bottom exclusive), clipped to the frame."""
     excl = np.zeros(shape[:2], bool)
     h, w = shape[:2]
@@ -1249,12 +1314,18 @@ def analyse_array(
     empty = np.zeros(img.shape, bool)
     if excl.all():
         return Measurement(
-            **base, method="none", object_count=0, texture_contrast=texture,
+            **base,
+            method="none",
+            object_count=0,
+            texture_contrast=texture,
             notes=["the whole frame is a burned-in overlay: nothing to measure"],
         ), empty
     if min(img.shape) < 16 or img.std() * 255 < 1.0 or _structure(img) < cfg.min_structure:
         return Measurement(
-            **base, method="none", object_count=0, texture_contrast=texture,
+            **base,
+            method="none",
+            object_count=0,
+            texture_contrast=texture,
             notes=["no structure above the noise: nothing to measure"],
         ), empty
     excl_or_none = excl if excl.any() else None
@@ -1295,9 +1366,7 @@ def analyse_array(
         strand_polarity = _strand_polarity(sm, modality)
         # "Wires" seen tilted or short are rods: a skeleton would count every parasitic
         # crystallite beside them as a wire, and the rods' ends as crossings.
-        blobs = _particles(
-            sm, strand_polarity, cfg, excl_or_none, split_rel=_ROD_SPLIT_REL, foot=False
-        )
+        blobs = _particles(sm, strand_polarity, cfg, excl_or_none, split_rel=_ROD_SPLIT_REL, foot=False)
         if _are_rods(blobs, cfg, min_share=0.0):
             res = _rods(sm, strand_polarity, cfg, excl_or_none)
             notes.append("the wires are short straight rods: measured as rods")
@@ -1327,10 +1396,7 @@ def analyse_array(
             f" {cfg.debris_rel_size:g} x the main population's diameter not counted"
         )
     if res.compact_count:
-        notes.append(
-            f"{res.compact_count} compact or irregular objects beside the rods not counted"
-            " as rods"
-        )
+        notes.append(f"{res.compact_count} compact or irregular objects beside the rods not counted as rods")
     if res.count == 0:
         notes.append("no objects found")
     orient, spread = _axial_stats(res.angles)
@@ -1346,11 +1412,7 @@ def analyse_array(
         method=res.method,
         object_count=res.count,
         eq_diameter_px=[round(d, 3) for d in res.diameters_px],
-        eq_diameter_nm=(
-            None
-            if pixel_size_nm is None
-            else [round(d * pixel_size_nm, 3) for d in res.diameters_px]
-        ),
+        eq_diameter_nm=(None if pixel_size_nm is None else [round(d * pixel_size_nm, 3) for d in res.diameters_px]),
         median_size_px=px(res.size_px),
         median_size_nm=nm(res.size_px),
         width_px=px(res.width_px),
@@ -1418,10 +1480,7 @@ def score(pairs: Iterable[tuple[GroundTruth, Measurement]]) -> dict[str, Any]:
 def targets_met(per_class: dict[str, Any]) -> dict[str, bool]:
     """Acceptance: median count and size error <= TARGET_ERROR for the target classes."""
     return {
-        label: all(
-            (per_class[label][k] or 0.0) <= TARGET_ERROR
-            for k in ("median_count_error", "median_size_error")
-        )
+        label: all((per_class[label][k] or 0.0) <= TARGET_ERROR for k in ("median_count_error", "median_size_error"))
         for label in TARGET_CLASSES
         if label in per_class
     }
@@ -1446,17 +1505,22 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
     the stage's for that image: a folder of noisier frames can raise its floor alone.
     """
     if rec.measure_settings:
-        cfg = MeasureImagesConfig.model_validate(
-            {**cfg.model_dump(mode="json"), **rec.measure_settings}
-        )
+        cfg = MeasureImagesConfig.model_validate({**cfg.model_dump(mode="json"), **rec.measure_settings})
     if rec.low_information:
         return Measurement(
-            id=rec.id, method="none", object_count=0, pixel_size_nm=rec.pixel_size_nm,
+            id=rec.id,
+            method="none",
+            object_count=0,
+            pixel_size_nm=rec.pixel_size_nm,
             notes=[f"low information: {rec.low_information_reason or 'flagged by ingest'}"],
         )
     key = cache.key(
-        rec.png_sha256, rec.label, rec.pixel_size_nm, rec.modality,
-        [list(box) for box in rec.overlays], cfg.model_dump(mode="json"),
+        rec.png_sha256,
+        rec.label,
+        rec.pixel_size_nm,
+        rec.modality,
+        [list(box) for box in rec.overlays],
+        cfg.model_dump(mode="json"),
     )
     cached = cache.get(key)
     if cached is not None:
@@ -1466,17 +1530,28 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
     except (OSError, ValueError) as exc:
         # Not cached: the file may be fixed or restored before the next run.
         return Measurement(
-            id=rec.id, method="none", object_count=0, pixel_size_nm=rec.pixel_size_nm,
+            id=rec.id,
+            method="none",
+            object_count=0,
+            pixel_size_nm=rec.pixel_size_nm,
             notes=[f"unreadable image {rec.png}: {type(exc).__name__}: {exc}"],
         )
     try:
         m = measure_array(
-            image, cfg, image_id=rec.id, label=rec.label, modality=rec.modality,
-            pixel_size_nm=rec.pixel_size_nm, overlays=rec.overlays,
+            image,
+            cfg,
+            image_id=rec.id,
+            label=rec.label,
+            modality=rec.modality,
+            pixel_size_nm=rec.pixel_size_nm,
+            overlays=rec.overlays,
         )
     except Exception as exc:  # noqa: BLE001 - one odd image must not stop the stage
         return Measurement(
-            id=rec.id, method="none", object_count=0, pixel_size_nm=rec.pixel_size_nm,
+            id=rec.id,
+            method="none",
+            object_count=0,
+            pixel_size_nm=rec.pixel_size_nm,
             notes=[f"measurement failed: {type(exc).__name__}: {exc}"],
         )
     cache.put(key, m.model_dump(mode="json", exclude={"id"}))
@@ -1486,17 +1561,13 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
 def measure_images(cfg: Config) -> dict[str, Any]:
     """The stage: every record measured, measurements.jsonl + metrics/measure.json written."""
     records_path = cfg.paths.interim_images / "records.jsonl"
-    records = sorted(
-        (ImageRecord.model_validate(r) for r in read_jsonl(records_path)), key=lambda r: r.id
-    )
+    records = sorted((ImageRecord.model_validate(r) for r in read_jsonl(records_path)), key=lambda r: r.id)
     cache = ItemCache(cfg.paths.cache, "measure_images", VERSION)
     progress = track(records, description="measure_images", transient=True)
     measurements = [measure_record(rec, cfg.measure_images, cache) for rec in progress]
     out_dir = reset_dir(cfg.paths.measurements)
     write_jsonl(out_dir / "measurements.jsonl", (m.model_dump(mode="json") for m in measurements))
-    truth_pairs = [
-        (rec.ground_truth, m) for rec, m in zip(records, measurements) if rec.ground_truth
-    ]
+    truth_pairs = [(rec.ground_truth, m) for rec, m in zip(records, measurements) if rec.ground_truth]
     per_class = score(truth_pairs)
     metrics = {
         "per_class": per_class,

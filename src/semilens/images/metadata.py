@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from semilens.records import Sidecar
+from semilens.images.records import Sidecar
 
 Scalar = str | float | int
 
@@ -359,9 +359,7 @@ def _valid_measure_settings(settings: Any, where: str) -> tuple[dict[str, Any], 
     kept, problems = {}, []
     for key, value in settings.items():
         if key not in known:
-            problems.append(
-                f"{where}: measure setting {key!r} is not one of {', '.join(sorted(known))}"
-            )
+            problems.append(f"{where}: measure setting {key!r} is not one of {', '.join(sorted(known))}")
             continue
         try:
             MeasureImagesConfig.model_validate({key: value})
@@ -382,7 +380,7 @@ def validate_sidecar(data: Any, where: str) -> tuple[Sidecar, list[str]]:
     """
     from pydantic import ValidationError
 
-    from semilens.records import MODALITIES
+    from semilens.images.records import MODALITIES
 
     if not isinstance(data, dict):
         raise SidecarError(f"{where}: not a JSON object of sidecar fields")
@@ -393,10 +391,7 @@ def validate_sidecar(data: Any, where: str) -> tuple[Sidecar, list[str]]:
     if data.get("modality") is not None:
         modality, detector = parse_modality(data["modality"])
         if modality is None:
-            problems.append(
-                f"{where}: modality {data.pop('modality')!r} is not one of "
-                f"{', '.join(MODALITIES)}"
-            )
+            problems.append(f"{where}: modality {data.pop('modality')!r} is not one of {', '.join(MODALITIES)}")
         else:
             data["modality"] = modality
             instrument = data.get("instrument")
@@ -467,9 +462,7 @@ def load_metadata_csv(path: Path) -> tuple[dict[str, tuple[int, dict[str, Any]]]
     return rows, errors
 
 
-def sidecar_from_row(
-    row: dict[str, Any], where: str = SIDECAR_CSV
-) -> tuple[Sidecar, list[str]]:
+def sidecar_from_row(row: dict[str, Any], where: str = SIDECAR_CSV) -> tuple[Sidecar, list[str]]:
     """A metadata.csv row -> (Sidecar, one line per bad field): known columns by name, the
     rest as instrument keys."""
     known = {k: v for k, v in row.items() if k in _SIDECAR_KEYS}
@@ -527,9 +520,7 @@ def folder_label(
 
 # What people append to a derived copy of a micrograph saved beside the original
 # (``raw/x.tif`` -> ``fullres/x_cropped.png``): the same specimen area.
-_DERIVED_SUFFIX = re.compile(
-    r"[_-](cropped|crop|raw|full|fullres|orig|original)$", re.IGNORECASE
-)
+_DERIVED_SUFFIX = re.compile(r"[_-](cropped|crop|raw|full|fullres|orig|original)$", re.IGNORECASE)
 
 
 def default_group(rel: PurePosixPath) -> str:

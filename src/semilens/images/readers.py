@@ -100,9 +100,7 @@ def decode(data: bytes, path: Path, max_pixels: int, min_side: int) -> Decoded:
         raise ReadError("empty file (0 bytes)")
     fmt = sniff_format(data[:16])
     if fmt is None:
-        raise ReadError(
-            f"not a TIFF/PNG/JPEG/DM3/DM4 file (unrecognised header {data[:8]!r})"
-        )
+        raise ReadError(f"not a TIFF/PNG/JPEG/DM3/DM4 file (unrecognised header {data[:8]!r})")
     try:
         if fmt == "TIFF":
             return _decode_tiff(data, max_pixels, min_side)
@@ -136,9 +134,7 @@ def _decode_pil(data: bytes, fmt: str, max_pixels: int, min_side: int) -> Decode
             try:
                 im = Image.open(io.BytesIO(data))
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-                raise ReadError(
-                    f"{one_line(exc)} (max_pixels {max_pixels}; not decoded)"
-                ) from exc
+                raise ReadError(f"{one_line(exc)} (max_pixels {max_pixels}; not decoded)") from exc
             check_size(im.width, im.height, max_pixels, min_side)
             im.load()  # truncated files fail here, with Pillow's message
     finally:
@@ -287,8 +283,7 @@ def _decode_dm(path: Path, fmt: str, max_pixels: int, min_side: int) -> Decoded:
         # signal_type) are not micrographs.
         spectral = bool(((sig.get("metadata") or {}).get("Signal") or {}).get("signal_type"))
         is_image = not spectral and (
-            len(shape) == 2
-            or (len(shape) == 3 and all(not a.get("navigate", True) for a in axes[-2:]))
+            len(shape) == 2 or (len(shape) == 3 and all(not a.get("navigate", True) for a in axes[-2:]))
         )
         if not is_image:
             continue

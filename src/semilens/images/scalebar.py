@@ -258,9 +258,7 @@ def _merge_gapped(strokes: list[_Stroke], ink: np.ndarray) -> list[tuple[_Stroke
     return merged
 
 
-def find_bars(
-    gray: np.ndarray, rows: tuple[int, int] | None = None, background: int | None = None
-) -> list[Bar]:
+def find_bars(gray: np.ndarray, rows: tuple[int, int] | None = None, background: int | None = None) -> list[Bar]:
     """Scale-bar candidates in ``gray`` (rows ``rows`` only, when given), best first.
 
     ``background`` is the databar's background value when searching a databar.
@@ -327,9 +325,7 @@ def find_bars(
 
 # Letters tesseract puts for digits in a short number right before a unit ("S00 um",
 # "Sum" for 5 µm, "l0 nm").
-_DIGIT_LOOKALIKES = str.maketrans(
-    {"S": "5", "s": "5", "O": "0", "o": "0", "l": "1", "I": "1", "Z": "2", "B": "8"}
-)
+_DIGIT_LOOKALIKES = str.maketrans({"S": "5", "s": "5", "O": "0", "o": "0", "l": "1", "I": "1", "Z": "2", "B": "8"})
 _NUMBER_BEFORE_UNIT = re.compile(
     r"(?<![A-Za-z\d])([\dSsOolIZB][\dSsOolIZB.,]{0,5})(?=\s?(?:nm|mm|[uµμpyjJEe]{1,2}m)\b)"
 )
@@ -430,9 +426,7 @@ def _ocr(crop: np.ndarray, psm: int) -> tuple[str, float]:
     return " ".join(w.text for w in words), (float(np.mean(confs)) if confs else 0.0)
 
 
-def _text_crop(
-    gray: np.ndarray, box: Box, polarity: str, background: int | None = None
-) -> np.ndarray:
+def _text_crop(gray: np.ndarray, box: Box, polarity: str, background: int | None = None) -> np.ndarray:
     """The box as black text on white: bright labels are inverted."""
     x0, y0, x1, y1 = box
     crop = gray[y0:y1, x0:x1].astype(np.float32)
@@ -525,9 +519,7 @@ def _tight(gray: np.ndarray, box: Box, polarity: str, bar: Bar, widen: bool = Tr
     centre = (bx0 + bx1) / 2 - x0
     group = min(
         groups,
-        key=lambda g: 0 if g[0][2] <= centre <= g[-1][3] else min(
-            abs(g[0][2] - centre), abs(g[-1][3] - centre)
-        ),
+        key=lambda g: 0 if g[0][2] <= centre <= g[-1][3] else min(abs(g[0][2] - centre), abs(g[-1][3] - centre)),
     )
     ty0 = min(c[0] for c in group)
     ty1 = max(c[1] for c in group)
@@ -537,8 +529,10 @@ def _tight(gray: np.ndarray, box: Box, polarity: str, bar: Bar, widen: bool = Tr
     if (cut_left or cut_right) and widen:
         extra = max(4 * glyph_h, 24)
         wider = (
-            max(0, x0 - extra) if cut_left else x0, y0,
-            min(gray.shape[1], x1 + extra) if cut_right else x1, y1,
+            max(0, x0 - extra) if cut_left else x0,
+            y0,
+            min(gray.shape[1], x1 + extra) if cut_right else x1,
+            y1,
         )
         return _tight(gray, wider, polarity, bar, widen=False)
     pad = 2
@@ -604,13 +598,15 @@ def _hfw_from_words(words: list[Word]) -> tuple[float, str] | None:
         hx0, hy0, hx1, hy1 = head.box
         line_h = hy1 - hy0
         same_line = [
-            w for w in words
-            if w.box[0] >= hx1 - 2 and abs(w.box[1] - hy0) <= line_h and w.box[0] - hx1 < 4 * line_h
+            w for w in words if w.box[0] >= hx1 - 2 and abs(w.box[1] - hy0) <= line_h and w.box[0] - hx1 < 4 * line_h
         ]
         below = [
-            w for w in words
-            if w.box[1] >= hy1 - 2 and w.box[1] - hy1 < 3 * line_h
-            and w.box[0] < hx1 + 2 * line_h and w.box[2] > hx0 - 2 * line_h
+            w
+            for w in words
+            if w.box[1] >= hy1 - 2
+            and w.box[1] - hy1 < 3 * line_h
+            and w.box[0] < hx1 + 2 * line_h
+            and w.box[2] > hx0 - 2 * line_h
         ]
         for group in (same_line, below):
             group = sorted(group, key=lambda w: (w.box[1] // max(line_h, 1), w.box[0]))
@@ -664,9 +660,7 @@ def image_scale(gray: np.ndarray, databar_rows: int = 0, ocr: str = "all") -> Im
     to_read = bars if ocr == "all" else [(b, r) for b, r in bars if r == image_rows]
     if ocr == "none" or not tesseract_available():
         why = "OCR off" if ocr == "none" else "tesseract is not installed"
-        return ImageScale(
-            None, None, None, f"{len(bars)} bar-like stroke(s), labels not read ({why}; {where})"
-        )
+        return ImageScale(None, None, None, f"{len(bars)} bar-like stroke(s), labels not read ({why}; {where})")
     readings: list[tuple[Bar, Label]] = []
     overlays: list[Box] = []
     for bar, rows in to_read:
@@ -688,8 +682,7 @@ def image_scale(gray: np.ndarray, databar_rows: int = 0, ocr: str = "all") -> Im
             None,
             None,
             None,
-            f"no scale bar read: {len(bars)} bar-like stroke(s), none labelled with a length "
-            f"({where})",
+            f"no scale bar read: {len(bars)} bar-like stroke(s), none labelled with a length ({where})",
         )
 
     # Several bars that read: they must agree (one image, one scale).

@@ -180,6 +180,4 @@ def load_split(vqa_dir: Path, split: str):
     """The split as a datasets.Dataset, decoded images included."""
     import datasets
 
-    return datasets.load_dataset(
-        "parquet", data_files={split: str(Path(vqa_dir) / f"{split}.parquet")}, split=split
-    )
+    return datasets.load_dataset("parquet", data_files={split: str(Path(vqa_dir) / f"{split}.parquet")}, split=split)

@@ -59,8 +59,8 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from semilens.config import SynthImagesConfig
+from semilens.images.records import GroundTruth, Modality, Sidecar
 from semilens.io import atomic_write_bytes, reset_dir, write_json
-from semilens.records import GroundTruth, Modality, Sidecar
 
 VENDOR = "semilens-synth"
 # Pores or solid islands smaller than this (px) are filled before drawing, so the drawn
@@ -131,17 +131,13 @@ def _rim(mask: np.ndarray, width: float) -> np.ndarray:
     return np.where(mask, np.exp(-(inside - 0.5) / width), 0.0)
 
 
-def _sem_objects(
-    mask: np.ndarray, rng: np.random.Generator, bg: float, fg: float, rim_gain: float
-) -> np.ndarray:
+def _sem_objects(mask: np.ndarray, rng: np.random.Generator, bg: float, fg: float, rim_gain: float) -> np.ndarray:
     """Bright objects on a darker, faintly textured substrate, with edge brightening."""
     texture = 0.025 * _smooth_noise(rng, mask.shape, 2.0)
     return bg + texture + (fg - bg) * mask + rim_gain * _rim(mask, rng.uniform(1.2, 2.0))
 
 
-def _segment_distance(
-    yy: np.ndarray, xx: np.ndarray, p0: np.ndarray, p1: np.ndarray
-) -> np.ndarray:
+def _segment_distance(yy: np.ndarray, xx: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
     """Euclidean distance of every pixel centre to the segment p0-p1 (points as (y, x))."""
     d = p1 - p0
     length2 = float(d @ d) or 1e-12
@@ -169,9 +165,7 @@ def _polyline_mask(shape: tuple[int, int], pts: np.ndarray, width: float) -> np.
 
 def _visible_length(pts: np.ndarray, shape: tuple[int, int]) -> float:
     """Length of the polyline part whose points lie inside the frame."""
-    inside = (pts[:, 0] >= 0) & (pts[:, 0] <= shape[0] - 1) & (pts[:, 1] >= 0) & (
-        pts[:, 1] <= shape[1] - 1
-    )
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] <= shape[0] - 1) & (pts[:, 1] >= 0) & (pts[:, 1] <= shape[1] - 1)
     steps = np.hypot(*np.diff(pts, axis=0).T)
     return float(steps[inside[:-1] & inside[1:]].sum())
 
@@ -222,10 +216,7 @@ def _particles(rng: np.random.Generator, size: int, tem: bool) -> Scene:
             continue
         # Free placements keep a gap to every other particle; touching ones overlap only
         # their chosen partner's neighbourhood (clear=0.8 allows the designed contact).
-        if any(
-            math.hypot(cy - p[0], cx - p[1]) < clear * (math.sqrt(p[2] * p[3]) + r) + 1.0
-            for p in placed
-        ):
+        if any(math.hypot(cy - p[0], cx - p[1]) < clear * (math.sqrt(p[2] * p[3]) + r) + 1.0 for p in placed):
             continue
         theta = rng.uniform(0, math.pi)
         dy, dx = yy - cy, xx - cx
@@ -249,7 +240,7 @@ def _particles(rng: np.random.Generator, size: int, tem: bool) -> Scene:
         signal = _sem_objects(union, rng, rng.uniform(0.12, 0.22), rng.uniform(0.5, 0.62), 0.25)
         # Topographic shading: the side facing the detector is brighter (SE collection).
         phi, amp = rng.uniform(0, 2 * math.pi), rng.uniform(0.04, 0.1)
-        for (cy, cx, a, b, _), m in zip(placed, masks):
+        for (cy, cx, a, _b, _), m in zip(placed, masks):
             toward = ((xx - cx) * math.cos(phi) + (yy - cy) * math.sin(phi)) / a
             signal = signal + np.where(m, amp * toward, 0.0)
     sizes = [_eq_diameter(float(m.sum())) for m in masks]
@@ -381,7 +372,7 @@ def _lines(rng: np.random.Generator, size: int) -> Scene:
     # u: coordinate across the lines; the stripe index k = floor(u / pitch).
     u = xx * math.cos(ang) + yy * math.sin(ang) + rng.uniform(0, pitch)
     mask = np.mod(u, pitch) < width
-    stripe = np.where(mask, np.floor(u / pitch).astype(int), -10**6)
+    stripe = np.where(mask, np.floor(u / pitch).astype(int), -(10**6))
     visible = [(stripe == k) for k in np.unique(stripe[mask])]
     # Visible length of a stripe = its drawn area over the width; slivers are not lines.
     vis_len = np.array([m.sum() / width for m in visible])
@@ -411,11 +402,7 @@ def _holes(rng: np.random.Generator, size: int) -> Scene:
     a2 = np.array([math.cos(a2_angle), math.sin(a2_angle)]) * pitch
     origin = rng.uniform(0, pitch, 2)
     span = int(2 * size / pitch) + 3
-    centres = [
-        origin + i * a1 + j * a2
-        for i in range(-span, span + 1)
-        for j in range(-span, span + 1)
-    ]
+    centres = [origin + i * a1 + j * a2 for i in range(-span, span + 1) for j in range(-span, span + 1)]
     yy, xx = _grid(shape)
     holes = np.zeros(shape, bool)
     sizes = []
@@ -556,7 +543,10 @@ def render_image(label: str, index: int, cfg: SynthImagesConfig) -> SynthImage:
     if tem:
         hv = float(rng.choice([120.0, 200.0, 300.0]))
         instrument: dict[str, str | float | int] = {
-            "vendor": VENDOR, "hv_kv": hv, "magnification": magnification, "detector": "BF"
+            "vendor": VENDOR,
+            "hv_kv": hv,
+            "magnification": magnification,
+            "detector": "BF",
         }
         text = f"HV {hv:.0f} kV | Mag {magnification / 1000:.1f} kX | BF"
     else:
@@ -564,7 +554,10 @@ def render_image(label: str, index: int, cfg: SynthImagesConfig) -> SynthImage:
         wd = round(float(rng.uniform(3.0, 10.0)), 1)
         det = str(rng.choice(["SE", "TLD", "InLens"]))
         instrument = {
-            "vendor": VENDOR, "hv_kv": hv, "wd_mm": wd, "magnification": magnification,
+            "vendor": VENDOR,
+            "hv_kv": hv,
+            "wd_mm": wd,
+            "magnification": magnification,
             "detector": det,
         }
         text = f"HV {hv:.2f} kV | WD {wd:.1f} mm | Mag {magnification / 1000:.1f} kX | {det}"
@@ -581,10 +574,7 @@ def render_image(label: str, index: int, cfg: SynthImagesConfig) -> SynthImage:
         object_count=scene.count,
         sizes_nm=nm(scene.sizes_px) or [],
         lengths_nm=nm(scene.lengths_px),
-        orientations_deg=(
-            None if scene.orientations_deg is None
-            else [round(a, 3) for a in scene.orientations_deg]
-        ),
+        orientations_deg=(None if scene.orientations_deg is None else [round(a, 3) for a in scene.orientations_deg]),
         pitch_nm=None if scene.pitch_px is None else round(scene.pitch_px * pixel_size, 3),
         area_fraction=round(scene.area_fraction, 5),
         databar_height_px=bar_h,
@@ -605,9 +595,7 @@ def render_image(label: str, index: int, cfg: SynthImagesConfig) -> SynthImage:
 def tiff_bytes(pixels: np.ndarray) -> bytes:
     """Single-page 8-bit TIFF with no date/software tags, so the bytes are reproducible."""
     buf = io.BytesIO()
-    tifffile.imwrite(
-        buf, pixels, photometric="minisblack", metadata=None, software=False, datetime=False
-    )
+    tifffile.imwrite(buf, pixels, photometric="minisblack", metadata=None, software=False, datetime=False)
     return buf.getvalue()
 
 

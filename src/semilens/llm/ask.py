@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from semilens.vlm.predict import locate_checkpoint
+from semilens.checkpoints import locate_checkpoint
 
 
 def causal_lm_folder(folder: Path) -> Path:
@@ -25,10 +25,15 @@ def causal_lm_folder(folder: Path) -> Path:
 
     folder, base = locate_checkpoint(folder)
     config = (base or folder) / "config.json"
-    model_type = json.loads(config.read_text()).get("model_type")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:  # missing, unreadable, not JSON, not an object
+        raise ValueError(f"{config}: not a readable model config ({type(exc).__name__}: {exc})") from None
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         what = f"adapter's base {base}" if base is not None else str(folder)
-        raise ValueError(f"{what}: model_type {model_type!r} is not a causal language model (give a text checkpoint, e.g. models/llm/sft)")
+        raise ValueError(
+            f"{what}: model_type {model_type!r} is not a causal language model (give a text checkpoint, e.g. models/llm/sft)"
+        )
     return folder
 
 

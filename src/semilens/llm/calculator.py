@@ -21,8 +21,13 @@ import re
 from typing import Any
 
 FUNCTIONS = {"ln": math.log, "log": math.log10, "log10": math.log10, "exp": math.exp, "sqrt": math.sqrt}
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a**b}
+_OPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: lambda a, b: a**b,
+}
 # A clause ends at these: the expression of an "=" starts after the last of them.
 _CLAUSE_END = re.compile(r"(?:=|:|;|,|\n|\.\s|\bso\b|\bthen\b|\band\b)")
 _WORD = re.compile(r"[A-Za-zµÅ_][\w/µÅ^-]*")
@@ -38,7 +43,13 @@ def _value(node: ast.AST) -> float:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         v = _value(node.operand)
         return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCTIONS and len(node.args) == 1 and not node.keywords:
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in FUNCTIONS
+        and len(node.args) == 1
+        and not node.keywords
+    ):
         return FUNCTIONS[node.func.id](_value(node.args[0]))
     raise ValueError("not arithmetic")
 
@@ -91,7 +102,9 @@ def fill_in(text: str) -> str | None:
     return None if value is None else fmt(value)
 
 
-def generate_with_calculator(model: Any, tokenizer: Any, prompt_text: str, max_new_tokens: int, max_calls: int = 12) -> str:
+def generate_with_calculator(
+    model: Any, tokenizer: Any, prompt_text: str, max_new_tokens: int, max_calls: int = 12
+) -> str:
     """Greedy generation that stops at each ``=`` and lets the calculator write the value.
 
     ``prompt_text`` is the chat-formatted prompt; the return value is the answer alone.
@@ -162,8 +175,12 @@ def generate_with_calculator_batch(
             still: list[int] = []
             for start in range(0, len(writing), batch_size):
                 rows = writing[start : start + batch_size]
-                enc = tokenizer([prompt_texts[i] + answers[i] for i in rows], return_tensors="pt", padding=True,
-                                add_special_tokens=False).to(model.device)
+                enc = tokenizer(
+                    [prompt_texts[i] + answers[i] for i in rows],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=False,
+                ).to(model.device)
                 with torch.no_grad():
                     gen = model.generate(
                         **enc,

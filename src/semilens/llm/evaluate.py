@@ -21,13 +21,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from semilens.checkpoints import resolve_checkpoint
 from semilens.config import Config
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
 from semilens.llm.calculator import generate_with_calculator_batch
 from semilens.llm.judge import judge_report, resolve_judge
 from semilens.llm.pretrain import load_causal, pack, perplexity, split_corpus
-from semilens.vlm.metrics import caption_scores
-from semilens.vlm.prepare import resolve_checkpoint
+from semilens.scores import caption_scores
 
 MODELS = ("base", "pretrained", "sft", "gptq")
 DIFFICULTIES = ("easy", "medium", "hard")
@@ -50,7 +50,9 @@ MATH_UNITS: dict[str, tuple[str, float]] = {
 }
 _UNIT_RE = "|".join(re.escape(u) for u in sorted(MATH_UNITS, key=len, reverse=True))
 # a number may group thousands with commas ("1,250 nm"); "3,4" is two numbers, not one
-_NUM_UNIT = re.compile(rf"(?<![\w.,])(-?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?(?:e[+-]?\d+)?)\s*(?:({_UNIT_RE})(?![\w/]))?")
+_NUM_UNIT = re.compile(
+    rf"(?<![\w.,])(-?(?:\d{{1,3}}(?:,\d{{3}})+|\d+)(?:\.\d+)?(?:e[+-]?\d+)?)\s*(?:({_UNIT_RE})(?![\w/]))?"
+)
 
 
 def final_quantity(text: str) -> tuple[float, str | None] | None:
@@ -82,7 +84,9 @@ def math_correct(prediction: str, answer: dict[str, Any], rel_tol: float) -> boo
 
 def chat_prompt(tokenizer: Any, question: str) -> str:
     """A single-turn question in the model's own chat template, ready for the answer."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def generate(folder: Path, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
@@ -109,7 +113,9 @@ def answer_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens:
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
             )
-        outs += [t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+        outs += [
+            t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
     return outs
 
 
@@ -117,7 +123,9 @@ def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
     """Maths exactness, ROUGE-L and BERTScore of one model's answers on some rows."""
     math = [r for r in rows if r["category"] == "etch_math"]
     exact = [math_correct(r["prediction"], json.loads(r["answer"]), rel_tol) for r in math]
-    with_calc = [math_correct(r["prediction_calc"], json.loads(r["answer"]), rel_tol) for r in math if "prediction_calc" in r]
+    with_calc = [
+        math_correct(r["prediction_calc"], json.loads(r["answer"]), rel_tol) for r in math if "prediction_calc" in r
+    ]
     text = caption_scores([r["prediction"] for r in rows], [r["response"] for r in rows]) if rows else {}
     return {
         "n": len(rows),
@@ -141,7 +149,9 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
     if ecfg.max_rows:
         bench = bench.select(range(min(ecfg.max_rows, len(bench))))
     rows = [dict(r) for r in bench]
-    _, held = split_corpus(list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")), cfg.pretrain_llm.heldout_fraction)
+    _, held = split_corpus(
+        list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")), cfg.pretrain_llm.heldout_fraction
+    )
     models_dir = Path(cfg.paths.models) / "llm"
     table: list[dict[str, Any]] = []
     predictions: list[dict[str, Any]] = []
@@ -156,21 +166,45 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
         if ecfg.calculator:
             maths = [r for r in scored if r["category"] == "etch_math"]
             calc = generate_with_calculator_batch(
-                model, tokenizer, [chat_prompt(tokenizer, r["instruction"]) for r in maths], ecfg.max_new_tokens, ecfg.batch_size
+                model,
+                tokenizer,
+                [chat_prompt(tokenizer, r["instruction"]) for r in maths],
+                ecfg.max_new_tokens,
+                ecfg.batch_size,
             )
             for r, answer in zip(maths, calc):
                 r["prediction_calc"] = answer
         ppl = perplexity(model, pack(held, tokenizer, cfg.pretrain_llm.block_size))
         for difficulty in (*DIFFICULTIES, "all"):
             subset = [r for r in scored if difficulty == "all" or r["difficulty"] == difficulty]
-            table.append({"model": name, "difficulty": difficulty, **score_rows(subset, ecfg.math_rel_tol), "heldout_perplexity": ppl})
+            table.append(
+                {
+                    "model": name,
+                    "difficulty": difficulty,
+                    **score_rows(subset, ecfg.math_rel_tol),
+                    "heldout_perplexity": ppl,
+                }
+            )
         predictions += [
-            {"model": name, "id": r["id"], "difficulty": r["difficulty"], "category": r["category"], "instruction": r["instruction"], "reference": r["response"], "prediction": r["prediction"],
-             **({"prediction_calculator": r["prediction_calc"]} if "prediction_calc" in r else {})}
+            {
+                "model": name,
+                "id": r["id"],
+                "difficulty": r["difficulty"],
+                "category": r["category"],
+                "instruction": r["instruction"],
+                "reference": r["response"],
+                "prediction": r["prediction"],
+                **({"prediction_calculator": r["prediction_calc"]} if "prediction_calc" in r else {}),
+            }
             for r in scored
         ]
         overall = table[-1]
-        summary[name] = {"math_exact": overall["math_exact"], "math_exact_calculator": overall["math_exact_calculator"], "rouge_l": overall["rouge_l"], "heldout_perplexity": ppl}
+        summary[name] = {
+            "math_exact": overall["math_exact"],
+            "math_exact_calculator": overall["math_exact_calculator"],
+            "rouge_l": overall["rouge_l"],
+            "heldout_perplexity": ppl,
+        }
     out = reset_dir(models_dir / "eval")
     write_jsonl(out / "predictions.jsonl", predictions)
     # Without a judge the block says "configured": false rather than showing numbers

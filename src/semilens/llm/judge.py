@@ -151,8 +151,15 @@ def judge_answers(
     )
     records: list[dict[str, Any]] = []
     for p, outcome in zip(chosen, outcomes):
-        rec: dict[str, Any] = {"model": p["model"], "id": p["id"], "difficulty": p["difficulty"],
-                               "scores": None, "rationale": None, "failure": None, "reply": outcome.text}
+        rec: dict[str, Any] = {
+            "model": p["model"],
+            "id": p["id"],
+            "difficulty": p["difficulty"],
+            "scores": None,
+            "rationale": None,
+            "failure": None,
+            "reply": outcome.text,
+        }
         try:
             if outcome.error is not None:
                 raise outcome.error
@@ -172,25 +179,33 @@ def summarise(records: list[dict[str, Any]], difficulties: tuple[str, ...]) -> l
             subset = [r for r in records if r["model"] == model and difficulty in ("all", r["difficulty"])]
             judged = [r["scores"] for r in subset if r["scores"] is not None]
             failures = Counter(r["failure"]["kind"] for r in subset if r["failure"] is not None)
-            rows.append({
-                "model": model,
-                "difficulty": difficulty,
-                "n_judged": len(judged),
-                "n_failed": sum(failures.values()),
-                "failures": dict(sorted(failures.items())),
-                **{k: round(sum(s[k] for s in judged) / len(judged), 3) if judged else None for k in CRITERIA},
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "difficulty": difficulty,
+                    "n_judged": len(judged),
+                    "n_failed": sum(failures.values()),
+                    "failures": dict(sorted(failures.items())),
+                    **{k: round(sum(s[k] for s in judged) / len(judged), 3) if judged else None for k in CRITERIA},
+                }
+            )
     return rows
 
 
 def judge_report(
-    predictions: list[dict[str, Any]], resolved: JudgeConfig | None, difficulties: tuple[str, ...],
-    environ: Mapping[str, str] = os.environ, cache_root: Path | None = None,
+    predictions: list[dict[str, Any]],
+    resolved: JudgeConfig | None,
+    difficulties: tuple[str, ...],
+    environ: Mapping[str, str] = os.environ,
+    cache_root: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The ``judge`` block of metrics/llm.json and the per-answer records, for settings
     from ``resolve_judge``. None (no judge): the block says so and holds no scores."""
     if resolved is None:
-        note = f"no judge endpoint configured (evaluate_llm.judge.base_url or {URL_ENV}): expert criteria not scored"
+        note = (
+            f"no judge configured: the six expert criteria are scored only by an LLM judge server; set base_url and "
+            f"model of the endpoint evaluate_llm.judge names (under `endpoints` in params.yaml), or {URL_ENV} and {MODEL_ENV}"
+        )
         return {"configured": False, "scores": None, "note": note}, []
     rubric = load_rubric()
     records, accounting = judge_answers(predictions, resolved, rubric, environ, cache_root)

@@ -2,7 +2,7 @@
 
 ``base: tiny`` builds a small model of the Llama-3 architecture (``LlamaForCausalLM``:
 RoPE, grouped-query attention, SwiGLU), a byte-level BPE tokenizer trained locally on
-general English (``semilens.vlm.tokenizer.general_corpus``: no domain text, so domain
+general English (``semilens.tokenizer.general_corpus``: no domain text, so domain
 knowledge can only come from pretraining), Llama-3's special tokens and chat template,
 randomly initialised from the seed, saved as an ordinary HF checkpoint folder at
 ``<paths.models>/llm/base``. ``base: <folder>`` validates a real checkpoint (model_type
@@ -24,12 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from semilens.cards import table, write_card
+from semilens.checkpoints import CONFIG_FILE, GGUF_SOURCE_FILE, SOURCE_FILE
 from semilens.config import Config, TinyLLMConfig, dump_config
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
-from semilens.vlm.prepare import CONFIG_FILE, SOURCE_FILE
-from semilens.vlm.tokenizer import llama3_tokenizer
-
-GGUF_SOURCE_FILE = "gguf.json"  # not source.json: that one redirects loaders to a folder elsewhere
+from semilens.tokenizer import llama3_tokenizer
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,9 @@ def locate_gguf(spec: GGUFBase) -> dict[str, Any]:
     sha = sha256_file(path)
     recorded = _record_sha256(dist, rel)
     if recorded is not None and recorded != sha:
-        raise ValueError(f"{path}: sha256 {sha[:16]}... differs from {spec.package}'s RECORD ({recorded[:16]}...); the file is damaged, reinstall {spec.package}")
+        raise ValueError(
+            f"{path}: sha256 {sha[:16]}... differs from {spec.package}'s RECORD ({recorded[:16]}...); the file is damaged, reinstall {spec.package}"
+        )
     return {
         "package": spec.package,
         "version": dist.version,
@@ -124,7 +124,9 @@ def load_gguf(path: Path, eos_token: str | None = None, pad_token: str | None = 
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:  # the gguf reader raises bare ValueError/KeyError/struct errors
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not a GGUF checkpoint transformers can load ({type(exc).__name__}: {first})") from exc
+        raise ValueError(
+            f"{path}: not a GGUF checkpoint transformers can load ({type(exc).__name__}: {first})"
+        ) from exc
     if eos_token is not None:
         tokenizer.eos_token = eos_token
     if pad_token is not None:
@@ -136,7 +138,9 @@ def load_gguf(path: Path, eos_token: str | None = None, pad_token: str | None = 
     tokenizer.model_max_length = model.config.max_position_embeddings
     tokenizer.clean_up_tokenization_spaces = False
     if tokenizer.chat_template is None:
-        raise ValueError(f"{path}: the GGUF carries no chat template (tokenizer.chat_template); the SFT and evaluation stages need one")
+        raise ValueError(
+            f"{path}: the GGUF carries no chat template (tokenizer.chat_template); the SFT and evaluation stages need one"
+        )
     # The weights are plain float32 now: the GGUF marker would make a reload look for the file.
     model.config.quantization_config = None
     if hasattr(model.config, "_pre_quantization_dtype"):
@@ -148,6 +152,7 @@ def load_gguf(path: Path, eos_token: str | None = None, pad_token: str | None = 
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     model.generation_config.do_sample = False
     return model.eval(), tokenizer
+
 
 def build_tiny(tiny: TinyLLMConfig, seed: int) -> tuple[Any, Any]:
     import torch
@@ -247,7 +252,10 @@ def prepare_llm(cfg: Config) -> dict[str, Any]:
                 if "gguf" in summary
                 else f"A reference to a real checkpoint at `{summary['path']}` (weights not copied).",
             ),
-            ("Summary", table([{"": k, "value": v} for k, v in summary.items() if not isinstance(v, dict)], ["", "value"])),
+            (
+                "Summary",
+                table([{"": k, "value": v} for k, v in summary.items() if not isinstance(v, dict)], ["", "value"]),
+            ),
         ],
     )
     write_json(Path(cfg.paths.metrics) / "llm" / "prepare.json", summary)

@@ -21,10 +21,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from semilens.checkpoints import CONFIG_FILE, resolve_checkpoint
 from semilens.config import Config, PretrainLLMConfig, dump_config
 from semilens.io import atomic_write_text, hash_json, read_jsonl, reset_dir, sha256_file, write_json
 from semilens.training import clear_runtime_state, lora_target_pattern, open_run, train_or_reuse
-from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
 
 STAGE = "pretrain_llm"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -118,7 +118,9 @@ def run_key(*parts: Any) -> str:
 
 
 def weights_digest(folder: Path) -> list[str]:
-    return [sha256_file(w) for w in sorted(Path(folder).glob("*.safetensors"))] + [sha256_file(Path(folder) / "config.json")]
+    return [sha256_file(w) for w in sorted(Path(folder).glob("*.safetensors"))] + [
+        sha256_file(Path(folder) / "config.json")
+    ]
 
 
 def trainer_kwargs(c: Any, ckpt_dir: Path) -> dict[str, Any]:
@@ -152,7 +154,9 @@ def trainer_kwargs(c: Any, ckpt_dir: Path) -> dict[str, Any]:
     )
 
 
-def train_causal(model: Any, blocks: list[list[int]], pcfg: PretrainLLMConfig, ckpt_dir: Path) -> tuple[Any, dict[str, Any]]:
+def train_causal(
+    model: Any, blocks: list[list[int]], pcfg: PretrainLLMConfig, ckpt_dir: Path
+) -> tuple[Any, dict[str, Any]]:
     """HF Trainer over fixed-length blocks; returns (trainer, the run's record)."""
     import datasets
     from transformers import Trainer, TrainingArguments, default_data_collator
@@ -183,7 +187,9 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
     ppl_before = perplexity(model, held_blocks)
 
     # this module's own hash too: a checkpoint written by other training code is not resumed
-    key = run_key(weights_digest(weights), sha256_file(chunks_file), pcfg.model_dump(mode="json"), sha256_file(Path(__file__)))
+    key = run_key(
+        weights_digest(weights), sha256_file(chunks_file), pcfg.model_dump(mode="json"), sha256_file(Path(__file__))
+    )
     ckpt_dir = Path(cfg.paths.cache) / STAGE / key
     if pcfg.method == "lora":
         model = lora_model(model, pcfg.lora)
@@ -199,7 +205,9 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
     clear_runtime_state(tokenizer).save_pretrained(out)
     atomic_write_text(out / CONFIG_FILE, dump_config(pcfg))
     metrics_dir = Path(cfg.paths.metrics) / "llm"
-    atomic_write_text(metrics_dir / "pretrain_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve))
+    atomic_write_text(
+        metrics_dir / "pretrain_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve)
+    )
     summary = {
         "method": pcfg.method,
         "steps": record["steps"],

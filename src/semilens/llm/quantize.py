@@ -23,11 +23,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from semilens.checkpoints import CONFIG_FILE
 from semilens.config import Config, QuantizeLLMConfig, dump_config
 from semilens.io import atomic_write_text, read_jsonl, reset_dir, write_json
 from semilens.llm.pretrain import load_causal, pack, perplexity, split_corpus
 from semilens.training import clear_runtime_state
-from semilens.vlm.prepare import CONFIG_FILE
 
 STAGE = "quantize_llm"
 # compressed-tensors names the parts of a quantised weight weight_packed, weight_scale,
@@ -52,7 +52,11 @@ def check_group_size(model: Any, qcfg: QuantizeLLMConfig) -> None:
     if bad:
         widths = sorted(set(bad.values()))
         fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
-        hint = f"a group_size dividing {widths} (e.g. {fits[-1]})" if fits else f"a model whose widths {widths} divide by 32"
+        hint = (
+            f"a group_size dividing {widths} (e.g. {fits[-1]})"
+            if fits
+            else f"a model whose widths {widths} divide by 32"
+        )
         raise ValueError(
             f"quantize_llm.group_size {qcfg.group_size} does not divide the input width of "
             f"{len(bad)} layer(s) ({', '.join(sorted(bad)[:4])}{', ...' if len(bad) > 4 else ''}); use {hint}, "
@@ -65,7 +69,13 @@ def recipe(qcfg: QuantizeLLMConfig) -> Any:
 
     # Written out rather than the "W4A16" preset name so bits and group size come from
     # params.yaml; with bits 4 and group 128 it is that preset exactly.
-    weights = {"num_bits": qcfg.bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": qcfg.group_size}
+    weights = {
+        "num_bits": qcfg.bits,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": qcfg.group_size,
+    }
     return GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
         ignore=list(qcfg.ignore),
@@ -119,7 +129,13 @@ def quantize_llm(cfg: Config) -> dict[str, Any]:
     ppl_fp = perplexity(model, held)
 
     calib_ds = datasets.Dataset.from_dict({"input_ids": calib, "attention_mask": [[1] * len(b) for b in calib]})
-    oneshot(model=model, dataset=calib_ds, recipe=recipe(qcfg), max_seq_length=qcfg.max_seq_length, num_calibration_samples=len(calib))
+    oneshot(
+        model=model,
+        dataset=calib_ds,
+        recipe=recipe(qcfg),
+        max_seq_length=qcfg.max_seq_length,
+        num_calibration_samples=len(calib),
+    )
     out = reset_dir(Path(cfg.paths.models) / "llm" / "gptq")
     model.save_pretrained(out, save_compressed=True)
     clear_runtime_state(tokenizer).save_pretrained(out)
@@ -128,7 +144,9 @@ def quantize_llm(cfg: Config) -> dict[str, Any]:
     # Everything below reads the saved folder back, as a user would.
     reloaded = load_causal(out)
     ppl_q = perplexity(reloaded, held)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": qcfg.smoke_prompt}], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": qcfg.smoke_prompt}], tokenize=False, add_generation_prompt=True
+    )
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(reloaded.device)
     with torch.no_grad():
         gen = reloaded.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)

@@ -24,14 +24,22 @@ from pathlib import Path
 from typing import Any
 
 from semilens.cards import lineage_table, table, write_card
+from semilens.checkpoints import GGUF_SOURCE_FILE, SOURCE_FILE
 from semilens.config import Config
 from semilens.io import read_json
-from semilens.lineage import git_state, verified_hashes
+from semilens.lineage import git_state, path_allowance, verified_hashes
 from semilens.llm.evaluate import DIFFICULTIES, MODELS
 from semilens.llm.judge import CRITERIA
-from semilens.llm.prepare import GGUF_SOURCE_FILE
-from semilens.registry import Registration, describe_uri, flatten, lineage_tags, params_hash, parquet_dataset, register, tracking_uri
-from semilens.vlm.prepare import SOURCE_FILE
+from semilens.registry import (
+    Registration,
+    describe_uri,
+    flatten,
+    lineage_tags,
+    params_hash,
+    parquet_dataset,
+    register,
+    tracking_uri,
+)
 
 # Two registered names rather than one name with a "variant" tag: a registered model's
 # versions are meant to be successive builds of one deployable thing, and an auditor asks
@@ -47,9 +55,19 @@ MODEL_SECTIONS = ("prepare_llm", "pretrain_llm", "sft_llm", "quantize_llm")
 LOGGED_SECTIONS = (*MODEL_SECTIONS, "evaluate_llm")
 SCORE_KEYS = ("math_exact", "rouge_l", "bertscore_f1", "heldout_perplexity")
 QUANT_KEYS = (
-    "bits", "group_size", "format", "quantized_layers", "calibration_blocks", "linear_bytes_fp32",
-    "linear_bytes_quantized", "linear_size_ratio", "folder_bytes_unquantized", "folder_bytes_quantized",
-    "heldout_perplexity_unquantized", "heldout_perplexity_quantized", "perplexity_ratio",
+    "bits",
+    "group_size",
+    "format",
+    "quantized_layers",
+    "calibration_blocks",
+    "linear_bytes_fp32",
+    "linear_bytes_quantized",
+    "linear_size_ratio",
+    "folder_bytes_unquantized",
+    "folder_bytes_quantized",
+    "heldout_perplexity_unquantized",
+    "heldout_perplexity_quantized",
+    "perplexity_ratio",
 )
 TRAIN_KEYS = ("steps", "first_loss", "last_loss", "heldout_perplexity_before", "heldout_perplexity_after")
 # MLflow datasets keep the text columns; `messages` repeats instruction and response.
@@ -57,17 +75,23 @@ DATASET_COLUMNS = ["id", "category", "kind", "difficulty", "instruction", "respo
 
 
 def _numbers(prefix: str, summary: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in flatten(prefix, summary).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: v for k, v in flatten(prefix, summary).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
-def text_metrics(report: dict[str, Any], quantize: dict[str, Any], training: dict[str, dict[str, Any]]) -> dict[str, float]:
+def text_metrics(
+    report: dict[str, Any], quantize: dict[str, Any], training: dict[str, dict[str, Any]]
+) -> dict[str, float]:
     """MLflow metrics: ``<model>.<difficulty>.<score>`` (``sft.all.rouge_l``), judge means
     ``judge.<model>.<difficulty>.<criterion>``, ``quantize.*`` and ``train.<stage>.*``."""
     out: dict[str, float] = {}
     for row in report["rows"]:
         out.update({f"{row['model']}.{row['difficulty']}.{k}": row[k] for k in SCORE_KEYS if row.get(k) is not None})
     for row in (report.get("judge") or {}).get("scores") or []:
-        out.update({f"judge.{row['model']}.{row['difficulty']}.{k}": row[k] for k in CRITERIA if row.get(k) is not None})
+        out.update(
+            {f"judge.{row['model']}.{row['difficulty']}.{k}": row[k] for k in CRITERIA if row.get(k) is not None}
+        )
     out.update(_numbers("quantize", quantize))
     for stage, summary in training.items():
         out.update(_numbers(f"train.{stage}", summary))
@@ -85,8 +109,14 @@ def text_params(cfg: Config) -> dict[str, Any]:
 
 
 def write_llm_card(
-    folder: Path, names: dict[str, str], lineage: dict[str, dict[str, str]], report: dict[str, Any],
-    quantize: dict[str, Any], training: dict[str, dict[str, Any]], phash: str, base_source: str,
+    folder: Path,
+    names: dict[str, str],
+    lineage: dict[str, dict[str, str]],
+    report: dict[str, Any],
+    quantize: dict[str, Any],
+    training: dict[str, dict[str, Any]],
+    phash: str,
+    base_source: str,
 ) -> Path:
     order = {(m, d): i for i, (m, d) in enumerate((m, d) for m in MODELS for d in (*DIFFICULTIES, "all"))}
     rows = sorted(report["rows"], key=lambda r: order.get((r["model"], r["difficulty"]), len(order)))
@@ -111,18 +141,22 @@ def write_llm_card(
     ]
     judge = report.get("judge") or {}
     if judge.get("configured"):
-        sections.append((
-            "Expert criteria (LLM judge)",
-            f"Judge `{judge['model']}`, scores 1 to 5, rubric sha256 `{judge['rubric_sha256'][:16]}`.\n\n"
-            + table(judge["scores"], ["model", "difficulty", "n_judged", "n_failed", *CRITERIA]),
-        ))
+        sections.append(
+            (
+                "Expert criteria (LLM judge)",
+                f"Judge `{judge['model']}`, scores 1 to 5, rubric sha256 `{judge['rubric_sha256'][:16]}`.\n\n"
+                + table(judge["scores"], ["model", "difficulty", "n_judged", "n_failed", *CRITERIA]),
+            )
+        )
     else:
         sections.append(("Expert criteria (LLM judge)", "Not scored: no judge was configured."))
     sections += [
         ("Quantisation", table([{"": k, "value": quantize.get(k)} for k in QUANT_KEYS], ["", "value"])),
         (
             "Training",
-            table([{"stage": s, **{k: v.get(k) for k in TRAIN_KEYS}} for s, v in training.items()], ["stage", *TRAIN_KEYS]),
+            table(
+                [{"stage": s, **{k: v.get(k) for k in TRAIN_KEYS}} for s, v in training.items()], ["stage", *TRAIN_KEYS]
+            ),
         ),
         ("Params", f"Hash of the text model's sections of params.yaml ({', '.join(MODEL_SECTIONS)}): `{phash}`."),
     ]
@@ -166,7 +200,9 @@ def register_llm(cfg: Config) -> dict[str, Any]:
     metrics = Path(cfg.paths.metrics)
     report = _read_metrics(metrics / "llm.json", "evaluate_llm")
     quantize = _read_metrics(metrics / "quantize.json", "quantize_llm")
-    training = {stage: _read_metrics(metrics / "llm" / f"{stage}.json", f"{stage}_llm") for stage in ("pretrain", "sft")}
+    training = {
+        stage: _read_metrics(metrics / "llm" / f"{stage}.json", f"{stage}_llm") for stage in ("pretrain", "sft")
+    }
     lineage = verified_hashes(lineage_paths(cfg))
     source_file = models / "base" / SOURCE_FILE
     real = read_json(source_file) if source_file.is_file() else None  # a referenced real base
@@ -179,13 +215,24 @@ def register_llm(cfg: Config) -> dict[str, Any]:
     names = {kind: f"{cfg.register_models.model_prefix}{suffix}" for kind, suffix in SUFFIXES.items()}
     git = git_state()
     card = write_llm_card(models, names, lineage, report, quantize, training, phash, base_source)
-    common = {"base": cfg.prepare_llm.base, "params_hash": phash, **lineage_tags(lineage, git)}
+    common = {
+        "base": cfg.prepare_llm.base,
+        "params_hash": phash,
+        **lineage_tags(lineage, git),
+        **path_allowance(cfg.paths),  # empty unless paths.allow_outside let a folder in (as vlm/register)
+    }
     if real is not None:
         common["base.config_sha256"] = real["config_sha256"]
     if gguf is not None:
         common.update({f"base.gguf.{k}": str(gguf[k]) for k in ("package", "version", "file", "sha256")})
     datasets = [
-        (parquet_dataset(Path(cfg.paths.instructions) / f"{split}.parquet", f"instructions-{split}", DATASET_COLUMNS, "response"), context, {"dvc.dataset.md5": lineage["dataset"]["md5"]})
+        (
+            parquet_dataset(
+                Path(cfg.paths.instructions) / f"{split}.parquet", f"instructions-{split}", DATASET_COLUMNS, "response"
+            ),
+            context,
+            {"dvc.dataset.md5": lineage["dataset"]["md5"]},
+        )
         for split, context in (("train", "training"), ("benchmark", "evaluation"))
     ]
     qcfg = cfg.quantize_llm
@@ -201,9 +248,14 @@ def register_llm(cfg: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {"tracking": describe_uri(uri), "params_hash": phash, "git_commit": git["commit"]}
     for kind, (tags, artifact) in versions.items():
         reg = Registration(
-            name=names[kind], params=params, metrics=numbers, tags={**common, **tags},
-            artifacts={artifact: models / artifact, "card": card}, model_artifact=artifact,
-            datasets=datasets, description=card.read_text(),
+            name=names[kind],
+            params=params,
+            metrics=numbers,
+            tags={**common, **tags},
+            artifacts={artifact: models / artifact, "card": card},
+            model_artifact=artifact,
+            datasets=datasets,
+            description=card.read_text(),
         )
         done = register(reg, uri, cfg.register_models.experiment, Path(cfg.paths.mlflow) / "artifacts")
         summary.update({f"{kind}_{k}": v for k, v in done.items()})

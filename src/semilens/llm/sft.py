@@ -16,11 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from semilens.checkpoints import CONFIG_FILE
 from semilens.config import Config, dump_config
 from semilens.io import atomic_write_text, reset_dir, sha256_file, write_json
 from semilens.llm.pretrain import lora_config, model_metrics, run_key, trainer_kwargs, weights_digest
 from semilens.training import clear_runtime_state, open_run, sft_trainer, train_or_reuse
-from semilens.vlm.prepare import CONFIG_FILE
 
 STAGE = "sft_llm"
 
@@ -54,8 +54,12 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     # this module's own hash is in the key too: a change to how training runs (batch order,
     # say) must not resume from a checkpoint the old code wrote
-    ckpt_dir = Path(cfg.paths.cache) / STAGE / run_key(
-        weights_digest(src), sha256_file(train_file), scfg.model_dump(mode="json"), sha256_file(Path(__file__))
+    ckpt_dir = (
+        Path(cfg.paths.cache)
+        / STAGE
+        / run_key(
+            weights_digest(src), sha256_file(train_file), scfg.model_dump(mode="json"), sha256_file(Path(__file__))
+        )
     )
     args = SFTConfig(
         **trainer_kwargs(scfg, ckpt_dir),
@@ -91,7 +95,9 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
 
     curve = record["curve"]
     metrics_dir = Path(cfg.paths.metrics) / "llm"
-    atomic_write_text(metrics_dir / "sft_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve))
+    atomic_write_text(
+        metrics_dir / "sft_loss.csv", "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve)
+    )
     summary = {
         "steps": record["steps"],
         "resumed_from": record["resumed_from"],

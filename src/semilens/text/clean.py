@@ -36,9 +36,10 @@ import math
 import re
 import statistics
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import CleanMarkdownConfig, Config
@@ -54,7 +55,9 @@ _PAGE_NUMBER = re.compile(
     re.IGNORECASE,
 )
 # A page label inside a short header line: "IHP Seite:2 -", "Report X, Page 3 of 26".
-_PAGE_LABEL = re.compile(r"\b(page|seite|pagina|página)\s*:?\s*(?P<n>\d{1,4})\b(?:\s*(?:of|/|von|de)\s*\d{1,4})?", re.IGNORECASE)
+_PAGE_LABEL = re.compile(
+    r"\b(page|seite|pagina|página)\s*:?\s*(?P<n>\d{1,4})\b(?:\s*(?:of|/|von|de)\s*\d{1,4})?", re.IGNORECASE
+)
 _ENUMERATOR = re.compile(r"\(?(\d{1,2}|[a-z])[.)]")
 BULLETS = {"•", "▪", "◦", "‣", "●", "○", "■", "□", "–", "-", "*"}
 _SENTENCE_END = re.compile(r"[.!?:;)\]]['\"]?$")
@@ -113,7 +116,9 @@ def _edge_lines(lines: list[Ln], k: int, height: float) -> list[tuple[Ln, str, f
     with its edge and its distance from that edge. Running lines sit outside the body
     whatever the margins are, so the search goes by rank, not by a fixed band."""
     top, bottom = _edge_rows(lines, k, height)
-    return [(ln, "top", height - ln.y) for row in top for ln in row] + [(ln, "bottom", ln.y) for row in bottom for ln in row]
+    return [(ln, "top", height - ln.y) for row in top for ln in row] + [
+        (ln, "bottom", ln.y) for row in bottom for ln in row
+    ]
 
 
 def _edge_rows(lines: list[Ln], k: int, height: float) -> tuple[list[list[Ln]], list[list[Ln]]]:
@@ -202,7 +207,9 @@ def strip_running(pages: list[dict[str, Any]], cfg: CleanMarkdownConfig) -> tupl
             drop.add(id(ln))
             numbers_at.append((edge, dist))
     for p, ln, *_ in numbered:
-        if _PAGE_NUMBER.match(ln.text) and not p["height"] * cfg.margin_band < ln.y < p["height"] * (1 - cfg.margin_band):
+        if _PAGE_NUMBER.match(ln.text) and not p["height"] * cfg.margin_band < ln.y < p["height"] * (
+            1 - cfg.margin_band
+        ):
             drop.add(id(ln))
     # repetition at a position, peeled from each edge
     if n > 1:
@@ -256,7 +263,7 @@ def _unglue(lines: list[Ln], number: int, height: float, numbers_at: list[tuple[
             tail = re.search(rf"(?<=\S)\s+\W*{number}\W*$", ln.text)
             if head:
                 cut.append(head.group(0).strip())
-                ln.text = ln.text[head.end():]
+                ln.text = ln.text[head.end() :]
             elif tail:
                 cut.append(tail.group(0).strip())
                 ln.text = ln.text[: tail.start()]
@@ -281,7 +288,10 @@ _AFFILIATION = re.compile(
 )
 _NAME = re.compile(r"^[A-ZÀ-Þ][\w'’.-]*\.?(\s+(van|von|de|der|da|di|le)?\s*[A-ZÀ-Þ][\w'’.-]*\.?){1,3}$")
 _AUTHOR_LABEL = re.compile(r"^\s*(authors?|by|autor(en)?)\s*[:\-]\s*", re.IGNORECASE)
-_FRONT_STOP = re.compile(r"^\W*(abstract|summary|keywords|index terms|introduction|contents|table of contents|zusammenfassung)\b", re.IGNORECASE)
+_FRONT_STOP = re.compile(
+    r"^\W*(abstract|summary|keywords|index terms|introduction|contents|table of contents|zusammenfassung)\b",
+    re.IGNORECASE,
+)
 _MARKERS = "∗*†‡§¶,0123456789 "
 
 
@@ -313,7 +323,9 @@ def front_matter(lines: list[Ln], height: float, cfg: CleanMarkdownConfig) -> tu
     the Markdown as headings; a line that is none of these stays in the text.
     """
     body = _body_size(lines)
-    upper = [ln for ln in lines if ln.y > 0.4 * height and sum(c.isalpha() for c in ln.text) >= 3]  # title slides centre it
+    upper = [
+        ln for ln in lines if ln.y > 0.4 * height and sum(c.isalpha() for c in ln.text) >= 3
+    ]  # title slides centre it
     if not upper:
         return {}, set()
     big = max(ln.size for ln in upper)
@@ -343,7 +355,7 @@ def front_matter(lines: list[Ln], height: float, cfg: CleanMarkdownConfig) -> tu
         m_date = _DATE.search(ln.text)
         labelled = _AUTHOR_LABEL.match(ln.text)
         if labelled or (author_size and abs(ln.size - author_size) < 0.5 and _names(ln.text)):
-            authors += _names(ln.text[labelled.end():] if labelled else ln.text) or [ln.text[labelled.end():].strip()]
+            authors += _names(ln.text[labelled.end() :] if labelled else ln.text) or [ln.text[labelled.end() :].strip()]
             stacks[id(ln)] = [ln]
             leave.add(id(ln))
         elif m_date and not date:
@@ -368,7 +380,11 @@ def front_matter(lines: list[Ln], height: float, cfg: CleanMarkdownConfig) -> tu
                 leave.add(id(ln))
     affiliations: list[str] = []
     for stack in stacks.values():
-        text = ", ".join(ln.text.strip().strip(",") for ln in stack if not (id(ln) == id(stack[0]) and (_names(ln.text) or _AUTHOR_LABEL.match(ln.text))))
+        text = ", ".join(
+            ln.text.strip().strip(",")
+            for ln in stack
+            if not (id(ln) == id(stack[0]) and (_names(ln.text) or _AUTHOR_LABEL.match(ln.text)))
+        )
         if text and text not in affiliations:
             affiliations.append(text)
     if not (authors or affiliations or date):
@@ -565,7 +581,9 @@ def join_small_caps(lines: list[Ln], vocabulary: set[str]) -> None:
     column gap ("| TABLE I. O | PERATION COUNTS |" is one caption)."""
 
     def fix(text: str) -> str:
-        return _SMALL_CAPS.sub(lambda m: m.group(1) + m.group(2) if _caps_word(m.group(1), m.group(2), vocabulary) else m.group(0), text)
+        return _SMALL_CAPS.sub(
+            lambda m: m.group(1) + m.group(2) if _caps_word(m.group(1), m.group(2), vocabulary) else m.group(0), text
+        )
 
     for ln in lines:
         k = 0
@@ -597,8 +615,12 @@ def _aligned(a: Ln, b: Ln) -> bool:
     if len(a.spans) == len(b.spans) == 2 and _running(a.cells[0]) and _running(b.cells[0]):
         return False  # two lines of running text split once each: prose, wherever the splits fall
     tol = 0.5 * max(a.size, b.size)
-    gaps_a = [(a.spans[k][1], a.spans[k + 1][0], a.spans[k + 1], k + 2 == len(a.spans)) for k in range(len(a.spans) - 1)]
-    gaps_b = [(b.spans[k][1], b.spans[k + 1][0], b.spans[k + 1], k + 2 == len(b.spans)) for k in range(len(b.spans) - 1)]
+    gaps_a = [
+        (a.spans[k][1], a.spans[k + 1][0], a.spans[k + 1], k + 2 == len(a.spans)) for k in range(len(a.spans) - 1)
+    ]
+    gaps_b = [
+        (b.spans[k][1], b.spans[k + 1][0], b.spans[k + 1], k + 2 == len(b.spans)) for k in range(len(b.spans) - 1)
+    ]
     matched = 0
     for lo_a, hi_a, (x0_a, x1_a), last_a in gaps_a:
         for lo_b, hi_b, (x0_b, x1_b), last_b in gaps_b:
@@ -630,7 +652,12 @@ def confirm_tables(lines: list[Ln]) -> None:
             i += 1
             continue
         j = i
-        while j + 1 < len(lines) and len(lines[j + 1].cells) >= 2 and not lines[j + 1].role and lines[j + 1].page == lines[i].page:
+        while (
+            j + 1 < len(lines)
+            and len(lines[j + 1].cells) >= 2
+            and not lines[j + 1].role
+            and lines[j + 1].page == lines[i].page
+        ):
             j += 1
         keep: set[int] = set()
         for k in range(i, j):
@@ -674,16 +701,30 @@ def mark_display(lines: list[Ln]) -> None:
             continue
         ln.role = "equation"
         m = k - 1
-        while m >= 0 and lines[m].page == ln.page and not lines[m].role and _mathy(lines[m].text) and len(lines[m].text) <= 160:
+        while (
+            m >= 0
+            and lines[m].page == ln.page
+            and not lines[m].role
+            and _mathy(lines[m].text)
+            and len(lines[m].text) <= 160
+        ):
             lines[m].role = "equation"
             m -= 1
     i = 0
     while i < len(lines):
         j = i
-        while j < len(lines) and (m := _LISTING_LINE.match(lines[j].text)) and int(m.group(1)) == int(_LISTING_LINE.match(lines[i].text).group(1)) + j - i:  # type: ignore[union-attr]
+        while (
+            j < len(lines)
+            and (m := _LISTING_LINE.match(lines[j].text))
+            and int(m.group(1)) == int(_LISTING_LINE.match(lines[i].text).group(1)) + j - i
+        ):  # type: ignore[union-attr]
             j += 1
         run = lines[i:j]
-        if len(run) >= 3 and 3 * sum(_CODE.search(ln.text) is not None for ln in run) >= len(run) and not any(ln.role for ln in run):
+        if (
+            len(run) >= 3
+            and 3 * sum(_CODE.search(ln.text) is not None for ln in run) >= len(run)
+            and not any(ln.role for ln in run)
+        ):
             for ln in run:
                 ln.role = "code"
         i = max(j, i + 1)
@@ -846,7 +887,9 @@ def clean_document(pages: list[dict[str, Any]], cfg: CleanMarkdownConfig) -> dic
         for ln in p["lines"]:
             ln["text"] = ln["text"].translate(LIGATURES)
     body, removed = strip_running(pages, cfg)
-    meta, leave = front_matter(body[0], pages[0]["height"], cfg) if body and pages[0]["method"] != "ocr" else ({}, set())
+    meta, leave = (
+        front_matter(body[0], pages[0]["height"], cfg) if body and pages[0]["method"] != "ocr" else ({}, set())
+    )
     if leave:
         body[0] = [ln for ln in body[0] if id(ln) not in leave]
     ordered: list[Ln] = []
@@ -957,7 +1000,7 @@ def clean_markdown(cfg: Config) -> dict[str, Any]:
     documents, chunks, fidelity = [], [], []
     docs = sorted(by_doc.items(), key=lambda kv: kv[1][0]["source"])
     results = []
-    for sha, pages in docs:
+    for _sha, pages in docs:
         key = cache.key(hash_json(pages), params)
         result = cache.get(key)
         if result is None:

@@ -78,14 +78,19 @@ def document_blocks(group: Group, rng: random.Random, max_units: int) -> list[Bl
             alias = f" ({', '.join(unit.aliases)})" if unit.aliases else ""
             blocks += [Block("heading", unit.name + alias, 3), Block("paragraph", unit.description)]
             if rng.random() < 0.5:
-                rows = [("Parameter", "Unit", "Typical")] + [(p.name, p.unit or "-", p.typical) for p in unit.parameters]
+                rows = [("Parameter", "Unit", "Typical")] + [
+                    (p.name, p.unit or "-", p.typical) for p in unit.parameters
+                ]
                 blocks.append(Block("table", rows=tuple(rows)))
             else:
                 blocks.append(
                     Block(
                         "paragraph",
                         "Key parameters: "
-                        + "; ".join(f"{p.name} ({p.typical}{' ' + p.unit if p.unit else ''}): {p.effect.rstrip('.')}" for p in unit.parameters),
+                        + "; ".join(
+                            f"{p.name} ({p.typical}{' ' + p.unit if p.unit else ''}): {p.effect.rstrip('.')}"
+                            for p in unit.parameters
+                        ),
                     )
                 )
             for d in unit.defects:

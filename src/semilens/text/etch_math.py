@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 MATERIALS = [
     ("SiO2", "photoresist", "CF4/CHF3"),
@@ -66,7 +67,16 @@ def etch_rate(rng: random.Random) -> Problem:
         f"Etch rate = removed thickness / time. Removed = {before} - {before - removed} = {removed} nm; "
         f"time = {t} s / 60 s/min = {_s(t / 60)} min; etch rate = {removed} nm / {_s(t / 60)} min = {_s(rate)} nm/min."
     )
-    return Problem("etch_rate", "easy", q, resp, _r(rate), "nm/min", {"before_nm": before, "after_nm": before - removed, "time_s": t}, "ER = (d_before - d_after) / t")
+    return Problem(
+        "etch_rate",
+        "easy",
+        q,
+        resp,
+        _r(rate),
+        "nm/min",
+        {"before_nm": before, "after_nm": before - removed, "time_s": t},
+        "ER = (d_before - d_after) / t",
+    )
 
 
 def selectivity(rng: random.Random) -> Problem:
@@ -79,7 +89,9 @@ def selectivity(rng: random.Random) -> Problem:
         f"What is the {film}-to-mask selectivity?"
     )
     resp = f"Selectivity = ER_film / ER_mask = {er_film} / {er_mask} = {_s(s)}:1."
-    return Problem("selectivity", "easy", q, resp, _r(s), "", {"er_film": er_film, "er_mask": er_mask}, "S = ER_film / ER_mask")
+    return Problem(
+        "selectivity", "easy", q, resp, _r(s), "", {"er_film": er_film, "er_mask": er_mask}, "S = ER_film / ER_mask"
+    )
 
 
 def anisotropy(rng: random.Random) -> Problem:
@@ -96,7 +108,16 @@ def anisotropy(rng: random.Random) -> Problem:
         f"A = 1 - ER_lateral / ER_vertical = 1 - {undercut} / {depth} = {_s(a, 3)}. "
         f"{'Close to 1: a highly anisotropic (directional) etch.' if a > 0.9 else 'Well below 1: noticeable isotropic component; raise ion energy or sidewall passivation.'}"
     )
-    return Problem("anisotropy", "medium", q, resp, _r(a, 3), "", {"depth_nm": depth, "undercut_nm": undercut, "time_s": t}, "A = 1 - ER_lateral / ER_vertical")
+    return Problem(
+        "anisotropy",
+        "medium",
+        q,
+        resp,
+        _r(a, 3),
+        "",
+        {"depth_nm": depth, "undercut_nm": undercut, "time_s": t},
+        "A = 1 - ER_lateral / ER_vertical",
+    )
 
 
 def uniformity(rng: random.Random) -> Problem:
@@ -131,7 +152,16 @@ def endpoint(rng: random.Random) -> Problem:
         f"Time to clear = {thick} nm / {er} nm/min = {_s(thick / er)} min = {_s(t_clear)} s. "
         f"Total = {_s(t_clear)} s x (1 + {oe}/100) = {_s(total)} s."
     )
-    return Problem("endpoint", "medium", q, resp, _r(total), "s", {"thickness_nm": thick, "er_nm_min": er, "overetch_pct": oe}, "t = d / ER x (1 + OE)")
+    return Problem(
+        "endpoint",
+        "medium",
+        q,
+        resp,
+        _r(total),
+        "s",
+        {"thickness_nm": thick, "er_nm_min": er, "overetch_pct": oe},
+        "t = d / ER x (1 + OE)",
+    )
 
 
 def overetch_loss(rng: random.Random) -> Problem:
@@ -150,7 +180,16 @@ def overetch_loss(rng: random.Random) -> Problem:
         f"Clearing time = {thick}/{er} = {_s(thick / er)} min; over-etch time = {oe}% of that = {_s(t_oe)} min. "
         f"Underlayer etch rate = {er}/{sel} = {_s(er / sel)} nm/min, so loss = {_s(t_oe)} min x {_s(er / sel)} nm/min = {_s(loss)} nm."
     )
-    return Problem("overetch_loss", "hard", q, resp, _r(loss), "nm", {"thickness_nm": thick, "er_nm_min": er, "selectivity": sel, "overetch_pct": oe}, "loss = (d / ER) OE ER / S")
+    return Problem(
+        "overetch_loss",
+        "hard",
+        q,
+        resp,
+        _r(loss),
+        "nm",
+        {"thickness_nm": thick, "er_nm_min": er, "selectivity": sel, "overetch_pct": oe},
+        "loss = (d / ER) OE ER / S",
+    )
 
 
 def arde(rng: random.Random) -> Problem:
@@ -175,7 +214,16 @@ def arde(rng: random.Random) -> Problem:
         f"changes with depth h, so integrate dt = dh / (ER0 (1 - k h / w)): t = w / (k ER0) x ln(1 / (1 - k AR)) "
         f"= {width} / ({k} x {er0}) x ln(1 / (1 - {k} x {_s(ar)})) = {_s(t)} min."
     )
-    return Problem("arde", "hard", q, resp, _r(t), "min", {"er0_nm_min": er0, "k": k, "width_nm": width, "depth_nm": depth_target}, "t = w / (k ER0) ln(1 / (1 - k AR))")
+    return Problem(
+        "arde",
+        "hard",
+        q,
+        resp,
+        _r(t),
+        "min",
+        {"er0_nm_min": er0, "k": k, "width_nm": width, "depth_nm": depth_target},
+        "t = w / (k ER0) ln(1 / (1 - k AR))",
+    )
 
 
 def loading(rng: random.Random) -> Problem:
@@ -194,7 +242,16 @@ def loading(rng: random.Random) -> Problem:
         # From the unrounded ratio: ER0 cancels, so no rounded intermediate feeds the answer.
         f"ER0 cancels in the ratio: drop = (1 - (1 + {phi} x {a1}) / (1 + {phi} x {a2})) x 100% = {_s(drop)}%."
     )
-    return Problem("loading", "hard", q, resp, _r(drop), "%", {"er0_nm_min": er0, "phi": phi, "area_1": a1, "area_2": a2}, "ER = ER0 / (1 + phi A)")
+    return Problem(
+        "loading",
+        "hard",
+        q,
+        resp,
+        _r(drop),
+        "%",
+        {"er0_nm_min": er0, "phi": phi, "area_1": a1, "area_2": a2},
+        "ER = ER0 / (1 + phi A)",
+    )
 
 
 GENERATORS: dict[str, Callable[[random.Random], Problem]] = {

@@ -12,16 +12,26 @@ text layer is rendered with pypdfium2 and read by Debian's ``tesseract`` (OCR); 
 come in tesseract's own reading order, with positions converted to PDF points.
 
 Work is cached per file by content hash (``paths.cache/extract_pdfs``): adding one PDF to
-a thousand extracts one.
+a thousand extracts one. Each finished page is cached too (``.../extract_pdfs/pages``), so
+a run killed in the middle of a long file resumes at the next page.
+
+A hostile or broken file must cost seconds and bounded memory, not hours: a file with more
+than ``max_pages`` pages is refused before any page is read, a run of ``max_blank_run``
+pages without text ends the file, a page too large for ``ocr_dpi`` is rendered for OCR at
+a lower resolution (``max_ocr_pixels``), and OCR time is bounded per page
+(``ocr_timeout_s``) and per file (``ocr_file_timeout_s``). Each refusal is a quarantine
+line naming the setting.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,12 +57,43 @@ SYMBOL_PUA = {
     **{0xF020 + i: chr(0x20 + i) for i in range(0x5F)},  # digits and punctuation as ASCII
     **{0xF041 + i: c for i, c in enumerate(_SYMBOL_GREEK)},
     **{0xF061 + i: c for i, c in enumerate(_SYMBOL_greek)},
-    0xF022: "∀", 0xF024: "∃", 0xF027: "∋", 0xF02A: "∗", 0xF02D: "−", 0xF040: "≅", 0xF05C: "∴",
-    0xF05E: "⊥", 0xF0A3: "≤", 0xF0A5: "∞", 0xF0AC: "←", 0xF0AD: "↑", 0xF0AE: "→", 0xF0AF: "↓",
-    0xF0B0: "°", 0xF0B1: "±", 0xF0B2: "″", 0xF0B3: "≥", 0xF0B4: "×", 0xF0B5: "∝", 0xF0B6: "∂",
-    0xF0B7: "•", 0xF0B8: "÷", 0xF0B9: "≠", 0xF0BA: "≡", 0xF0BB: "≈", 0xF0BC: "…", 0xF0D6: "√",
-    0xF0D7: "⋅", 0xF0A2: "′", 0xF0A6: "ƒ", 0xF0C5: "⊕", 0xF0C4: "⊗", 0xF0C6: "∅", 0xF0CE: "∈",
-    0xF0E5: "∑", 0xF0F2: "∫",
+    0xF022: "∀",
+    0xF024: "∃",
+    0xF027: "∋",
+    0xF02A: "∗",
+    0xF02D: "−",
+    0xF040: "≅",
+    0xF05C: "∴",
+    0xF05E: "⊥",
+    0xF0A3: "≤",
+    0xF0A5: "∞",
+    0xF0AC: "←",
+    0xF0AD: "↑",
+    0xF0AE: "→",
+    0xF0AF: "↓",
+    0xF0B0: "°",
+    0xF0B1: "±",
+    0xF0B2: "″",
+    0xF0B3: "≥",
+    0xF0B4: "×",
+    0xF0B5: "∝",
+    0xF0B6: "∂",
+    0xF0B7: "•",
+    0xF0B8: "÷",
+    0xF0B9: "≠",
+    0xF0BA: "≡",
+    0xF0BB: "≈",
+    0xF0BC: "…",
+    0xF0D6: "√",
+    0xF0D7: "⋅",
+    0xF0A2: "′",
+    0xF0A6: "ƒ",
+    0xF0C5: "⊕",
+    0xF0C4: "⊗",
+    0xF0C6: "∅",
+    0xF0CE: "∈",
+    0xF0E5: "∑",
+    0xF0F2: "∫",
 }
 
 
@@ -159,7 +200,10 @@ def _cid_widths(font: Any) -> tuple[dict[str, float], float] | None:
             char = bytes.fromhex(dst.decode()).decode("utf-16-be", "ignore")
             if len(char) == 1:
                 widths.setdefault(char, by_cid.get(int(src, 16), default))
-    for lo, hi, dst in re.findall(rb"<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>", b"".join(re.findall(rb"beginbfrange(.*?)endbfrange", data, re.S))):
+    for lo, hi, dst in re.findall(
+        rb"<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>\s*<([0-9A-Fa-f]+)>",
+        b"".join(re.findall(rb"beginbfrange(.*?)endbfrange", data, re.S)),
+    ):
         base = bytes.fromhex(dst.decode()).decode("utf-16-be", "ignore")
         if len(base) == 1:
             for k, cid in enumerate(range(int(lo, 16), int(hi, 16) + 1)):
@@ -178,7 +222,11 @@ def _width(text: str, size: float, font: Any, cache: dict[int, Any] | None = Non
     try:
         widths = font["/Widths"].get_object()
         first = int(font.get("/FirstChar", 0))
-        return sum(float(widths[ord(c) - first]) if 0 <= ord(c) - first < len(widths) else 500.0 for c in text) * size / 1000.0
+        return (
+            sum(float(widths[ord(c) - first]) if 0 <= ord(c) - first < len(widths) else 500.0 for c in text)
+            * size
+            / 1000.0
+        )
     except Exception:
         pass
     try:
@@ -273,7 +321,7 @@ def text_lines(page: Any, word_gap: float = WORD_GAP) -> list[Line]:
         # text space -> user space: the text matrix's translation through the CTM
         x = tm[4] * cm[0] + tm[5] * cm[2] + cm[4]
         y = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
-        scale = (abs(tm[3] * cm[3]) or abs(tm[0] * cm[0]) or 1.0)
+        scale = abs(tm[3] * cm[3]) or abs(tm[0] * cm[0]) or 1.0
         eff = float(size) * scale if size else 10.0
         for k, part in enumerate(text.split("\n")):
             if part.strip():
@@ -337,7 +385,9 @@ def pdfium_lines(textpage: Any) -> list[Line]:
         if not text:
             continue
         size, weight = top - bottom, 400
-        index = textpage.get_index((left + right) / 2, (bottom + top) / 2, max(1.0, right - left) / 2, (top - bottom) / 2)
+        index = textpage.get_index(
+            (left + right) / 2, (bottom + top) / 2, max(1.0, right - left) / 2, (top - bottom) / 2
+        )
         if index is not None and index >= 0:
             size = raw.FPDFText_GetFontSize(textpage.raw, index) or size
             weight = raw.FPDFText_GetFontWeight(textpage.raw, index)
@@ -356,7 +406,9 @@ def pdfium_lines(textpage: Any) -> list[Line]:
     return out
 
 
-def choose_reading(lines: list[Line], textpage: Any, page: Any, cfg: ExtractPdfsConfig) -> tuple[list[Line], dict[str, Any]]:
+def choose_reading(
+    lines: list[Line], textpage: Any, page: Any, cfg: ExtractPdfsConfig
+) -> tuple[list[Line], dict[str, Any]]:
     """The lines to keep for one page, and the ``reading`` record that says why.
 
     Three readings are scored with ``semilens.text.words.check``: the visitor's lines,
@@ -375,7 +427,10 @@ def choose_reading(lines: list[Line], textpage: Any, page: Any, cfg: ExtractPdfs
     except Exception:  # layout mode fails on some malformed pages; it is only compared
         texts["layout"] = ""
     checks = {name: check(text) for name, text in texts.items()}
-    scores = {name: {"glued": round(c.glued_rate, 4), "score": round(c.score, 4), "words": c.words} for name, c in checks.items()}
+    scores = {
+        name: {"glued": round(c.glued_rate, 4), "score": round(c.score, 4), "words": c.words}
+        for name, c in checks.items()
+    }
     vis, alt = checks["visitor"], checks["pdfium"]
     worse = alt.words > 0 and (
         (vis.glued_rate > cfg.max_glued and alt.glued_rate < vis.glued_rate)
@@ -392,29 +447,73 @@ def tesseract_available() -> bool:
     return shutil.which("tesseract") is not None
 
 
-def ocr_lines(pdf: Any, index: int, height_pt: float, cfg: ExtractPdfsConfig) -> list[Line]:
+def ocr_scale(width_pt: float, height_pt: float, cfg: ExtractPdfsConfig) -> float:
+    """Pixels per point of a page's OCR raster: ``ocr_dpi``, lowered for a page so large
+    that the raster would pass ``max_ocr_pixels``.
+
+    The raster is what costs memory (a 14400 pt square page, the PDF maximum, is 600 Mpx
+    at 300 dpi: gigabytes here and more inside tesseract), so the scale is decided from
+    the page size before anything is drawn.
+    """
+    area = max(width_pt, 1.0) * max(height_pt, 1.0)
+    return min(cfg.ocr_dpi / 72, math.sqrt(cfg.max_ocr_pixels / area))
+
+
+def ocr_lines(
+    pdf: Any, index: int, height_pt: float, cfg: ExtractPdfsConfig, timeout_s: float | None = None
+) -> tuple[list[Line], dict[str, Any]]:
     """Render page ``index`` with pypdfium2 and read it with tesseract (TSV output).
 
+    Returns the lines and the page's ``reading`` record: ``{"used": "ocr"}``, with
+    ``dpi`` where the page was too large for ``ocr_dpi`` (``ocr_scale``) and
+    ``blank: true`` where the raster is one flat colour, in which tesseract cannot find
+    text: a blank letter page then costs one grayscale render (25 ms here) instead of a
+    tesseract run (1.2 s), which keeps a file of blank pages cheap to refuse.
     Lines keep tesseract's reading order (block, paragraph, line), which already handles
     columns and small skew; positions are converted from pixels to PDF points.
+    ``timeout_s`` (default ``ocr_timeout_s``) bounds tesseract; subprocess.TimeoutExpired
+    passes to the caller, which knows which limit it was.
     """
     if not tesseract_available():
-        raise PdfProblem("page has no text layer and tesseract is not installed (apt-get install tesseract-ocr)", machine=True)
+        raise PdfProblem(
+            "page has no text layer and tesseract is not installed (apt-get install tesseract-ocr)", machine=True
+        )
     page = pdf[index]
-    image = page.render(scale=cfg.ocr_dpi / 72).to_pil().convert("L")
+    try:
+        scale = ocr_scale(*page.get_size(), cfg)  # the size pdfium draws, in points
+        # Normal pages keep exactly ocr_dpi (not 72 * scale), so their OCR is unchanged.
+        dpi: float = cfg.ocr_dpi if scale == cfg.ocr_dpi / 72 else scale * 72
+        reading: dict[str, Any] = {"used": "ocr"} if dpi == cfg.ocr_dpi else {"used": "ocr", "dpi": round(dpi, 1)}
+        gray = page.render(scale=dpi / 72, grayscale=True)
+        try:
+            low, high = gray.to_pil().getextrema()
+        finally:
+            gray.close()
+        if low == high:
+            return [], {**reading, "blank": True}
+        # The raster tesseract reads is drawn as before (colour, converted by PIL), so the
+        # OCR of normal pages is unchanged; the grayscale render only decides blankness.
+        bitmap = page.render(scale=dpi / 72)
+        try:
+            image = bitmap.to_pil().convert("L")
+        finally:
+            bitmap.close()
+    finally:
+        page.close()
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "page.png"
         image.save(png)
+        del image  # tesseract reads the file; the raster need not be held while it runs
         proc = subprocess.run(
-            ["tesseract", str(png), "stdout", "-l", cfg.ocr_lang, "--dpi", str(cfg.ocr_dpi), "tsv"],
+            ["tesseract", str(png), "stdout", "-l", cfg.ocr_lang, "--dpi", str(round(dpi)), "tsv"],
             capture_output=True,
             text=True,
-            timeout=cfg.ocr_timeout_s,
+            timeout=cfg.ocr_timeout_s if timeout_s is None else max(timeout_s, 0.001),
             env={"OMP_THREAD_LIMIT": "1", "PATH": "/usr/bin:/bin"},
         )
     if proc.returncode != 0:
         raise PdfProblem(f"tesseract failed on page {index + 1}: {proc.stderr.strip()[:200]}")
-    pt = 72 / cfg.ocr_dpi
+    pt = 72 / dpi
     words: dict[tuple[int, int, int], list[tuple[int, int, int, int, str]]] = {}
     for row in proc.stdout.splitlines()[1:]:
         cols = row.split("\t")
@@ -440,12 +539,90 @@ def ocr_lines(pdf: Any, index: int, height_pt: float, cfg: ExtractPdfsConfig) ->
                 text=" ".join(w[4] for w in ws),
             )
         )
-    return out
+    return out, reading
 
 
-def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
-    """Every page of one PDF as a record without provenance; raises PdfProblem."""
-    import pypdfium2
+# Settings that decide a file's fate but not what any of its pages reads. They are left
+# out of the page cache key, so raising max_pages or a timeout reuses every page already
+# read; any other setting (a new one too) is in the key, which is the safe default.
+FILE_ONLY = frozenset({"max_pages", "max_blank_run", "ocr_timeout_s", "ocr_file_timeout_s", "max_garbled"})
+
+
+@dataclass
+class PageCache:
+    """Finished pages of one file (``paths.cache/extract_pdfs/pages``), so that a killed
+    run resumes at the next page instead of page 1: an OCRed book is hours of work.
+
+    The key is the file's sha256, the page index and the page-level settings; the entry
+    holds the page record exactly as it goes to pages.jsonl and the OCR seconds it took,
+    which count against ``ocr_file_timeout_s`` on a resumed run as they did on the first.
+    """
+
+    items: ItemCache
+    sha256: str
+    params: dict[str, Any]
+
+    def _key(self, index: int) -> str:
+        return self.items.key(self.sha256, index, {k: v for k, v in self.params.items() if k not in FILE_ONLY})
+
+    def get(self, index: int) -> tuple[dict[str, Any], float] | None:
+        hit = self.items.get(self._key(index))
+        return None if hit is None else (hit["page"], float(hit["ocr_s"]))
+
+    def put(self, index: int, record: dict[str, Any], ocr_s: float) -> None:
+        self.items.put(self._key(index), {"page": record, "ocr_s": ocr_s})
+
+
+def extract_page(
+    reader: Any, pdf: Any, i: int, n: int, cfg: ExtractPdfsConfig, timeout_s: float
+) -> tuple[dict[str, Any], float]:
+    """Page ``i`` (0-based) of ``n`` as a record without provenance, and the seconds its
+    OCR took (0 for a text page); ``timeout_s`` bounds its OCR."""
+    try:
+        page = reader.pages[i]
+        lines = text_lines(page, cfg.word_gap)
+        height = float(page.mediabox.height)
+        width = float(page.mediabox.width)
+    except PdfProblem:
+        raise
+    except Exception as exc:
+        raise PdfProblem(f"corrupt PDF: page {i + 1}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    method, ocr_s = "text", 0.0
+    reading: dict[str, Any] = {"used": "visitor"}
+    if lines:
+        pdf_page = pdf[i]
+        textpage = pdf_page.get_textpage()
+        try:
+            lines, reading = choose_reading(lines, textpage, page, cfg)
+        finally:
+            textpage.close()
+            pdf_page.close()
+    if sum(len(ln.text.replace(" ", "")) for ln in lines) < cfg.ocr_min_chars:
+        if not cfg.ocr:
+            method = "none"
+        else:
+            start = time.monotonic()
+            lines, reading = ocr_lines(pdf, i, height, cfg, timeout_s)
+            ocr_s = time.monotonic() - start
+            method = "ocr"
+    text = "\n".join(ln.text for ln in lines)
+    record = {
+        "page": i + 1,
+        "n_pages": n,
+        "width": round(width, 1),
+        "height": round(height, 1),
+        "method": method,
+        "chars": len(text),
+        "garbled": garbled_ratio(text),
+        "reading": reading,
+        "text": text,
+        "lines": [asdict(ln) for ln in lines],
+    }
+    return record, ocr_s
+
+
+def _open(data: bytes) -> Any:
+    """A pypdf reader for a complete, openable PDF; raises PdfProblem."""
     from pypdf import PdfReader
     from pypdf.errors import FileNotDecryptedError, PdfReadError
 
@@ -460,64 +637,90 @@ def extract_pdf(data: bytes, cfg: ExtractPdfsConfig) -> list[dict[str, Any]]:
                 raise PdfProblem(f"encrypted: cannot decrypt ({exc})") from None
             if not opened:
                 raise PdfProblem("encrypted: a password is needed to open it")
-        n = len(reader.pages)
     except (PdfReadError, FileNotDecryptedError, ValueError, KeyError, TypeError) as exc:
         if isinstance(exc, PdfProblem):
             raise
         raise PdfProblem(f"corrupt PDF: {type(exc).__name__}: {str(exc)[:200]}") from None
-    if n == 0:
-        raise PdfProblem("the PDF has no pages")
+    return reader
 
-    pdf = None
-    pages = []
-    for i in range(n):
+
+def extract_pdf(data: bytes, cfg: ExtractPdfsConfig, cache: PageCache | None = None) -> list[dict[str, Any]]:
+    """Every page of one PDF as a record without provenance; raises PdfProblem.
+
+    The limits are checked as early as they can be: ``max_pages`` before any page is
+    read, ``max_blank_run`` and ``ocr_file_timeout_s`` as the pages go (cached pages
+    count as they did when they were read, so a resumed run decides as the first would
+    have). With ``cache``, each finished page is stored and a stored page is not redone.
+    """
+    import pypdfium2
+
+    reader = _open(data)
+    # pdfium counts the page tree in C in milliseconds, where pypdf takes seconds to
+    # flatten 10,000 pages, so an oversized file is refused before any real work.
+    try:
+        pdf = pypdfium2.PdfDocument(data)
+    except pypdfium2.PdfiumError as exc:
+        raise PdfProblem(f"corrupt PDF: pdfium cannot open it: {str(exc)[:200]}") from None
+    try:
+        if len(pdf) > cfg.max_pages:
+            raise PdfProblem(f"too many pages: {len(pdf)}, more than extract_pdfs.max_pages={cfg.max_pages}")
         try:
-            page = reader.pages[i]
-            lines = text_lines(page, cfg.word_gap)
-            height = float(page.mediabox.height)
-            width = float(page.mediabox.width)
-        except PdfProblem:
-            raise
-        except Exception as exc:
-            raise PdfProblem(f"corrupt PDF: page {i + 1}: {type(exc).__name__}: {str(exc)[:200]}") from None
-        method = "text"
-        reading: dict[str, Any] = {"used": "visitor"}
-        if lines:
-            if pdf is None:
-                pdf = pypdfium2.PdfDocument(data)
-            textpage = pdf[i].get_textpage()
-            try:
-                lines, reading = choose_reading(lines, textpage, page, cfg)
-            finally:
-                textpage.close()
-        if sum(len(ln.text.replace(" ", "")) for ln in lines) < cfg.ocr_min_chars:
-            if not cfg.ocr:
-                method = "none"
-            else:
-                if pdf is None:
-                    pdf = pypdfium2.PdfDocument(data)
-                lines = ocr_lines(pdf, i, height, cfg)
-                method = "ocr"
-                reading = {"used": "ocr"}
-        text = "\n".join(ln.text for ln in lines)
-        pages.append(
-            {
-                "page": i + 1,
-                "n_pages": n,
-                "width": round(width, 1),
-                "height": round(height, 1),
-                "method": method,
-                "chars": len(text),
-                "garbled": garbled_ratio(text),
-                "reading": reading,
-                "text": text,
-                "lines": [asdict(ln) for ln in lines],
-            }
-        )
-    if pdf is not None:
+            n = len(reader.pages)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            raise PdfProblem(f"corrupt PDF: {type(exc).__name__}: {str(exc)[:200]}") from None
+        if n > cfg.max_pages:  # a page tree that pdfium read shorter than pypdf does
+            raise PdfProblem(f"too many pages: {n}, more than extract_pdfs.max_pages={cfg.max_pages}")
+        if n == 0:
+            raise PdfProblem("the PDF has no pages")
+        return _pages(reader, pdf, n, cfg, cache)
+    finally:
         pdf.close()
+
+
+def _pages(reader: Any, pdf: Any, n: int, cfg: ExtractPdfsConfig, cache: PageCache | None) -> list[dict[str, Any]]:
+    """The records of an opened file's ``n`` pages, under the blank-run and OCR-time limits."""
+    pages: list[dict[str, Any]] = []
+    ocr_total, blank_run = 0.0, 0
+    over_budget = f"OCR of this file took over extract_pdfs.ocr_file_timeout_s={cfg.ocr_file_timeout_s} s"
+    no_ocr = "; OCR is off (extract_pdfs.ocr: false)" if not cfg.ocr else ""
+    for i in range(n):
+        hit = cache.get(i) if cache is not None else None
+        if hit is None:
+            # A page's OCR may take what is left of the file's budget, no more.
+            budget = cfg.ocr_file_timeout_s - ocr_total
+            try:
+                record, ocr_s = extract_page(reader, pdf, i, n, cfg, min(cfg.ocr_timeout_s, budget))
+            except subprocess.TimeoutExpired:
+                if budget < cfg.ocr_timeout_s:
+                    raise PdfProblem(f"{over_budget} (stopped at page {i + 1} of {n})", machine=True) from None
+                raise PdfProblem(
+                    f"OCR of page {i + 1} took longer than extract_pdfs.ocr_timeout_s={cfg.ocr_timeout_s} s",
+                    machine=True,
+                ) from None
+            if cache is not None:
+                cache.put(i, record, ocr_s)
+        else:
+            record, ocr_s = hit
+        pages.append(record)
+        ocr_total += ocr_s
+        if ocr_total > cfg.ocr_file_timeout_s:
+            raise PdfProblem(f"{over_budget} (stopped after page {i + 1} of {n})", machine=True)
+        blank_run = 0 if record["text"].strip() else blank_run + 1
+        # A file that is blank throughout gets the "no text on any page" reason below.
+        if blank_run >= cfg.max_blank_run and blank_run < n:
+            raise PdfProblem(
+                f"{blank_run} pages in a row without text (pages {i + 2 - blank_run}-{i + 1} of {n}); "
+                f"extract_pdfs.max_blank_run={cfg.max_blank_run}{no_ocr}"
+            )
     if not any(p["text"].strip() for p in pages):
         how = "OCR found no text either" if cfg.ocr else "OCR is off (extract_pdfs.ocr: false)"
+        scaled = [p for p in pages if "dpi" in p["reading"]]
+        if scaled:
+            p = scaled[0]
+            how += (
+                f" (page {p['page']} is {p['width']:g} x {p['height']:g} pt and was rendered for OCR at {p['reading']['dpi']:g} dpi, "
+                f"not {cfg.ocr_dpi}: extract_pdfs.max_ocr_pixels={cfg.max_ocr_pixels})"
+            )
         raise PdfProblem(f"no text on any of its {n} pages (image-only or blank); {how}")
     return pages
 
@@ -535,7 +738,12 @@ def discover(cfg: Config, quarantine: list[dict[str, Any]] | None = None) -> lis
                     continue
                 if leaves_folder(p, root):
                     if quarantine is not None:
-                        quarantine.append({"source": display_path(p), "reason": f"symbolic link leaving {display_path(root)} (not followed, not read)"})
+                        quarantine.append(
+                            {
+                                "source": display_path(p),
+                                "reason": f"symbolic link leaving {display_path(root)} (not followed, not read)",
+                            }
+                        )
                     continue
                 found.append((p, origin))
     return found
@@ -544,11 +752,13 @@ def discover(cfg: Config, quarantine: list[dict[str, Any]] | None = None) -> lis
 def extract_pdfs(cfg: Config) -> dict[str, Any]:
     from rich.progress import track
 
-    from semilens.runlog import console
+    from semilens.stage_runner import console
 
     ecfg = cfg.extract_pdfs
     # words.py decides which reading a page keeps, so an edit there redoes the pages too.
-    cache = ItemCache(cfg.paths.cache, STAGE, code_version("semilens.text.extract", "semilens.text.words"))
+    version = code_version("semilens.text.extract", "semilens.text.words")
+    cache = ItemCache(cfg.paths.cache, STAGE, version)
+    page_cache = ItemCache(Path(cfg.paths.cache) / STAGE, "pages", version)
     params = ecfg.model_dump(mode="json")
     records: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
@@ -567,11 +777,9 @@ def extract_pdfs(cfg: Config) -> dict[str, Any]:
         if hit is None:
             cacheable = True
             try:
-                hit = {"pages": extract_pdf(data, ecfg)}
+                hit = {"pages": extract_pdf(data, ecfg, PageCache(page_cache, sha, params))}
             except PdfProblem as exc:
                 hit, cacheable = {"problem": str(exc)}, not exc.machine
-            except subprocess.TimeoutExpired:
-                hit, cacheable = {"problem": f"OCR took longer than extract_pdfs.ocr_timeout_s={ecfg.ocr_timeout_s}"}, False
             except Exception as exc:  # a file no rule foresaw must not stop the other files
                 hit = {"problem": f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"}
             if cacheable:
@@ -594,4 +802,5 @@ def extract_pdfs(cfg: Config) -> dict[str, Any]:
         "pages_by_method": methods,
         "garbled_pages": sum(r["garbled"] > ecfg.max_garbled for r in records),
         "cache": cache.stats(),
+        "page_cache": page_cache.stats(),
     }

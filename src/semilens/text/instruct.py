@@ -53,7 +53,9 @@ def module_key(ref: UnitRef) -> str:
     return f"{ref.group.id}/{ref.module.id}"
 
 
-def _pair(category: str, kind: str, difficulty: str, instruction: str, response: str, source: str, group: str, **extra: Any) -> dict[str, Any]:
+def _pair(
+    category: str, kind: str, difficulty: str, instruction: str, response: str, source: str, group: str, **extra: Any
+) -> dict[str, Any]:
     body = {"instruction": instruction, "response": response, "source": source}
     return {
         "id": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16],
@@ -93,7 +95,13 @@ def concept_pairs(kb: Knowledge, rng: random.Random) -> list[dict[str, Any]]:
     for ref in kb.units():
         u, key, src = ref.unit, module_key(ref), f"kb:{ref.path}"
         name = u.name + (f" ({u.aliases[0]})" if u.aliases else "")
-        ask = rng.choice(["What is {n} and what is it used for?", "Explain {n} to a process engineer.", "Describe {n}: mechanism, use and trade-offs."])
+        ask = rng.choice(
+            [
+                "What is {n} and what is it used for?",
+                "Explain {n} to a process engineer.",
+                "Describe {n}: mechanism, use and trade-offs.",
+            ]
+        )
         out.append(_pair("concepts", "definition", "easy", ask.format(n=name), u.description, src, key))
         parent = next((p.name for p in ref.module.units if p.id == u.parent), None)
         where = (
@@ -101,10 +109,22 @@ def concept_pairs(kb: Knowledge, rng: random.Random) -> list[dict[str, Any]]:
             + (f", as a variant of {parent}" if parent else "")
             + f". It is {PLACEMENT_WORDS[u.placement]}."
         )
-        out.append(_pair("concepts", "placement", "easy", f"Where does {name} sit in the process flow?", where, src, key))
-        params = "\n".join(f"- {p.name} ({p.typical}{' ' + p.unit if p.unit else ''}): {_sentence(p.effect)}" for p in u.parameters)
         out.append(
-            _pair("concepts", "parameters", "medium", f"Which parameters control {name}, and what does raising each do?", f"The key knobs of {u.name}:\n{params}", src, key)
+            _pair("concepts", "placement", "easy", f"Where does {name} sit in the process flow?", where, src, key)
+        )
+        params = "\n".join(
+            f"- {p.name} ({p.typical}{' ' + p.unit if p.unit else ''}): {_sentence(p.effect)}" for p in u.parameters
+        )
+        out.append(
+            _pair(
+                "concepts",
+                "parameters",
+                "medium",
+                f"Which parameters control {name}, and what does raising each do?",
+                f"The key knobs of {u.name}:\n{params}",
+                src,
+                key,
+            )
         )
         siblings = [s for s in ref.module.units if s.id != u.id]
         if siblings:
@@ -113,13 +133,26 @@ def concept_pairs(kb: Knowledge, rng: random.Random) -> list[dict[str, Any]]:
             if u.parent == other.id or other.parent == u.id:
                 resp += f"\n\nOne is a specialised form of the other within {ref.module.name.lower()}."
             out.append(
-                _pair("concepts", "comparison", "hard", f"Compare {u.name} with {other.name}: how do they differ and when would you choose each?", resp, src, key)
+                _pair(
+                    "concepts",
+                    "comparison",
+                    "hard",
+                    f"Compare {u.name} with {other.name}: how do they differ and when would you choose each?",
+                    resp,
+                    src,
+                    key,
+                )
             )
     return out
 
 
 def chunk_pairs(
-    chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any]]], kb: Knowledge, rng: random.Random, max_chars: int, cfg: SynthInstructionsConfig
+    chunks: list[dict[str, Any]],
+    tags: dict[str, list[dict[str, Any]]],
+    kb: Knowledge,
+    rng: random.Random,
+    max_chars: int,
+    cfg: SynthInstructionsConfig,
 ) -> list[dict[str, Any]]:
     """Explanations grounded in the corpus: the chunk's prose answers a question about its top unit.
 
@@ -154,7 +187,11 @@ def chunk_pairs(
                 "What do the notes say about {h}?",
             ]
         )
-        out.append(_pair("concepts", "corpus", "medium", ask.format(h=heading), body, f"chunk:{c['chunk_id']}", module_key(ref)))
+        out.append(
+            _pair(
+                "concepts", "corpus", "medium", ask.format(h=heading), body, f"chunk:{c['chunk_id']}", module_key(ref)
+            )
+        )
     return out
 
 
@@ -228,7 +265,11 @@ def math_pairs(n: int, seed: int, start: int = 0, group: str = "math") -> list[d
 
 def assign_split(group_key: str, cfg: SynthInstructionsConfig) -> str:
     h = int(hashlib.sha256(f"{cfg.salt}:{group_key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    edges = [cfg.val_fraction, cfg.val_fraction + cfg.test_fraction, cfg.val_fraction + cfg.test_fraction + cfg.benchmark_fraction]
+    edges = [
+        cfg.val_fraction,
+        cfg.val_fraction + cfg.test_fraction,
+        cfg.val_fraction + cfg.test_fraction + cfg.benchmark_fraction,
+    ]
     if h < edges[0]:
         return "val"
     if h < edges[1]:
@@ -238,9 +279,16 @@ def assign_split(group_key: str, cfg: SynthInstructionsConfig) -> str:
     return "train"
 
 
-def build_pairs(kb: Knowledge, chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any]]], cfg: SynthInstructionsConfig) -> list[dict[str, Any]]:
+def build_pairs(
+    kb: Knowledge, chunks: list[dict[str, Any]], tags: dict[str, list[dict[str, Any]]], cfg: SynthInstructionsConfig
+) -> list[dict[str, Any]]:
     rng = random.Random(cfg.seed)
-    pairs = concept_pairs(kb, rng) + chunk_pairs(chunks, tags, kb, rng, cfg.max_response_chars, cfg) + control_pairs(kb, rng) + math_pairs(cfg.n_math, cfg.seed)
+    pairs = (
+        concept_pairs(kb, rng)
+        + chunk_pairs(chunks, tags, kb, rng, cfg.max_response_chars, cfg)
+        + control_pairs(kb, rng)
+        + math_pairs(cfg.n_math, cfg.seed)
+    )
     # Drills continue the same problem sequence after the first n_math and come last, so
     # the dedup below drops any that repeats a question already in a split
     drills = math_pairs(cfg.n_math_drill, cfg.seed, start=cfg.n_math, group=DRILL)
@@ -271,7 +319,10 @@ def synth_instructions(cfg: Config) -> dict[str, Any]:
 
         pairs, backend = llm_pairs(pairs, {c["chunk_id"]: c for c in chunks}, icfg, cfg.paths.cache, _pair)
         for p in pairs:
-            p["messages"] = [{"role": "user", "content": p["instruction"]}, {"role": "assistant", "content": p["response"]}]
+            p["messages"] = [
+                {"role": "user", "content": p["instruction"]},
+                {"role": "assistant", "content": p["response"]},
+            ]
     out = Path(cfg.paths.instructions)
     out.mkdir(parents=True, exist_ok=True)
     if not pairs:
@@ -281,7 +332,7 @@ def synth_instructions(cfg: Config) -> dict[str, Any]:
     counts: dict[str, Any] = {}
     for split in SPLITS:
         rows = [p for p in sorted(pairs, key=lambda p: p["id"]) if p["split"] == split]
-        ds = full.filter(lambda r: r["split"] == split)
+        ds = full.filter(lambda r, split=split: r["split"] == split)
         tmp = out / f".{split}.parquet.tmp"
         ds.to_parquet(str(tmp))
         tmp.replace(out / f"{split}.parquet")

@@ -88,12 +88,22 @@ def llm_pairs(
     maths = [p for p in template if p["category"] == "etch_math"]
     requests = [
         Request(
-            [{"role": "user", "content": PAIRS_PROMPT.format(n=icfg.llm_pairs_per_chunk, text=chunks[p["source"].removeprefix("chunk:")]["text"])}],
+            [
+                {
+                    "role": "user",
+                    "content": PAIRS_PROMPT.format(
+                        n=icfg.llm_pairs_per_chunk, text=chunks[p["source"].removeprefix("chunk:")]["text"]
+                    ),
+                }
+            ],
             schema=LLMPairs,
             tag=p["source"],
         )
         for p in corpus
-    ] + [Request([{"role": "user", "content": MATH_PROMPT.format(question=p["instruction"])}], tag=p["id"]) for p in maths]
+    ] + [
+        Request([{"role": "user", "content": MATH_PROMPT.format(question=p["instruction"])}], tag=p["id"])
+        for p in maths
+    ]
     client = Client(icfg.llm, cache_root, cache_stage="synth_instructions_llm")
     outcomes = client.run(requests)
     counts: Counter[str] = Counter()
@@ -111,7 +121,14 @@ def llm_pairs(
                 counts["dropped_duplicate"] += 1
             else:
                 seen.add(q.instruction)
-                added.append({**make_pair(q.category, "llm", q.difficulty, q.instruction, q.response, p["source"], p["group_key"]), "split": p["split"]})
+                added.append(
+                    {
+                        **make_pair(
+                            q.category, "llm", q.difficulty, q.instruction, q.response, p["source"], p["group_key"]
+                        ),
+                        "split": p["split"],
+                    }
+                )
                 counts["pairs_from_llm"] += 1
     replaced = {}
     for p, outcome in zip(maths, outcomes[len(corpus) :]):

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -110,7 +111,7 @@ class Module(_Strict):
     _clean = field_validator("name", "description")(_text)
 
     @model_validator(mode="after")
-    def _parents(self) -> "Module":
+    def _parents(self) -> Module:
         ids = {u.id for u in self.units}
         for u in self.units:
             if u.parent is not None and (u.parent not in ids or u.parent == u.id):
@@ -152,7 +153,7 @@ class Knowledge(_Strict):
     groups: list[Group]
 
     @model_validator(mode="after")
-    def _check(self) -> "Knowledge":
+    def _check(self) -> Knowledge:
         found = [g.id for g in self.groups]
         missing = [g for g in PROCESS_GROUPS if g not in found]
         if missing or len(found) != len(set(found)):

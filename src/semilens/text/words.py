@@ -53,7 +53,7 @@ class WordCheck:
         """Letter-weighted share of known words, 0..1 (0 for an empty text)."""
         return self.known_letters / self.letters if self.letters else 0.0
 
-    def __add__(self, other: "WordCheck") -> "WordCheck":
+    def __add__(self, other: WordCheck) -> WordCheck:
         return WordCheck(*(a + b for a, b in zip(self._tuple(), other._tuple())))
 
     def _tuple(self) -> tuple[int, ...]:

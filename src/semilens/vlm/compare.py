@@ -44,7 +44,8 @@ def margins(report: dict[str, Any], cfg: Config) -> dict[str, Any]:
     checks = {
         f"vqa_at_least_{c.min_vqa_ratio:g}x_base": tuned["vqa_accuracy"] >= c.min_vqa_ratio * base["vqa_accuracy"],
         f"vqa_at_least_{c.min_vqa:g}": tuned["vqa_accuracy"] >= c.min_vqa,
-        f"rouge_l_gain_at_least_{c.min_rouge_gain:g}": tuned["caption_rouge_l"] - base["caption_rouge_l"] >= c.min_rouge_gain,
+        f"rouge_l_gain_at_least_{c.min_rouge_gain:g}": tuned["caption_rouge_l"] - base["caption_rouge_l"]
+        >= c.min_rouge_gain,
     }
     if tuned.get("class_accuracy") is not None:
         checks[f"class_accuracy_at_least_{c.min_class:g}"] = tuned["class_accuracy"] >= c.min_class
@@ -67,7 +68,10 @@ def compare_vlm(cfg: Config) -> dict[str, Any]:
             values = {m: report[m].get(metric) for m in MODELS}
             if values["base"] is None or values["finetuned"] is None:
                 continue  # e.g. no class questions in this test split
-            per_metric[metric] = {**{m: _round(v) for m, v in values.items()}, "delta": _round(values["finetuned"] - values["base"])}
+            per_metric[metric] = {
+                **{m: _round(v) for m, v in values.items()},
+                "delta": _round(values["finetuned"] - values["base"]),
+            }
             if metric != "caption_bleu":  # 0-100, the others 0-1: it would flatten the plot
                 rows += [(family, m, metric, _round(v)) for m, v in values.items()]
         out["metrics"][family] = per_metric
@@ -76,7 +80,10 @@ def compare_vlm(cfg: Config) -> dict[str, Any]:
             t: {m: _round(report[m]["vqa_per_type"].get(t, {}).get("accuracy")) for m in MODELS} for t in types
         }
         type_rows += [
-            (family, m, t, out["per_type"][family][t][m]) for t in types for m in MODELS if out["per_type"][family][t][m] is not None
+            (family, m, t, out["per_type"][family][t][m])
+            for t in types
+            for m in MODELS
+            if out["per_type"][family][t][m] is not None
         ]
         out["margins"][family] = margins(report, cfg)
 
@@ -88,7 +95,8 @@ def compare_vlm(cfg: Config) -> dict[str, Any]:
     )
     atomic_write_text(
         metrics_dir / "compare_types.csv",
-        "label,family,model,question_type,accuracy\n" + "".join(f"{f} {m} {t},{f},{m},{t},{v}\n" for f, m, t, v in type_rows),
+        "label,family,model,question_type,accuracy\n"
+        + "".join(f"{f} {m} {t},{f},{m},{t},{v}\n" for f, m, t, v in type_rows),
     )
     return {
         "families": len(families),

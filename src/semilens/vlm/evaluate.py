@@ -17,8 +17,8 @@ from typing import Any
 
 from semilens.config import Config
 from semilens.io import reset_dir, write_json, write_jsonl
+from semilens.scores import caption_scores, class_accuracy, vqa_accuracy
 from semilens.vlm.generate import greedy_answers
-from semilens.vlm.metrics import caption_scores, class_accuracy, vqa_accuracy
 
 # Captions are a sentence or two; answers a few words.
 MAX_NEW_TOKENS = {"caption": 64, "vqa": 16}
@@ -67,7 +67,7 @@ def score(rows: list[dict[str, Any]], predictions: list[str]) -> dict[str, Any]:
 
 
 def origin(source: str, synthetic_root: str) -> str:
-    """"synthetic" for an image the project drew (under ``paths.synthetic_images``), else
+    """ "synthetic" for an image the project drew (under ``paths.synthetic_images``), else
     "real": every other source is a user's micrograph (``paths.raw_images``)."""
     root = synthetic_root.rstrip("/")
     return "synthetic" if source == root or source.startswith(root + "/") else "real"
@@ -102,10 +102,7 @@ def evaluate_vlm(cfg: Config, family: str) -> dict[str, Any]:
             report[kind] = {
                 "n_rows": len(idx),
                 "n_images": len({r["image_id"] for r in part}),
-                **{
-                    name: score(part, [predictions[name][i] for i in idx])
-                    for name in ("base", "finetuned")
-                },
+                **{name: score(part, [predictions[name][i] for i in idx]) for name in ("base", "finetuned")},
             }
     report["delta"] = {
         k: round(report["finetuned"][k] - report["base"][k], 4)
@@ -135,5 +132,9 @@ def evaluate_vlm(cfg: Config, family: str) -> dict[str, Any]:
     return {
         "family": family,
         "n_test_rows": len(rows),
-        **{f"{m}_{k}": report[m][k] for m in ("base", "finetuned") for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")},
+        **{
+            f"{m}_{k}": report[m][k]
+            for m in ("base", "finetuned")
+            for k in ("vqa_accuracy", "class_accuracy", "caption_rouge_l")
+        },
     }

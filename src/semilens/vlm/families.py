@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from semilens.config import VLM_FAMILIES
 from semilens.vlm import chat, mllama, paligemma, qwen2_5_vl
 
 
@@ -57,6 +58,11 @@ def from_module(module: Any) -> Family:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in map(from_module, (qwen2_5_vl, mllama, paligemma))}
+# config.py validates prepare_vlm.bases against its own list of names (it must not import
+# torch through these modules); a family added here and not there would be refused as
+# unknown at config time, so fail at import instead of with a confusing config error.
+if tuple(FAMILIES) != VLM_FAMILIES:
+    raise ImportError(f"semilens.config.VLM_FAMILIES {VLM_FAMILIES} differs from the registry {tuple(FAMILIES)}")
 
 
 def get_family(name: str) -> Family:

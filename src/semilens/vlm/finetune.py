@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from semilens.cards import lineage_table, table, write_card
+from semilens.checkpoints import CONFIG_FILE, resolve_checkpoint
 from semilens.config import Config, FinetuneVLMConfig, TrainerSection, dump_config
 from semilens.images.split import CAPTION_PROMPTS
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
@@ -29,7 +30,6 @@ from semilens.lineage import dvc_md5
 from semilens.training import clear_runtime_state, lora_target_pattern, open_run, sft_trainer, train_or_reuse
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.labels import check_image_tokens
-from semilens.vlm.prepare import CONFIG_FILE, resolve_checkpoint
 
 
 class BackendError(RuntimeError):
@@ -113,7 +113,8 @@ def augment_example(example: dict[str, Any], k: int) -> dict[str, Any]:
     if k == 0:
         return example
     messages = [
-        m if m["role"] != "assistant"
+        m
+        if m["role"] != "assistant"
         else {**m, "content": [{**c, "text": turn_angles(c["text"], k)} if c.get("text") else c for c in m["content"]]}
         for m in example["messages"]
     ]
@@ -287,16 +288,75 @@ def run_key(base_dir: Path, train_file: Path, fcfg: FinetuneVLMConfig) -> str:
 
 
 def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
-    import datasets
+    """The stage: setup, data, model, train, save, in that order (see each step)."""
     import torch
-    from trl import SFTConfig
 
+    # Setup: the backend is decided once, before anything loads
     family = get_family(family_name)
     fcfg = cfg.finetune_vlm
     torch.set_num_threads(fcfg.threads)
     setup = select_backend(fcfg.trainer, torch.cuda.is_available())
     base_dir = cfg.paths.models / family_name / "base"
-    train_file = cfg.paths.vqa / "train.parquet"
+
+    # Data
+    train_file, train = load_train_split(cfg.paths.vqa, fcfg)
+
+    # Model: training checkpoints are keyed by base, data, params and this code
+    run = open_run(
+        cfg.paths.cache / "finetune_vlm" / family_name / run_key(base_dir, train_file, fcfg), fcfg.trainer.max_steps
+    )
+    model, processor, peft_config = load_model(base_dir, setup, fcfg, family)
+
+    # Train
+    trainer = sft_trainer(
+        cuda=setup["cuda"],
+        model=model,
+        args=sft_args(run.dir, fcfg, setup),
+        train_dataset=train,
+        processing_class=processor,
+        data_collator=make_collator(processor, family, fcfg.trainer.max_length, fcfg.seed if fcfg.augment else None),
+        peft_config=peft_config,
+    )
+    check_lora_reach(trainer.model, fcfg, family_name)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+    record = train_or_reuse(trainer, run)
+    if not trainer.is_world_process_zero():
+        # `accelerate launch --num_processes N`: every process trains (gradients are
+        # all-reduced), the first one alone writes the folders and metrics.
+        return {"family": family_name, "process": trainer.args.process_index}
+
+    # Save: adapter, merged checkpoint, metrics, cards
+    adapter_dir, merged_dir = save_checkpoints(trainer.model, processor, cfg.paths.models / family_name, fcfg)
+    curve = record["curve"]
+    summary = {
+        "family": family_name,
+        "steps": record["steps"],
+        "resumed_from": record["resumed_from"],
+        "train_rows": len(train),
+        "processes": trainer.args.world_size,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_loss": record["train_loss"],
+        "first_loss": curve[0]["loss"] if curve else None,
+        "last_loss": curve[-1]["loss"] if curve else None,
+        **{k: v for k, v in setup.items() if k != "cuda"},
+    }
+    write_train_metrics(cfg.paths.metrics / "vlm", family_name, curve, summary)
+    lineage = {
+        "base": {"path": base_dir.as_posix(), "md5": dvc_md5(base_dir)},
+        "dataset": {"path": cfg.paths.vqa.as_posix(), "md5": dvc_md5(cfg.paths.vqa)},
+    }
+    for folder, kind in ((adapter_dir, "adapter"), (merged_dir, "merged")):
+        write_training_card(folder, kind, family_name, fcfg, lineage, summary)
+    return summary
+
+
+def load_train_split(vqa_dir: Path, fcfg: FinetuneVLMConfig) -> tuple[Path, Any]:
+    """(the train split's file, its rows in the conversation form fcfg.conversation asks for)."""
+    import datasets
+
+    train_file = vqa_dir / "train.parquet"
     if not train_file.is_file():
         raise FileNotFoundError(f"{train_file}: no training split; run split_dataset first")
     train = datasets.Dataset.from_parquet(str(train_file))
@@ -306,17 +366,26 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         train = image_conversations(train, fcfg.seed)
     else:
         train = train.select_columns(["messages", "images"])
+    return train_file, train
 
-    run = open_run(cfg.paths.cache / "finetune_vlm" / family_name / run_key(base_dir, train_file, fcfg), fcfg.trainer.max_steps)
+
+def load_model(base_dir: Path, setup: dict[str, Any], fcfg: FinetuneVLMConfig, family: Family) -> tuple[Any, Any, Any]:
+    """(model, processor, the LoRA config for the trainer to apply, or None when unsloth
+    has applied it already)."""
     if setup["backend"] == "unsloth":
         model, processor = load_unsloth(resolve_checkpoint(base_dir), setup, fcfg, family)
-        peft_config = None  # already applied by unsloth
-    else:
-        model, processor = load_base(resolve_checkpoint(base_dir), setup)
-        peft_config = lora_config(fcfg, family)
+        return model, processor, None
+    model, processor = load_base(resolve_checkpoint(base_dir), setup)
+    return model, processor, lora_config(fcfg, family)
+
+
+def sft_args(run_dir: Path, fcfg: FinetuneVLMConfig, setup: dict[str, Any]) -> Any:
+    """TRL's SFTConfig for this run: checkpoints in ``run_dir``, precision from ``setup``."""
+    from trl import SFTConfig
+
     t = fcfg.trainer
-    args = SFTConfig(
-        output_dir=str(run.dir),
+    return SFTConfig(
+        output_dir=str(run_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -341,16 +410,11 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         data_seed=fcfg.seed,
         disable_tqdm=True,
     )
-    trainer = sft_trainer(
-        cuda=setup["cuda"],
-        model=model,
-        args=args,
-        train_dataset=train,
-        processing_class=processor,
-        data_collator=make_collator(processor, family, t.max_length, fcfg.seed if fcfg.augment else None),
-        peft_config=peft_config,
-    )
-    lora_names = [n for n, _ in trainer.model.named_parameters() if "lora_" in n]
+
+
+def check_lora_reach(model: Any, fcfg: FinetuneVLMConfig, family_name: str) -> None:
+    """ValueError when LoRA matched nothing, or reached the vision tower unasked."""
+    lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
     if not lora_names:
         raise ValueError(f"LoRA target_modules matched nothing in {family_name}: check finetune_vlm.lora")
     if not fcfg.lora.train_vision and fcfg.lora.target_modules is None:
@@ -358,53 +422,34 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         stray = [n for n in lora_names if "language_model" not in n]
         if stray:
             raise ValueError(f"LoRA reached outside the language model: {stray[:3]}")
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
-    record = train_or_reuse(trainer, run)
-    if not trainer.is_world_process_zero():
-        # `accelerate launch --num_processes N`: every process trains (gradients are
-        # all-reduced), the first one alone writes the folders and metrics.
-        return {"family": family_name, "process": trainer.args.process_index}
 
+
+def save_checkpoints(model: Any, processor: Any, family_dir: Path, fcfg: FinetuneVLMConfig) -> tuple[Path, Path]:
+    """``<family>/adapter`` (the PEFT adapter) and ``<family>/merged`` (merged into the
+    base: an ordinary HF checkpoint), each with the processor and the resolved config."""
     clear_runtime_state(processor)
-    adapter_dir = reset_dir(cfg.paths.models / family_name / "adapter")
-    trainer.model.save_pretrained(adapter_dir)
+    adapter_dir = reset_dir(family_dir / "adapter")
+    model.save_pretrained(adapter_dir)
     processor.save_pretrained(adapter_dir)
     atomic_write_text(adapter_dir / CONFIG_FILE, dump_config(fcfg))
 
-    merged_dir = reset_dir(cfg.paths.models / family_name / "merged")
-    merged = trainer.model.merge_and_unload()
+    merged_dir = reset_dir(family_dir / "merged")
+    merged = model.merge_and_unload()
     merged.save_pretrained(merged_dir)
     processor.save_pretrained(merged_dir)
     atomic_write_text(merged_dir / CONFIG_FILE, dump_config(fcfg))
+    return adapter_dir, merged_dir
 
-    curve = record["curve"]
-    metrics_dir = cfg.paths.metrics / "vlm"
+
+def write_train_metrics(
+    metrics_dir: Path, family_name: str, curve: list[dict[str, Any]], summary: dict[str, Any]
+) -> None:
+    """``loss_<family>.csv`` (the DVC plot) and ``train_<family>.json``."""
     atomic_write_text(
         metrics_dir / f"loss_{family_name}.csv",
         "step,loss\n" + "".join(f"{p['step']},{p['loss']}\n" for p in curve),
     )
-    summary = {
-        "family": family_name,
-        "steps": record["steps"],
-        "resumed_from": record["resumed_from"],
-        "train_rows": len(train),
-        "processes": trainer.args.world_size,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "train_loss": record["train_loss"],
-        "first_loss": curve[0]["loss"] if curve else None,
-        "last_loss": curve[-1]["loss"] if curve else None,
-        **{k: v for k, v in setup.items() if k != "cuda"},
-    }
     write_json(metrics_dir / f"train_{family_name}.json", summary)
-    lineage = {
-        "base": {"path": base_dir.as_posix(), "md5": dvc_md5(base_dir)},
-        "dataset": {"path": cfg.paths.vqa.as_posix(), "md5": dvc_md5(cfg.paths.vqa)},
-    }
-    for folder, kind in ((adapter_dir, "adapter"), (merged_dir, "merged")):
-        write_training_card(folder, kind, family_name, fcfg, lineage, summary)
-    return summary
 
 
 def write_training_card(
@@ -430,7 +475,10 @@ def write_training_card(
             {"": "steps", "value": summary["steps"]},
             {"": "training rows", "value": summary["train_rows"]},
             {"": "loss first / last", "value": f"{summary['first_loss']} / {summary['last_loss']}"},
-            {"": "trainable / total parameters", "value": f"{summary['trainable_parameters']} / {summary['total_parameters']}"},
+            {
+                "": "trainable / total parameters",
+                "value": f"{summary['trainable_parameters']} / {summary['total_parameters']}",
+            },
             {"": "finetune_vlm params hash", "value": hash_json(fcfg.model_dump(mode="json"))[:16]},
         ],
         ["", "value"],

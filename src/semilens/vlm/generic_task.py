@@ -29,7 +29,9 @@ class Sample:
     qa: list[tuple[str, str]]  # (question, answer) pairs about this image
 
 
-def _draw(rnd: random.Random, colour: str, shape: str, count: int, size: int) -> tuple[Image.Image, list[tuple[int, int]]]:
+def _draw(
+    rnd: random.Random, colour: str, shape: str, count: int, size: int
+) -> tuple[Image.Image, list[tuple[int, int]]]:
     img = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     r = max(4, size // 7)
@@ -133,7 +135,9 @@ def _texture_mask(rnd: random.Random, pattern: str, size: int) -> np.ndarray:
         d.sort(axis=-1)
         return (d[..., 1] - d[..., 0]) < rnd.uniform(1.0, 2.5)
     elif pattern == "blobs":
-        noise = Image.fromarray((np.array([[rnd.random() for _ in range(size // 8)] for _ in range(size // 8)]) * 255).astype(np.uint8))
+        noise = Image.fromarray(
+            (np.array([[rnd.random() for _ in range(size // 8)] for _ in range(size // 8)]) * 255).astype(np.uint8)
+        )
         smooth = np.asarray(noise.resize((size, size), Image.BICUBIC), np.float32)
         return smooth > np.percentile(smooth, rnd.uniform(40, 75))
     return np.asarray(img) > 0

@@ -53,6 +53,5 @@ def check_image_tokens(input_ids: torch.Tensor, image_token_id: int, expected: i
     found = int((input_ids == image_token_id).sum())
     if found != expected:
         raise ValueError(
-            f"image tokens truncated: batch has {found} image tokens, images need {expected}; "
-            "raise max_length"
+            f"image tokens truncated: batch has {found} image tokens, images need {expected}; raise max_length"
         )

@@ -62,7 +62,7 @@ def build_tiny(tiny: Any, corpus: list[str]) -> tuple[Any, Any]:
         MllamaProcessor,
     )
 
-    from semilens.vlm.tokenizer import llama3_tokenizer
+    from semilens.tokenizer import llama3_tokenizer
 
     tokenizer = llama3_tokenizer(tiny.vocab_size, corpus, EXTRA_SPECIAL_TOKENS, CHAT_TEMPLATE)
     tid = tokenizer.convert_tokens_to_ids
@@ -120,7 +120,9 @@ def check_token_ids(config: Any, processor: Any) -> None:
     tok = processor.tokenizer
     want = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if config.image_token_index != want or processor.image_token_id != want:
-        raise ValueError(f"config.image_token_index={config.image_token_index}, processor {processor.image_token_id}, tokenizer {want}")
+        raise ValueError(
+            f"config.image_token_index={config.image_token_index}, processor {processor.image_token_id}, tokenizer {want}"
+        )
     if want != config.text_config.vocab_size:
         raise ValueError(f"{IMAGE_TOKEN} is id {want}, expected the text vocab_size {config.text_config.vocab_size}")
     for token in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", IMAGE_TOKEN):

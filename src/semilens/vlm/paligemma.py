@@ -60,7 +60,9 @@ def gemma_tokenizer(vocab_size: int, corpus: list[str]) -> Any:
     tok.train_from_iterator(list(corpus), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return GemmaTokenizer(vocab=model["vocab"], merges=merges, model_max_length=4096, clean_up_tokenization_spaces=False)
+    return GemmaTokenizer(
+        vocab=model["vocab"], merges=merges, model_max_length=4096, clean_up_tokenization_spaces=False
+    )
 
 
 def build_tiny(tiny: Any, corpus: list[str]) -> tuple[Any, Any]:
@@ -147,7 +149,9 @@ def check_token_ids(config: Any, processor: Any) -> None:
     tok = processor.tokenizer
     want = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     if config.image_token_index != want or processor.image_token_id != want:
-        raise ValueError(f"config.image_token_index={config.image_token_index}, processor {processor.image_token_id}, tokenizer {want}")
+        raise ValueError(
+            f"config.image_token_index={config.image_token_index}, processor {processor.image_token_id}, tokenizer {want}"
+        )
     if processor.image_seq_length != config.text_config.num_image_tokens:
         raise ValueError(
             f"the processor writes {processor.image_seq_length} image tokens, the vision tower gives "
@@ -171,9 +175,7 @@ def _text(message: dict[str, Any]) -> str:
 
 
 def _n_images(chat: list[dict[str, Any]]) -> int:
-    return sum(
-        1 for m in chat if not isinstance(m["content"], str) for c in m["content"] if c.get("type") == "image"
-    )
+    return sum(1 for m in chat if not isinstance(m["content"], str) for c in m["content"] if c.get("type") == "image")
 
 
 def _layout(processor: Any, chats: list[list[dict[str, Any]]], images: list[list[Any]]):
@@ -190,7 +192,7 @@ def _layout(processor: Any, chats: list[list[dict[str, Any]]], images: list[list
         prefixes.append(IMAGE_TOKEN * _n_images(chat) + _text(turns[0]))
         ids: list[int] = []
         labels: list[int] = []
-        for k, message in enumerate(turns[1:], start=1):
+        for message in turns[1:]:
             if message["role"] == "assistant":
                 answer = tok(_text(message), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 ids += answer

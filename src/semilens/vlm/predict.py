@@ -10,32 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from semilens.checkpoints import locate_checkpoint
 from semilens.vlm.generate import greedy_answers
-from semilens.vlm.prepare import resolve_checkpoint
-
-
-def locate_checkpoint(folder: Path) -> tuple[Path, Path | None]:
-    """(the folder to load, the adapter's base folder or None) for any checkpoint folder
-    semilens writes, VLM or text; raises FileNotFoundError naming what is missing.
-
-    An adapter's base is the path PEFT recorded at training time, relative to the project
-    root when the pipeline wrote it, so adapters load from the project root.
-    """
-    folder = resolve_checkpoint(Path(folder))
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder")
-    adapter_config = folder / "adapter_config.json"
-    if adapter_config.is_file():
-        base = Path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
-        if not (base / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{folder}: adapter's base {base} is not a local checkpoint folder "
-                "(run from the project root, or use the merged folder)"
-            )
-        return folder, base
-    if (folder / "config.json").is_file():
-        return folder, None
-    raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json or adapter_config.json)")
 
 
 def load_vlm(folder: Path):
@@ -43,12 +19,23 @@ def load_vlm(folder: Path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder, base = locate_checkpoint(folder)
-    if base is not None:
-        from peft import PeftModel
+    try:
+        if base is not None:
+            from peft import PeftModel
 
-        model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), folder)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(folder)
+            model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), folder)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(folder)
+    except ValueError as exc:
+        # A text checkpoint given to predict: transformers lists every VLM config class it
+        # knows (a hundred names); say what went wrong instead, as `ask` does the other way.
+        if "Unrecognized configuration class" not in str(exc):
+            raise
+        model_type = json.loads(((base or folder) / "config.json").read_text()).get("model_type")
+        raise ValueError(
+            f"{base or folder}: model_type {model_type!r} is not a vision-language model "
+            "(give a VLM checkpoint, e.g. models/qwen2_5_vl/merged)"
+        ) from None
     return model.eval(), AutoProcessor.from_pretrained(folder)
 
 

@@ -19,25 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from semilens.cards import table, write_card
+from semilens.checkpoints import CONFIG_FILE, SOURCE_FILE
 from semilens.config import Config, PrepareVLMConfig, dump_config
-from semilens.io import atomic_write_text, hash_json, read_json, reset_dir, sha256_file, write_json
+from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
+from semilens.tokenizer import general_corpus
 from semilens.training import supervised_forward
 from semilens.vlm import generic_task
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.generate import greedy_answers
 from semilens.vlm.labels import check_image_tokens
-from semilens.vlm.tokenizer import general_corpus
-
-SOURCE_FILE = "source.json"
-CONFIG_FILE = "semilens_config.yaml"
-
-
-def resolve_checkpoint(folder: Path) -> Path:
-    """The folder to load weights from: a real base is referenced, not copied."""
-    source = Path(folder) / SOURCE_FILE
-    if source.is_file():
-        return Path(read_json(source)["path"])
-    return Path(folder)
 
 
 def validate_real_base(path: Path, family: Family) -> dict[str, Any]:
@@ -46,8 +36,7 @@ def validate_real_base(path: Path, family: Family) -> dict[str, Any]:
     config = path / "config.json"
     if not config.is_file():
         raise ValueError(
-            f"{path}: not a checkpoint folder (no config.json); give a local folder, "
-            "nothing is downloaded at run time"
+            f"{path}: not a checkpoint folder (no config.json); give a local folder, nothing is downloaded at run time"
         )
     model_type = json.loads(config.read_text()).get("model_type")
     if model_type != family.model_type:
@@ -63,7 +52,9 @@ def validate_real_base(path: Path, family: Family) -> dict[str, Any]:
 
 def _batch(samples: list[generic_task.Sample], processor: Any, family: Family) -> dict:
     batch = family.encode(processor, [generic_task.conversation(s) for s in samples], [[s.image] for s in samples])
-    check_image_tokens(batch["input_ids"], processor.image_token_id, family.image_tokens(processor, batch, len(samples)))
+    check_image_tokens(
+        batch["input_ids"], processor.image_token_id, family.image_tokens(processor, batch, len(samples))
+    )
     return batch
 
 

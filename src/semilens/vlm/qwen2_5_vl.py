@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from semilens.vlm.tokenizer import train_bpe
+from semilens.tokenizer import train_bpe
 
 MODEL_TYPE = "qwen2_5_vl"  # config.json's model_type, and the family's name in params and dvc.yaml
 SPECIAL_TOKENS = [

@@ -17,12 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from semilens.cards import lineage_table, table, write_card
+from semilens.checkpoints import SOURCE_FILE
 from semilens.config import Config
 from semilens.io import read_json
 from semilens.lineage import git_state, path_allowance, verified_hashes
-from semilens.registry import Registration, describe_uri, flatten, lineage_tags, params_hash, parquet_dataset, register, tracking_uri
+from semilens.registry import (
+    Registration,
+    describe_uri,
+    flatten,
+    lineage_tags,
+    params_hash,
+    parquet_dataset,
+    register,
+    tracking_uri,
+)
 from semilens.vlm.families import get_family
-from semilens.vlm.prepare import SOURCE_FILE
 
 SCORE_KEYS = ("vqa_accuracy", "class_accuracy", "caption_rouge_l", "caption_bleu", "caption_bertscore_f1")
 # The image bytes and chat layout stay out of MLflow: the split file's md5 (the digest),
@@ -46,11 +55,22 @@ def numeric_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def write_family_card(
-    folder: Path, family: str, name: str, lineage: dict[str, dict[str, str]], report: dict[str, Any], phash: str, base_source: str
+    folder: Path,
+    family: str,
+    name: str,
+    lineage: dict[str, dict[str, str]],
+    report: dict[str, Any],
+    phash: str,
+    base_source: str,
 ) -> Path:
     scores = table(
         [
-            {"metric": k, "base": report["base"][k], "fine-tuned": report["finetuned"][k], "delta": report.get("delta", {}).get(k)}
+            {
+                "metric": k,
+                "base": report["base"][k],
+                "fine-tuned": report["finetuned"][k],
+                "delta": report.get("delta", {}).get(k),
+            }
             for k in SCORE_KEYS
         ],
         ["metric", "base", "fine-tuned", "delta"],
@@ -138,11 +158,21 @@ def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
         artifacts={"adapter": models / "adapter", "card": card},
         model_artifact="adapter",
         datasets=[
-            (parquet_dataset(cfg.paths.vqa / f"{split}.parquet", f"vqa-{split}", DATASET_COLUMNS, "answer"), context, {"dvc.dataset.md5": lineage["dataset"]["md5"]})
+            (
+                parquet_dataset(cfg.paths.vqa / f"{split}.parquet", f"vqa-{split}", DATASET_COLUMNS, "answer"),
+                context,
+                {"dvc.dataset.md5": lineage["dataset"]["md5"]},
+            )
             for split, context in (("train", "training"), ("test", "evaluation"))
         ],
         description=card.read_text(),
     )
     uri = tracking_uri(cfg.paths.mlflow)
     done = register(reg, uri, cfg.register_models.experiment, cfg.paths.mlflow / "artifacts")
-    return {"family": family_name, "tracking": describe_uri(uri), **done, "params_hash": phash, "git_commit": git["commit"]}
+    return {
+        "family": family_name,
+        "tracking": describe_uri(uri),
+        **done,
+        "params_hash": phash,
+        "git_commit": git["commit"],
+    }

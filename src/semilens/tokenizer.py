@@ -39,7 +39,19 @@ def general_corpus() -> list[str]:
     import textwrap
 
     lines: list[str] = []
-    for mod in (argparse, collections, datetime, fractions, json_mod, pathlib, random, statistics, string, textwrap, inspect):
+    for mod in (
+        argparse,
+        collections,
+        datetime,
+        fractions,
+        json_mod,
+        pathlib,
+        random,
+        statistics,
+        string,
+        textwrap,
+        inspect,
+    ):
         for _, obj in sorted(inspect.getmembers(mod), key=lambda kv: kv[0]):
             doc = inspect.getdoc(obj)
             if isinstance(doc, str):
@@ -107,10 +119,8 @@ def llama3_tokenizer(
     """A Llama-3 style tokenizer: byte-level BPE learned on ``corpus`` (general English by
     default), then Llama-3's special tokens and ``extra_special`` (e.g. Llama-3.2-Vision's
     ``<|image|>``), in that order, after the learned vocabulary."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import Regex
 
     special = LLAMA3_SPECIAL_TOKENS + list(extra_special)
     vocab, merges = train_bpe(general_corpus() if corpus is None else corpus, vocab_size)

@@ -1,4 +1,8 @@
-"""Scoring VLM answers against the grounded VQA and caption references.
+"""Scoring answers against the grounded VQA and caption references.
+
+Shared by the VLM evaluation, the text model's evaluation (caption scores), the VLM
+annotator's wording checks, the report and the review: it scores text, whichever model
+wrote it, so it sits outside ``vlm/`` and imports no model code.
 
 Pure functions: nothing is read or written here. An evaluation stage calls
 ``vqa_accuracy`` on rows ``{question_type, prediction, answer}`` taken from
@@ -66,7 +70,13 @@ UNITS: dict[str, tuple[str, float]] = {
     **{
         u: ("nm", 1e3)
         for u in (
-            "µm", "um", "micron", "microns", "micrometer", "micrometers", "micrometre",
+            "µm",
+            "um",
+            "micron",
+            "microns",
+            "micrometer",
+            "micrometers",
+            "micrometre",
             "micrometres",
         )
     },
@@ -95,9 +105,7 @@ _NUMBER = rf"(?:{_DIGITS}|\b{_CARDINAL}\b)"
 _UNIT = "|".join(re.escape(u) for u in sorted(UNITS, key=len, reverse=True))
 # A number, optionally a range ("40-45 nm", "40 to 45 nm": the first number counts, the
 # unit after the range applies to it), then an optional unit not glued to more letters.
-_QUANTITY = re.compile(
-    rf"(?P<num>{_NUMBER})(?:\s*(?:-|–|to)\s*{_NUMBER})?(?:\s*(?P<unit>{_UNIT})(?![a-z]))?"
-)
+_QUANTITY = re.compile(rf"(?P<num>{_NUMBER})(?:\s*(?:-|–|to)\s*{_NUMBER})?(?:\s*(?P<unit>{_UNIT})(?![a-z]))?")
 
 
 def _word_number(words: str) -> float:
@@ -197,9 +205,7 @@ def _tolerance(ref: float, question_type: str, rel_tol: float, abs_tol: float | 
     return max(a, rel_tol * abs(ref))
 
 
-def _numeric_correct(
-    pred: str, ref: str, question_type: str, rel_tol: float, abs_tol: float | None
-) -> bool:
+def _numeric_correct(pred: str, ref: str, question_type: str, rel_tol: float, abs_tol: float | None) -> bool:
     ref_q = parse_quantity(ref)
     if ref_q is None:  # e.g. "unknown": nothing to compare numerically
         return normalise_answer(pred) == normalise_answer(ref)
@@ -310,16 +316,12 @@ def vqa_accuracy(
         c = counts.setdefault(qt, [0, 0])
         c[0] += int(ok)
         c[1] += 1
-    per_type = {
-        qt: {"accuracy": k / n, "n": n, "n_correct": k} for qt, (k, n) in sorted(counts.items())
-    }
+    per_type = {qt: {"accuracy": k / n, "n": n, "n_correct": k} for qt, (k, n) in sorted(counts.items())}
     n = sum(v["n"] for v in per_type.values())
     k = sum(v["n_correct"] for v in per_type.values())
     return {
         "accuracy": k / n if n else None,
-        "macro_accuracy": (
-            sum(v["accuracy"] for v in per_type.values()) / len(per_type) if per_type else None
-        ),
+        "macro_accuracy": (sum(v["accuracy"] for v in per_type.values()) / len(per_type) if per_type else None),
         "n": n,
         "n_correct": k,
         "per_type": per_type,
@@ -348,9 +350,7 @@ def _bert_scorer(model_dir: str, device: str | None) -> Any:
     # All of MiniLM's layers: bert_score's own table has no entry for a local path, and
     # this checkpoint was trained for sentence similarity on its last layer.
     n_layers = json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"]
-    return bert_score.BERTScorer(
-        model_type=model_dir, num_layers=n_layers, device=device, rescale_with_baseline=False
-    )
+    return bert_score.BERTScorer(model_type=model_dir, num_layers=n_layers, device=device, rescale_with_baseline=False)
 
 
 def caption_scores(
@@ -382,9 +382,7 @@ def caption_scores(
     scored = [i for i, p in enumerate(preds) if p.strip()]
     f1_sum = 0.0
     if scored:
-        _, _, f1 = _bert_scorer(str(minilm_dir()), device).score(
-            [preds[i] for i in scored], [refs[i] for i in scored]
-        )
+        _, _, f1 = _bert_scorer(str(minilm_dir()), device).score([preds[i] for i in scored], [refs[i] for i in scored])
         f1_sum = float(f1.sum())
     return {
         # sacrebleu gives 100.00000000000004 for identical text; keep the scale's bound.

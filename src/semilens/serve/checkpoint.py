@@ -1,0 +1,326 @@
+"""One checkpoint folder, loaded and answering chats: text or vision decided from its
+config.json, the loaders ``semilens ask`` and ``predict`` use, greedy (or sampled)
+generation serialised by a first-come, first-served lock, and the streamer whose pieces
+add up to the non-streamed reply."""
+
+import json
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+log = logging.getLogger("semilens.serve")  # one name for the whole server: one filter sees all its logs
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0: greedy, as `semilens ask` / `predict`
+    top_p: float = 1.0
+    seed: int | None = None
+    # False when the request named no max_tokens: the server default then shrinks to the
+    # room the prompt leaves in the context instead of refusing the request.
+    explicit: bool = True
+
+
+class ContextExceeded(ValueError):
+    """The prompt (plus the requested max_tokens) does not fit the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, context: int):
+        asked = f" plus max_tokens {max_tokens}" if max_tokens is not None else ""
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens{asked}, over the context of {context} tokens "
+            "(context_tokens, --context-tokens; default: the model's max_position_embeddings)"
+        )
+
+
+class FifoLock:
+    """A lock granted in the order it was asked for, that a waiter can leave.
+
+    ``threading.Lock`` promises no order: a request arriving just as the model frees up
+    barges ahead of those already waiting, which gave 16 busy clients a p50 of 0.3 s and
+    a max of 6.7 s where a queue gives everyone ~0.8 s. Here ``release`` hands the lock
+    straight to the oldest waiter, and a waiter whose ``cancel`` is set (its client hung
+    up) leaves the queue without ever running.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def acquire(self, cancel: threading.Event | None = None, poll_s: float = 0.1) -> bool:
+        """True once held; False if ``cancel`` was set first (then it is not held)."""
+        me = threading.Event()
+        with self._mutex:
+            if not self._held and not self._waiters:
+                self._held = True
+                return True
+            self._waiters.append(me)
+        while not me.wait(poll_s):
+            if cancel is not None and cancel.is_set():
+                with self._mutex:
+                    if not me.is_set():
+                        self._waiters.remove(me)
+                        return False
+                # Granted in the same instant: pass it on rather than drop it.
+                self.release()
+                return False
+        return True
+
+    def release(self) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().set()  # ownership passes on; _held stays True
+            else:
+                self._held = False
+
+    def waiting(self) -> int:
+        with self._mutex:
+            return len(self._waiters)
+
+    def __enter__(self) -> "FifoLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def checkpoint_kind(folder: str | Path) -> tuple[Literal["text", "vision"], str]:
+    """("text" or "vision", model_type) of a checkpoint folder, from its config.json (an
+    adapter's: its base's), before any weights load; ValueError for anything else."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    from semilens.checkpoints import locate_checkpoint
+
+    located, base = locate_checkpoint(Path(folder))
+    model_type = json.loads(((base or located) / "config.json").read_text()).get("model_type")
+    # Image-text first: a VLM's type is never a plain causal LM's, and the reverse holds
+    # for every family semilens writes (llama, qwen2_5_vl).
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return "vision", model_type
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "text", model_type
+    what = f"adapter's base {base}" if base is not None else str(located)
+    raise ValueError(
+        f"{what}: model_type {model_type!r} is neither a causal language model nor an image-text-to-text "
+        "model (give a semilens text or VLM checkpoint, e.g. models/llm/sft or models/qwen2_5_vl/merged)"
+    )
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready to answer chats. ``lock`` serialises every use of the model and its
+    tokenizer (fast tokenizers raise "Already borrowed" when two threads share one), so
+    several apps may share one LoadedCheckpoint (e.g. a test that needs several fault
+    settings loads the model once)."""
+
+    name: str  # the folder as given: the default model id
+    kind: Literal["text", "vision"]
+    model_type: str
+    model: Any
+    tokenizer: Any  # the text tokenizer (a VLM's processor.tokenizer)
+    processor: Any | None = None  # VLM only
+    lock: FifoLock = field(default_factory=FifoLock, repr=False)
+    # A second tokenizer, so prompts are counted (and too-long ones refused) before they
+    # queue for the model, without sharing the model's tokenizer across threads.
+    _counter: Any = field(default=None, repr=False)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def context_tokens(self) -> int:
+        """Positions the model was built for (a VLM's: its language model's)."""
+        config = self.model.config
+        text = getattr(config, "text_config", None) or config
+        return int(getattr(text, "max_position_embeddings", None) or config.max_position_embeddings)
+
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
+        """Prompt tokens of chat ``messages``: exact for a text model; for a VLM those of
+        its text only (images add more), so a refusal on this count is always right."""
+        import copy
+
+        with self._count_lock:
+            if self._counter is None:
+                self._counter = copy.deepcopy(self.tokenizer)
+            if self.kind == "text":
+                text = self._counter.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            else:
+                text = "\n".join(p.get("text", "") for m in messages for p in m["content"] if p.get("type") == "text")
+            return len(self._counter(text, add_special_tokens=False)["input_ids"])
+
+    def complete(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Any],
+        params: GenerationParams,
+        on_text: Callable[[str], None] | None = None,
+        cancel: threading.Event | None = None,
+        context_tokens: int | None = None,
+    ) -> Completion | None:
+        """The assistant's reply to chat ``messages`` (already in the template's format:
+        see ``chat_messages``). Blocks while another call holds the model. ``on_text``
+        receives the reply's text in pieces as it is generated; their concatenation is the
+        returned text. ``cancel`` (the client hung up) stops the wait or the generation;
+        None is returned if it was set before generation started. Callers are served
+        first come, first served. ContextExceeded if the prompt plus an explicit
+        ``max_new_tokens`` exceeds ``context_tokens`` (default: the model's)."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        # A request whose client gave up leaves the queue without running.
+        if not self.lock.acquire(cancel):
+            return None
+        try:
+            if cancel is not None and cancel.is_set():
+                return None
+            inputs, gen_kwargs, eos = self._encode(messages, images)
+            prompt_tokens = int(inputs["input_ids"].shape[1])
+            context = context_tokens or self.context_tokens
+            room = context - prompt_tokens
+            if room < 1 or (params.explicit and params.max_new_tokens > room):
+                raise ContextExceeded(prompt_tokens, params.max_new_tokens if params.explicit else None, context)
+            max_new_tokens = min(params.max_new_tokens, room)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, **gen_kwargs}
+            if params.temperature > 0:
+                # top_k=0: OpenAI's sampling has no top-k, while transformers' default is 50.
+                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+            else:
+                kwargs.update(do_sample=False)
+            if cancel is not None:
+
+                class HungUp(StoppingCriteria):
+                    def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                        return torch.full(
+                            (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
+                        )
+
+                kwargs["stopping_criteria"] = StoppingCriteriaList([HungUp()])
+            streamer = _DeltaStreamer(self.tokenizer, on_text) if on_text is not None else None
+            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+            # A seeded request forks the RNG, so it neither depends on nor disturbs what
+            # earlier or later unseeded requests draw.
+            with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None), torch.no_grad():
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                out = self.model.generate(**inputs, **kwargs, streamer=streamer)
+            new = out[0, prompt_tokens:].tolist()
+            stop_at = next((i for i, t in enumerate(new) if t in eos), None)
+            if stop_at is not None:
+                new, finish = new[: stop_at + 1], "stop"
+            else:
+                finish = "length" if len(new) >= max_new_tokens else "stop"
+            # Decoded and stripped as `semilens ask` / `predict` do, so the answers match.
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
+            if streamer is not None:
+                streamer.finish(text)
+            return Completion(text, finish, prompt_tokens, len(new))
+        finally:
+            self.lock.release()
+
+    def _encode(self, messages: list[dict[str, Any]], images: list[Any]) -> tuple[Any, dict[str, Any], set[int]]:
+        """(model inputs, extra generate() arguments, end-of-sequence ids), built exactly
+        as evaluate.answer_batch (text) and generate.greedy_answers (VLM) build them."""
+        # Left padding as in both batch paths; one row has none, but the setting stays put.
+        self.tokenizer.padding_side = "left"
+        if self.kind == "text":
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            enc = self.tokenizer([text], return_tensors="pt", padding=True, add_special_tokens=False)
+            eos_id = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+            extra = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos_id}
+        else:
+            from semilens.vlm.generate import prompt_inputs
+
+            enc = prompt_inputs(self.model, self.processor, [messages], [images] if images else None)
+            eos_id = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+            extra = {}  # greedy_answers leaves pad/eos to the checkpoint's generation_config
+        eos = set(eos_id if isinstance(eos_id, list) else [eos_id]) - {None}
+        return enc.to(self.model.device), extra, eos
+
+
+def load_checkpoint(folder: str | Path) -> LoadedCheckpoint:
+    """Load any semilens checkpoint folder with the loaders ``ask`` and ``predict`` use."""
+    kind, model_type = checkpoint_kind(folder)
+    if kind == "vision":
+        from semilens.vlm.predict import load_vlm
+
+        model, processor = load_vlm(Path(folder))
+        return LoadedCheckpoint(str(folder), kind, model_type, model, processor.tokenizer, processor)
+    from transformers import AutoTokenizer
+
+    from semilens.llm.ask import causal_lm_folder
+    from semilens.llm.pretrain import load_causal
+
+    located = causal_lm_folder(Path(folder))
+    return LoadedCheckpoint(str(folder), kind, model_type, load_causal(located), AutoTokenizer.from_pretrained(located))
+
+
+def _stable_end(text: str, hold_word: bool) -> int:
+    """How much of a partly decoded reply can be sent without being taken back later.
+
+    Trailing whitespace is held (the final answer is stripped); so is a trailing U+FFFD,
+    which is an incomplete UTF-8 sequence until the next byte-level token completes it.
+    With ``clean_up_tokenization_spaces`` the decoder rewrites " ." as "." once the dot
+    arrives, so then the last word is held too.
+    """
+    end = len(text)
+    while end and (text[end - 1].isspace() or text[end - 1] == "\ufffd"):
+        end -= 1
+    if hold_word:
+        end = max((i for i in range(end) if text[i].isspace()), default=0)
+    return end
+
+
+class _DeltaStreamer:
+    """Receives generate()'s token ids and hands text deltas to ``on_text``.
+
+    Not transformers' TextIteratorStreamer: that yields text only (usage and
+    finish_reason need the ids) and its pieces need not add up to the one-shot decode the
+    non-streamed reply uses. This one re-decodes the whole reply at every token (cheap at
+    the lengths served here) and sends only what can no longer change, then ``finish``
+    sends the rest of the final text, so the pieces concatenate to exactly that text.
+    Runs in the generating thread, under the model lock, like every tokenizer call.
+    """
+
+    def __init__(self, tokenizer: Any, on_text: Callable[[str], None]):
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.hold_word = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+        self.ids: list[int] = []
+        self.sent = ""
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompt
+            self.prompt_seen = True
+            return
+        self.ids += value.reshape(-1).tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
+        ready = text[: _stable_end(text, self.hold_word)]
+        if len(ready) > len(self.sent) and ready.startswith(self.sent):
+            self.on_text(ready[len(self.sent) :])
+            self.sent = ready
+
+    def end(self) -> None:
+        pass
+
+    def finish(self, final: str) -> None:
+        if not final.startswith(self.sent):
+            log.warning("streamed text is not a prefix of the final answer; the stream differs from it")
+        elif len(final) > len(self.sent):
+            self.on_text(final[len(self.sent) :])
+            self.sent = final
