@@ -266,3 +266,61 @@ def test_scripts_stay_with_their_symbols_and_axis_ticks_leave_the_text():
     md = clean_document([_page(1, lines)], CleanMarkdownConfig())["markdown"]
     assert "VGS" in md and "\nGS\n" not in md
     assert not re.search(r"(?m)^(40|30|20|10|0)$", md) and "Figure 2 shows" in md
+
+
+def test_text_inside_a_placed_form_xobject_is_read_where_the_page_shows_it():
+    """A figure drawn once as a form XObject and placed with `Do` (here: moved by the CTM,
+    and by the form's own /Matrix in a nested form): its labels must land inside the figure,
+    where pdfium sees them, not at the form's origin on top of the body text."""
+    import io
+
+    import pypdf
+    import pypdfium2
+    from pypdf.generic import ArrayObject, FloatObject, NameObject
+    from reportlab.pdfgen.canvas import Canvas
+
+    from semilens.text.extract import text_lines
+
+    buf = io.BytesIO()
+    c = Canvas(buf, pagesize=(612, 792), invariant=1)
+    c.beginForm("inner")
+    c.setFont("Helvetica", 9)
+    c.drawString(0, 0, "nested axis label")
+    c.endForm()
+    c.beginForm("figure")
+    c.setFont("Helvetica", 9)
+    c.drawString(10, 20, "Time (s) figure label")
+    c.saveState()
+    c.translate(0, 40)
+    c.doForm("inner")
+    c.restoreState()
+    c.endForm()
+    c.setFont("Helvetica", 10)
+    c.drawString(72, 700, "Body text of the first column.")
+    c.saveState()
+    c.translate(330, 400)
+    c.doForm("figure")
+    c.restoreState()
+    c.showPage()
+    c.save()
+    # Give the nested form a /Matrix as well (scale 2, shift 5), which reportlab never writes.
+    reader = pypdf.PdfReader(io.BytesIO(buf.getvalue()))
+    writer = pypdf.PdfWriter(clone_from=reader)
+    page = writer.pages[0]
+    figure = page["/Resources"]["/XObject"]
+    for xobj in figure.values():
+        forms = xobj.get_object().get("/Resources", {}).get("/XObject", {})
+        for inner in forms.values():
+            inner.get_object()[NameObject("/Matrix")] = ArrayObject([FloatObject(v) for v in (2, 0, 0, 2, 5, 5)])
+    out = io.BytesIO()
+    writer.write(out)
+    data = out.getvalue()
+
+    lines = {ln.text: ln for ln in text_lines(pypdf.PdfReader(io.BytesIO(data)).pages[0])}
+    pdfium = pypdfium2.PdfDocument(data)[0].get_textpage()
+    for text in ("Body text of the first column.", "Time (s) figure label", "nested axis label"):
+        start, _ = pdfium.search(text).get_next()
+        left, bottom, *_ = pdfium.get_charbox(start)
+        assert abs(lines[text].x0 - left) < 3 and abs(lines[text].y - bottom) < 6, (text, lines[text], left, bottom)
+    assert lines["Time (s) figure label"].x0 > 330  # inside the figure, not at the page origin
+    assert lines["nested axis label"].size == pytest.approx(18, abs=0.5)  # the /Matrix scales it

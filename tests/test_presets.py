@@ -21,7 +21,7 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 PRESETS = available(ROOT / "presets")
 
 
-def test_the_issue_s_checkpoints_all_have_a_preset():
+def test_every_targeted_real_checkpoint_has_a_preset():
     assert set(PRESETS) == {
         "qwen2_5_vl-3b-instruct",
         "qwen2_5_vl-7b-instruct",

@@ -109,6 +109,27 @@ def test_prompt_and_max_tokens_must_fit_the_context(text_model):
         refused(chat(url, name, " ".join(["etch"] * 100), max_tokens=1), 400, "context_tokens")
 
 
+def test_a_prompt_far_past_the_context_is_refused_without_tokenizing_it(text_model, monkeypatch):
+    """Only a floor is needed to refuse: characters / (4 x the longest vocabulary entry).
+    The tokenizer never sees a 2 MB prompt, while a merely long one is still counted exactly."""
+    seen: list[int] = []
+    counter = text_model.tokenizer.__class__.__call__
+
+    def counting(self, text, *args, **kwargs):
+        seen.append(len(text))
+        return counter(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(text_model.tokenizer.__class__, "__call__", counting)
+    app = make_app(text_model)
+    with serve_in_background(app) as url:
+        name = app.state.model_name
+        error = refused(chat(url, name, "x" * 2_000_000, max_tokens=8), 400, "context_tokens")
+        assert error["code"] == "context_length_exceeded" and "at least" in error["message"]
+        assert all(n < 100_000 for n in seen), seen  # the huge prompt was never tokenized
+        error = refused(chat(url, name, " ".join(["etch"] * 3000), max_tokens=8), 400, "context_tokens")
+        assert "at least" not in error["message"] and any(n > 10_000 for n in seen)  # counted exactly
+
+
 def test_max_tokens_is_capped(text_model):
     app = make_app(text_model, ServeOptions(max_tokens_cap=50))
     with serve_in_background(app) as url:

@@ -121,7 +121,11 @@ def preset(
 def run(
     stage: str = typer.Argument(..., help="stage name, as in dvc.yaml"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the resolved config and stop"),
-    params: Path = typer.Option(DEFAULT_PARAMS, help="params file"),
+    params: Path = typer.Option(
+        DEFAULT_PARAMS,
+        help="with --dry-run: another params file to validate and show; a stage itself always reads the "
+        "project's params.yaml, the file DVC tracks",
+    ),
 ) -> None:
     """Run one stage by name (the same entry point dvc.yaml calls)."""
     names = available_stages()

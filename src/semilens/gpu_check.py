@@ -1,6 +1,6 @@
 """The GPU check: every VLM family's tiny preset through the GPU-only training paths.
 
-On a CUDA machine, ``python scripts/gpu_check.py`` (or ``semilens gpu-check``) builds each
+On a CUDA machine, ``python scripts/gpu_check.py`` builds each
 family's tiny base (a few generic pretraining steps), then runs ``finetune_vlm`` for a few
 steps per family and path:
 

@@ -219,11 +219,10 @@ class _Service:
         messages, images = await run_in_threadpool(
             chat_messages, chat, loaded.kind, options.max_images, options.max_image_pixels
         )
-        prompt_tokens = await run_in_threadpool(loaded.count_prompt_tokens, messages)
+        prompt_tokens, at_least = await run_in_threadpool(loaded.count_prompt_tokens, messages, context)
         if prompt_tokens >= context or (params.explicit and prompt_tokens + params.max_new_tokens > context):
-            raise _context_error(
-                ContextExceeded(prompt_tokens, params.max_new_tokens if params.explicit else None, context)
-            )
+            asked = params.max_new_tokens if params.explicit else None
+            raise _context_error(ContextExceeded(prompt_tokens, asked, context, at_least))
 
         fault = self.faults.draw()
         if fault is not None:

@@ -29,10 +29,11 @@ class GenerationParams:
 class ContextExceeded(ValueError):
     """The prompt (plus the requested max_tokens) does not fit the model's context."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int | None, context: int):
+    def __init__(self, prompt_tokens: int, max_tokens: int | None, context: int, at_least: bool = False):
         asked = f" plus max_tokens {max_tokens}" if max_tokens is not None else ""
+        size = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
         super().__init__(
-            f"the prompt is {prompt_tokens} tokens{asked}, over the context of {context} tokens "
+            f"the prompt is {size} tokens{asked}, over the context of {context} tokens "
             "(context_tokens, --context-tokens; default: the model's max_position_embeddings)"
         )
 
@@ -141,6 +142,7 @@ class LoadedCheckpoint:
     # queue for the model, without sharing the model's tokenizer across threads.
     _counter: Any = field(default=None, repr=False)
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _longest_token: int = field(default=1, repr=False)
 
     @property
     def context_tokens(self) -> int:
@@ -149,19 +151,31 @@ class LoadedCheckpoint:
         text = getattr(config, "text_config", None) or config
         return int(getattr(text, "max_position_embeddings", None) or config.max_position_embeddings)
 
-    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
-        """Prompt tokens of chat ``messages``: exact for a text model; for a VLM those of
-        its text only (images add more), so a refusal on this count is always right."""
+    def count_prompt_tokens(self, messages: list[dict[str, Any]], limit: int | None = None) -> tuple[int, bool]:
+        """Prompt tokens of chat ``messages`` and whether the count is only a lower bound:
+        exact for a text model; for a VLM those of its text only (images add more), so a
+        refusal on this count is always right.
+
+        With ``limit``, a prompt whose text is so long that it must exceed ``limit`` tokens
+        is not tokenized at all: no token spans more characters than the vocabulary's
+        longest entry, so ``len(text) / longest`` tokens is a floor. Tokenizing a prompt
+        near the 20 MB body limit costs seconds and hundreds of MB, held under this lock."""
         import copy
 
         with self._count_lock:
             if self._counter is None:
                 self._counter = copy.deepcopy(self.tokenizer)
+                vocab = self._counter.get_vocab()
+                self._longest_token = max((len(t) for t in vocab), default=1)
             if self.kind == "text":
                 text = self._counter.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             else:
                 text = "\n".join(p.get("text", "") for m in messages for p in m["content"] if p.get("type") == "text")
-            return len(self._counter(text, add_special_tokens=False)["input_ids"])
+            # Normalizers may compose characters (NFKC), so the floor keeps a 4x margin.
+            floor = len(text) // (4 * self._longest_token)
+            if limit is not None and floor > limit:
+                return floor, True
+            return len(self._counter(text, add_special_tokens=False)["input_ids"]), False
 
     def complete(
         self,

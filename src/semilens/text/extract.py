@@ -292,6 +292,72 @@ def _respace_tj(items: list[Any], word_gap: float) -> list[Any]:
     return out
 
 
+def _mult(a: list[float], b: list[float]) -> list[float]:
+    """PDF matrix product a x b of [a b c d e f] matrices (row vectors: p' = p a b)."""
+    return [
+        a[0] * b[0] + a[1] * b[2],
+        a[0] * b[1] + a[1] * b[3],
+        a[2] * b[0] + a[3] * b[2],
+        a[2] * b[1] + a[3] * b[3],
+        a[4] * b[0] + a[5] * b[2] + b[4],
+        a[4] * b[1] + a[5] * b[3] + b[5],
+    ]
+
+
+class _FormPlacement:
+    """Where a form XObject's content lands on the page.
+
+    pypdf reads a form XObject (a figure, a logo, an algorithm box drawn once and placed
+    with ``Do``) through a fresh text state, so the positions its visitor gives inside one
+    are in the form's own space: figure labels then land on top of body text elsewhere on
+    the page (an algorithm listing at x 59 that pdfium, and the reader, see at x 351).
+    Here each ``Do`` of a form records the form's /Matrix times the CTM at the ``Do``
+    (times the enclosing form's placement, for nested forms), and text inside is mapped
+    through it. The placement is made current at the form's first operator, not at
+    ``Do`` itself, because pypdf flushes the enclosing stream's pending text between the
+    two."""
+
+    def __init__(self, page: Any):
+        self.stack: list[list[float]] = []
+        self.resources: list[Any] = [page.get("/Resources")]
+        self.pending: tuple[list[float], Any] | None = None
+        self.opened: list[bool] = []
+
+    def _form(self, name: Any) -> Any:
+        try:
+            xobjects = self.resources[-1]["/XObject"]
+            xobj = xobjects[name].get_object()
+        except (KeyError, TypeError, AttributeError, IndexError):
+            return None
+        return xobj if xobj.get("/Subtype") == "/Form" else None
+
+    def before(self, op: bytes, args: Any, cm: Any) -> None:
+        if self.pending is not None:  # the form's first operator: its content has begun
+            placement, resources = self.pending
+            self.pending = None
+            self.stack.append(placement)
+            self.resources.append(resources)
+            self.opened[-1] = True
+        if op == b"Do" and args:
+            form = self._form(args[0])
+            self.opened.append(False)
+            if form is not None:
+                matrix = [float(v) for v in form.get("/Matrix", [1, 0, 0, 1, 0, 0])]
+                outer = self.stack[-1] if self.stack else [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+                placement = _mult(_mult(matrix, [float(v) for v in cm]), outer)
+                self.pending = (placement, form.get("/Resources") or self.resources[-1])
+
+    def after(self, op: bytes) -> None:
+        if op == b"Do" and self.opened:
+            self.pending = None  # an image, or a form with no operators
+            if self.opened.pop():
+                self.stack.pop()
+                self.resources.pop()
+
+    def to_page(self, cm: Any) -> Any:
+        return _mult([float(v) for v in cm], self.stack[-1]) if self.stack else cm
+
+
 def text_lines(page: Any, word_gap: float = WORD_GAP) -> list[Line]:
     """The page's text as positioned lines, from pypdf's text visitor.
 
@@ -302,15 +368,18 @@ def text_lines(page: Any, word_gap: float = WORD_GAP) -> list[Line]:
     frags: list[tuple[float, float, float, float, bool, str]] = []
     swapped: list[tuple[list[Any], list[Any]]] = []
     widths: dict[int, Any] = {}
+    forms = _FormPlacement(page)
 
     # The TJ operands are rewritten just for pypdf's pass over them and put back after,
     # so the page object is left as it was read.
     def before(op: bytes, args: Any, cm: Any, tm: Any) -> None:
+        forms.before(op, args, cm)
         if op == b"TJ" and args and isinstance(args[0], list):
             swapped.append((args[0], list(args[0])))
             args[0][:] = _respace_tj(args[0], word_gap)
 
     def after(op: bytes, args: Any, cm: Any, tm: Any) -> None:
+        forms.after(op)
         if op == b"TJ" and swapped and args and args[0] is swapped[-1][0]:
             array, original = swapped.pop()
             array[:] = original
@@ -318,7 +387,9 @@ def text_lines(page: Any, word_gap: float = WORD_GAP) -> list[Line]:
     def visit(text: str, cm: Any, tm: Any, font: Any, size: float) -> None:
         if not text or not text.strip():
             return
-        # text space -> user space: the text matrix's translation through the CTM
+        # text space -> user space: the text matrix's translation through the CTM, and
+        # inside a form XObject on through where the page placed the form
+        cm = forms.to_page(cm)
         x = tm[4] * cm[0] + tm[5] * cm[2] + cm[4]
         y = tm[4] * cm[1] + tm[5] * cm[3] + cm[5]
         scale = abs(tm[3] * cm[3]) or abs(tm[0] * cm[0]) or 1.0
