@@ -20,11 +20,17 @@ Per file and reader:
   synthetic PDF; None elsewhere.
 - ``glued_rate``: glued words per word (``semilens.text.words``: words of 16+ letters that
   are not words but split into two or more common words), and ``glued`` their count.
-- ``running_leaks``: body lines that repeat on at least half of the pages (3 pages at least)
-  once digits are masked (a running header or footer left in), plus ``page_number_lines``:
-  lines that are only a page number ("12", "Page 3", "- 4 -", "Seite 2"). The semilens
-  reader is scored on its cleaned Markdown, the others on their raw page text, which is
-  what a pipeline using them would get.
+- ``running_leaks``: output lines that are one of the PDF's running headers or footers:
+  a line that the PDF itself draws at the same height (1% of the page) on at least half of
+  its pages (3 pages at least), found once per file with pypdfium2's text runs, whatever
+  the reader; compared with digits masked and Markdown marks dropped. Plus
+  ``page_number_lines``: lines that are only a page number ("12", "Page 3", "- 4 -",
+  "Seite 2"). The semilens reader is scored on its cleaned Markdown, the others on their
+  raw page text, which is what a pipeline using them would get.
+- ``repeated_lines``: the earlier, position-blind count: output lines that repeat on half
+  of the pages once digits are masked. It also counts content a document repeats on
+  purpose (the layout rules' "| Rule | Description | Value |" header over the rule table
+  of each section), so it is reported but is not the leak figure.
 - ``pages_per_s``: pages over wall time of the reader alone (the first call of a reader
   pays its imports; a warm-up page is read first so that the numbers compare).
 
@@ -119,7 +125,69 @@ def available(reader: str) -> str | None:
 # ----------------------------------------------------------------------------- measures
 
 
-def running_leaks(pages: list[str]) -> tuple[int, int]:
+def _mask(text: str) -> str:
+    """Lower case, Markdown marks and spaces dropped, digits masked: "**Page 3 of 26**"
+    and "Page 12 of 26" meet."""
+    return re.sub(r"\d+", "#", re.sub(r"[\s#*_|`>]+", "", text.lower()))
+
+
+def pdf_running_lines(data: bytes) -> set[str]:
+    """The masked texts of the lines the PDF draws at one height on half of its pages.
+
+    Read with pypdfium2's text runs, joined per baseline (2 pt), so the ground truth does
+    not depend on any reader under test; page-number lines are left to ``PAGE_NUMBER``.
+    Each run of a line counts as well as the whole line, since readers split a footer
+    ("www.ihp-microelectronics.com" / "Enter Date") where the PDF leaves a gap."""
+    import pypdfium2
+
+    pdf = pypdfium2.PdfDocument(data)
+    where: dict[str, dict[int, list[float]]] = {}
+    n = len(pdf)
+    try:
+        for i in range(n):
+            page = pdf[i]
+            height = page.get_height()
+            tp = page.get_textpage()
+            runs = []
+            for k in range(tp.count_rects()):
+                left, bottom, right, top = tp.get_rect(k)
+                runs.append((bottom, left, tp.get_text_bounded(left, bottom, right, top)))
+            rows: list[list[tuple[float, float, str]]] = []
+            for run in sorted(runs, key=lambda r: -r[0]):
+                if rows and abs(rows[-1][0][0] - run[0]) <= 2:
+                    rows[-1].append(run)
+                else:
+                    rows.append([run])
+            for row in rows:
+                # the whole line and each run of it: readers split a footer at its gaps
+                texts = {" ".join(r[2] for r in sorted(row, key=lambda r: r[1])), *(r[2] for r in row)}
+                for text in texts:
+                    if not PAGE_NUMBER.match(text.strip()):
+                        where.setdefault(_mask(text), {}).setdefault(i, []).append(row[0][0] / height)
+    finally:
+        pdf.close()
+    if n < 3:
+        return set()  # one or two pages cannot show a repeat
+    need = max(3, (n + 1) // 2)
+    out = set()
+    for text, on in where.items():
+        if len(re.findall(r"[^\W\d_]", text)) < 3:
+            continue
+        for y in (v for ys in on.values() for v in ys):
+            if sum(any(abs(v - y) <= 0.01 for v in ys) for ys in on.values()) >= need:
+                out.add(text)
+                break
+    return out
+
+
+def running_leaks(pages: list[str], running: set[str] | None = None) -> tuple[int, int, int]:
+    """(lines that are the PDF's running lines, bare page-number lines, repeated lines)."""
+    leaks = sum(_mask(ln) in running for p in pages for ln in p.splitlines()) if running else 0
+    repeated, numbers = repeated_lines(pages)
+    return leaks, numbers, repeated
+
+
+def repeated_lines(pages: list[str]) -> tuple[int, int]:
     """(lines repeated on >= half the pages after masking digits, bare page-number lines).
 
     A running header survives as the same line on most pages ("SG13G2 Process Spec Rev 1.2
@@ -139,13 +207,13 @@ def running_leaks(pages: list[str]) -> tuple[int, int]:
     return repeated, numbers
 
 
-def measure(pages: list[str], seconds: float, reference: str | None) -> dict[str, Any]:
+def measure(pages: list[str], seconds: float, reference: str | None, running: set[str] | None = None) -> dict[str, Any]:
     from semilens.text.clean import similarity
     from semilens.text.words import check
 
     text = "\n\n".join(pages)
     words = check(text)
-    repeated, numbers = running_leaks(pages)
+    leaks, numbers, repeated = running_leaks(pages, running)
     return {
         "pages": len(pages),
         "chars": len(text),
@@ -153,8 +221,9 @@ def measure(pages: list[str], seconds: float, reference: str | None) -> dict[str
         "words": words.words,
         "glued": words.glued,
         "glued_rate": round(words.glued_rate, 5),
-        "running_leaks": repeated,
+        "running_leaks": leaks,
         "page_number_lines": numbers,
+        "repeated_lines": repeated,
         "seconds": round(seconds, 3),
         "pages_per_s": round(len(pages) / seconds, 2) if seconds > 0 else None,
     }
@@ -205,6 +274,7 @@ def run(files: list[tuple[str, Path, str | None]], cfg: Config, readers: dict[st
     rows = []
     for name, path, ref in files:
         data = path.read_bytes()
+        running = pdf_running_lines(data)
         for reader, fn in readers.items():
             t0 = time.perf_counter()
             try:
@@ -212,7 +282,7 @@ def run(files: list[tuple[str, Path, str | None]], cfg: Config, readers: dict[st
             except Exception as exc:  # a reader failing on a file is a result, not a crash
                 rows.append({"file": name, "reader": reader, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
                 continue
-            rows.append({"file": name, "reader": reader, **measure(pages, time.perf_counter() - t0, ref)})
+            rows.append({"file": name, "reader": reader, **measure(pages, time.perf_counter() - t0, ref, running)})
     return rows
 
 
@@ -232,6 +302,7 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "glued_rate": round(sum(r["glued"] for r in rs) / max(1, sum(r["words"] for r in rs)), 5),
             "running_leaks": sum(r["running_leaks"] for r in rs),
             "page_number_lines": sum(r["page_number_lines"] for r in rs),
+            "repeated_lines": sum(r["repeated_lines"] for r in rs),
             "pages_per_s": round(pages / sum(r["seconds"] for r in rs), 2),
         }
     return out
@@ -284,7 +355,7 @@ def main() -> dict[str, Any]:
 
 
 def _print(result: dict[str, Any]) -> None:
-    head = f"{'file':58s} {'reader':11s} {'pages':>5s} {'sim':>6s} {'glued%':>7s} {'leaks':>5s} {'pgnum':>5s} {'pages/s':>8s}"
+    head = f"{'file':58s} {'reader':11s} {'pages':>5s} {'sim':>6s} {'glued%':>7s} {'leaks':>5s} {'pgnum':>5s} {'repeat':>6s} {'pages/s':>8s}"
     print(head)
     print("-" * len(head))
     for r in result["rows"]:
@@ -294,14 +365,15 @@ def _print(result: dict[str, Any]) -> None:
         sim = "     -" if r["similarity"] is None else f"{r['similarity']:6.3f}"
         print(
             f"{r['file'][:58]:58s} {r['reader']:11s} {r['pages']:5d} {sim} {100 * r['glued_rate']:7.2f} "
-            f"{r['running_leaks']:5d} {r['page_number_lines']:5d} {r['pages_per_s'] or 0:8.1f}"
+            f"{r['running_leaks']:5d} {r['page_number_lines']:5d} {r['repeated_lines']:6d} {r['pages_per_s'] or 0:8.1f}"
         )
     print()
     for reader, s in result["summary"].items():
         sim = "-" if s["similarity_mean"] is None else f"{s['similarity_mean']:.3f}"
         print(
             f"{reader:11s} files {s['files']:2d}  similarity {sim}  glued {s['glued']} ({100 * s['glued_rate']:.2f}%)  "
-            f"leaks {s['running_leaks']}  page numbers {s['page_number_lines']}  {s['pages_per_s']} pages/s"
+            f"leaks {s['running_leaks']}  page numbers {s['page_number_lines']}  repeated {s['repeated_lines']}  "
+            f"{s['pages_per_s']} pages/s"
         )
     for reader, why in result["readers"].items():
         if why != "ran":

@@ -445,7 +445,9 @@ def main() -> None:
     # oversize prompts: flat at 1.33 GB from 15 s to 50 s; a normal-only run stays at
     # 0.93 GB). One decoded 20000 x 20000 RGB bomb alone
     # would add 1.2 GB (issue 29 saw 5.7 GB from four 13300 x 13300 ones), so 1.5 GB is
-    # room for fragmentation and small images in flight but not for a single bomb.
+    # room for fragmentation and small images in flight but not for a single bomb. The
+    # server hands freed heap back after large bodies; without that, the kept pages
+    # climbed to the bound over 5 minutes.
     parser.add_argument("--rss-bound-mb", type=float, default=1500.0)
     parser.add_argument(
         "--normal-only",

@@ -10,6 +10,7 @@ stages' cost is linear in steps.
     python benchmarks/smollm2_base.py prepare --data D --out O
     python benchmarks/smollm2_base.py pretrain --data D --out O --steps 4
     python benchmarks/smollm2_base.py maths --data D --out O     # base zero-/few-shot, calculator
+    python benchmarks/smollm2_base.py maths --data D --out O --model sft
 
 ``maths`` scores the untouched base on the benchmark's etching-maths rows with the
 calculator, zero-shot and few-shot (two worked answers of the same kind from the train
@@ -119,6 +120,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="cut both training stages to this many steps")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shots", type=int, default=2)
+    ap.add_argument(
+        "--model", default="base", help="maths: the folder under <out>/models/llm to score (base, sft, ...)"
+    )
     ap.add_argument("--set", nargs="*", default=[], help="section.key=value overrides")
     args = ap.parse_args()
     cfg = config(args.data, args.out, args.steps, args.threads, dict(s.split("=", 1) for s in args.set))
@@ -136,7 +140,7 @@ def main() -> None:
     else:
 
         def run(c: Config) -> dict[str, Any]:
-            return maths(c, Path(c.paths.models) / "llm" / "base", args.shots)
+            return maths(c, Path(c.paths.models) / "llm" / args.model, args.shots)
 
     summary = run(cfg)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -417,9 +417,12 @@ def test_a_client_that_hangs_up_frees_the_model(text_model):
     with serve_in_background(app) as url:
         name = app.state.model_name
         c = client(url)
-        start = time.monotonic()
-        c.chat.completions.create(model=name, messages=user(QUESTION), max_tokens=40)
-        per_token = (time.monotonic() - start) / 40
+        timings = []
+        for _ in range(3):  # the fastest of three, the first warming up: a slow outlier on a
+            start = time.monotonic()  # busy machine would make `long` short enough to finish in 0.3 s
+            c.chat.completions.create(model=name, messages=user(QUESTION), max_tokens=40)
+            timings.append((time.monotonic() - start) / 40)
+        per_token = min(timings)
         long = 2.0 / per_token  # tokens that would keep the model busy for ~2 s
         with pytest.raises(openai.APITimeoutError):
             client(url, timeout=0.3).chat.completions.create(model=name, messages=user(QUESTION), max_tokens=int(long))
@@ -431,7 +434,7 @@ def test_a_client_that_hangs_up_frees_the_model(text_model):
         # without the hang-up checks, this request would wait ~2 s behind each of the two
         assert time.monotonic() - start < 1.5
         counts = stats(url)
-    assert counts["requests"] == 4 and counts["completed"] == 2
+    assert counts["requests"] == 6 and counts["completed"] == 4
 
 
 def test_a_generation_failure_is_500_and_the_server_goes_on(text_model, monkeypatch):

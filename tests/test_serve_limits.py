@@ -130,6 +130,28 @@ def test_a_prompt_far_past_the_context_is_refused_without_tokenizing_it(text_mod
         assert "at least" not in error["message"] and any(n > 10_000 for n in seen)  # counted exactly
 
 
+def test_freed_heap_is_returned_after_large_bodies(text_model, monkeypatch):
+    """A 200 kB prompt leaves freed heap that glibc would keep: the server hands it back
+    after such a body, never after small ones."""
+    import semilens.serve.app as serve_app
+
+    assert serve_app.release_free_heap()  # Debian's glibc has malloc_trim
+    trims: list[float] = []
+    monkeypatch.setattr(serve_app, "release_free_heap", lambda: trims.append(time.monotonic()) or True)
+    app = make_app(text_model)
+    with serve_in_background(app) as url:
+        name = app.state.model_name
+        assert chat(url, name, "hi", max_tokens=2).status_code == 200
+        time.sleep(0.3)
+        assert trims == []  # a small body: nothing to hand back
+        big = "plasma etch rate " * 12_000
+        refused(chat(url, name, big, max_tokens=8), 400, "context_tokens")
+        deadline = time.monotonic() + 5
+        while not trims and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(trims) == 1, trims
+
+
 def test_max_tokens_is_capped(text_model):
     app = make_app(text_model, ServeOptions(max_tokens_cap=50))
     with serve_in_background(app) as url:

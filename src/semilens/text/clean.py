@@ -392,17 +392,64 @@ def front_matter(lines: list[Ln], height: float, cfg: CleanMarkdownConfig) -> tu
     return {"title": title, "authors": authors, "affiliations": affiliations, "date": date}, leave
 
 
-def reading_order(lines: list[Ln], width: float, ordered: bool) -> list[Ln]:
+def _runs(lines: list[Ln], gap: float) -> list[tuple[float, float, str]]:
+    """(x0, x1, text) of the page's runs of text: pieces on one baseline closer than
+    ``gap`` em joined, so that a line cut at every font change (a bold word, a symbol)
+    counts as the one line it is."""
+    runs: list[tuple[float, float, str]] = []
+    for row in _baselines(lines):
+        x0 = x1 = size = 0.0
+        text = ""
+        for ln in sorted(row, key=lambda ln: ln.x0):
+            if text and ln.x0 - x1 < gap * max(size, ln.size):
+                x1, size, text = max(x1, ln.x1), max(size, ln.size), f"{text} {ln.text}"
+                continue
+            if text:
+                runs.append((x0, x1, text))
+            x0, x1, size, text = ln.x0, ln.x1, ln.size, ln.text
+        if text:
+            runs.append((x0, x1, text))
+    return runs
+
+
+def two_columns(lines: list[Ln], width: float, cell_gap: float = 0.8) -> bool:
+    """Is the page set in two columns of text?
+
+    Counted on runs (``_runs``), not on the extractor's pieces, and only text that fills a
+    column counts: in a two-column page most characters sit in lines at least 0.6 of a
+    column wide on each side of the middle, and few runs cross it. A table has a gutter
+    of whitespace too, but its cells are narrow (a rule table's value column, a data
+    sheet's numbers), so a page of tables, figure labels or slides is one column and is
+    read row by row. Two bulleted lists side by side are columns too, narrow as they are.
+    """
+    runs = _runs(lines, cell_gap)
+    if not runs:
+        return False
+    mid = width / 2
+    left_edge, right_edge = min(r[0] for r in runs), max(r[1] for r in runs)
+    column = 0.6 * (right_edge - left_edge) / 2
+    chars = sum(len(r[2]) for r in runs)
+    crossing = sum(r[0] < mid - 4 and r[1] > mid + 4 for r in runs)
+    left = [r for r in runs if r[1] <= mid + 4]
+    right = [r for r in runs if r[0] >= mid - 4]
+    wide_left = sum(len(r[2]) for r in left if r[1] - r[0] >= column)
+    wide_right = sum(len(r[2]) for r in right if r[1] - r[0] >= column)
+    # the right column of a last page may hold a few lines only
+    wide = wide_left + wide_right >= 0.4 * chars and min(wide_left, wide_right) >= 0.05 * chars
+    lists = min(sum(r[2][:1] in BULLETS for r in side) for side in (left, right)) >= 3
+    return crossing <= 0.3 * len(runs) and (wide or lists)
+
+
+def reading_order(lines: list[Ln], width: float, ordered: bool, cell_gap: float = 0.8) -> list[Ln]:
     """Lines in reading order; ``column`` set to 0/1 on two-column pages (-1: spanning)."""
     if ordered or not lines:
         return lines
     mid = width / 2
-    crossing = sum(ln.x0 < mid - 4 and ln.x1 > mid + 4 for ln in lines)
-    right = sum(ln.x0 >= mid for ln in lines)
     # by baseline, then left to right: a table cell set 0.1 pt lower than its neighbour
     # ("MIM.a" beside "Min. MIM") still belongs to the same row
+    two = two_columns(lines, width, cell_gap)
     lines = [ln for row in _baselines(lines) for ln in sorted(row, key=lambda ln: ln.x0)]
-    if right == 0 or crossing > 0.3 * len(lines):
+    if not two:
         return lines
     out: list[Ln] = []
     band: list[Ln] = []
@@ -633,6 +680,113 @@ def _aligned(a: Ln, b: Ln) -> bool:
                 matched += 1
                 break
     return matched >= max(1, math.ceil(min(len(gaps_a), len(gaps_b)) / 2))
+
+
+def _pieces(ln: Ln) -> list[tuple[float, float, str]]:
+    """(x0, x1, text) of a line's cells, or of the line itself when it has none."""
+    if len(ln.cells) >= 2:
+        return [(x0, x1, c) for (x0, x1), c in zip(ln.spans, ln.cells)]
+    return [(ln.x0, ln.x1, ln.text)]
+
+
+def _cell_line_of(frag: Ln, row: Ln) -> bool:
+    """Could ``frag`` be a line of ``row``'s multi-line cells (by position across)?
+
+    Each piece of it lies under one cell of the row (a wrapped cell) or in a gap between
+    its cells (a cell set on two lines, centred on the row: "Tar-" / "get"), never across
+    two cells (a line of prose or a caption). A line with several pieces is another row,
+    not wrapped cells, when one of them lies under the row's first cell: a new row starts
+    with its key ("Power 300" under "Pressure 20 mTorr")."""
+    pieces = _pieces(frag)
+    if len(frag.cells) >= len(row.cells) or frag.role or frag.page != row.page or frag.column != row.column:
+        return False
+    for x0, x1, _ in pieces:
+        under = [k for k, (a, b) in enumerate(row.spans) if min(x1, b) - max(x0, a) > 0]
+        if len(under) > 1 or (under == [0] and len(pieces) > 1):
+            return False
+    return True
+
+
+def _join_cell_text(parts: list[str], vocabulary: set[str]) -> str:
+    # "Resis -" + "tance": a hyphen the extractor set apart is still a line-end hyphen
+    return dehyphenate([re.sub(r"(?<=[^\W\d_]) -$", "-", p.strip()) for p in parts], vocabulary)
+
+
+def join_cell_lines(lines: list[Ln], vocabulary: set[str]) -> list[Ln]:
+    """Lines of multi-line table cells joined into their row's cells.
+
+    A cell too long for its column wraps onto lines that have fewer pieces than the row
+    (only the wrapped cells go on), at the text's line spacing: closer to their row than
+    rows are to each other. Left alone, each such line cuts the table in two and, set
+    bold, becomes a heading ("| Rule | Description |" + "#### Value"). A table row (a
+    line of 2+ cells lined up with a neighbouring row, ``_aligned``) takes:
+    - below it, lines within 1.3 em of the line above them that are a line of its cells
+      (``_cell_line_of``) and no nearer to the line after them than to the one before
+      (a top-aligned cell wraps downwards);
+    - above it, such lines only when a line below mirrors them at the same distance: a
+      cell centred on its row puts as many lines above the row's baseline as below.
+    Each cell's lines are joined top to bottom, a line-end hyphen undone.
+    """
+    rows = [k for k, ln in enumerate(lines) if len(ln.cells) >= 2 and not ln.role]
+    table_rows: set[int] = set()
+    for n, a in enumerate(rows):
+        # a header whose cells are set on two lines has its neighbours' pieces between it and the first data row
+        for b in rows[n + 1 : n + 4]:
+            if b - a <= 8 and lines[a].page == lines[b].page and _aligned(lines[a], lines[b]):
+                table_rows |= {a, b}
+    out: list[Ln] = []
+    taken: set[int] = set()
+    for k, row in enumerate(lines):
+        if k in taken:
+            continue
+        if k not in table_rows:
+            out.append(row)
+            continue
+        em = 1.3 * row.size
+        below: list[Ln] = []
+        last = row
+        j = k + 1
+        while j < len(lines):
+            frag = lines[j]
+            gap = last.y - frag.y
+            nxt = lines[j + 1] if j + 1 < len(lines) and lines[j + 1].page == frag.page else None
+            if not (0 < gap <= em and _cell_line_of(frag, row)):
+                break
+            if nxt is not None and 0 < frag.y - nxt.y < gap - 0.5:
+                break  # nearer to the next line: the first line of the next row's cell
+            below.append(frag)
+            last = frag
+            j += 1
+        above: list[Ln] = []
+        first = row
+        while out and below:
+            frag = out[-1]
+            gap = frag.y - first.y
+            mirror = any(abs((row.y - b.y) - (frag.y - row.y)) <= 0.3 * row.size for b in below)
+            if not (0 < gap <= em and _cell_line_of(frag, row) and mirror):
+                break
+            above.append(out.pop())
+            first = frag
+        if not (above or below):
+            out.append(row)
+            continue
+        taken.update(range(k + 1, k + 1 + len(below)))
+        # cells: the pieces of the row and of its lines, grouped where they overlap across
+        pieces = sorted(
+            [(x0, x1, -ln.y, text) for ln in [*above, row, *below] for x0, x1, text in _pieces(ln)],
+            key=lambda p: p[0],
+        )
+        columns: list[list[tuple[float, float, float, str]]] = []
+        for p in pieces:
+            if columns and p[0] < max(q[1] for q in columns[-1]):
+                columns[-1].append(p)
+            else:
+                columns.append([p])
+        row.cells = [_join_cell_text([q[3] for q in sorted(col, key=lambda q: q[2])], vocabulary) for col in columns]
+        row.spans = [(min(q[0] for q in col), max(q[1] for q in col)) for col in columns]
+        row.text = " ".join(row.cells)
+        out.append(row)
+    return out
 
 
 def _running(text: str) -> bool:
@@ -896,11 +1050,14 @@ def clean_document(pages: list[dict[str, Any]], cfg: CleanMarkdownConfig) -> dic
     for p, lines in zip(pages, body):
         if p["method"] != "ocr":
             lines = attach_scripts(lines)
-        ordered += merge_rows(reading_order(lines, p["width"], ordered=p["method"] == "ocr"), cfg.cell_gap)
+        ordered += merge_rows(
+            reading_order(lines, p["width"], ordered=p["method"] == "ocr", cell_gap=cfg.cell_gap), cfg.cell_gap
+        )
     join_small_caps(ordered, _vocabulary(ordered))
     ordered, ticks = drop_figure_numbers(ordered)
     removed += ticks
     mark_display(ordered)
+    ordered = join_cell_lines(ordered, _vocabulary(ordered))
     confirm_tables(ordered)
     blocks = to_markdown(blocks_from(ordered, cfg), _vocabulary(ordered))
     return {
