@@ -57,21 +57,13 @@ def config(data: Path, out: Path, steps: int | None, threads: int, extra: dict[s
     return validate_config(raw, "benchmark overrides")
 
 
-def few_shot_prompt(tokenizer: Any, shots: list[dict[str, Any]], question: str) -> str:
-    turns = []
-    for s in shots:
-        turns += [{"role": "user", "content": s["instruction"]}, {"role": "assistant", "content": s["response"]}]
-    turns.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-
-
 def maths(cfg: Config, folder: Path, shots_n: int) -> dict[str, Any]:
     import datasets
     import torch
     from transformers import AutoTokenizer
 
     from semilens.llm.calculator import generate_with_calculator_batch
-    from semilens.llm.evaluate import math_correct
+    from semilens.llm.evaluate import few_shot_prompt, math_correct
     from semilens.llm.pretrain import load_causal
 
     ecfg = cfg.evaluate_llm

@@ -15,7 +15,17 @@ from conftest import ChatStub, text_config
 
 from semilens.config import JudgeConfig
 from semilens.io import read_json, read_jsonl
-from semilens.llm.evaluate import DIFFICULTIES, MODELS, evaluate_llm, final_quantity, math_correct
+from semilens.llm.evaluate import (
+    DIFFICULTIES,
+    MODELS,
+    evaluate_llm,
+    few_shot_prompt,
+    final_quantity,
+    heldout_by_origin,
+    math_correct,
+    maths_tally,
+    shots_by_kind,
+)
 from semilens.llm.judge import CRITERIA
 from semilens.llm.prepare import prepare_llm
 from semilens.llm.pretrain import LLAMA_TARGETS, pack, pretrain_llm, split_corpus
@@ -67,6 +77,50 @@ def test_packing_makes_full_blocks_with_document_boundaries():
     assert split_corpus(chunks[:100], 0.1)[1] == [t for t in held if int(t) < 100]  # stable as chunks are added
 
 
+def test_heldout_text_is_split_by_origin_and_few_shot_prompts_show_worked_answers():
+    chunks = [
+        {
+            "chunk_id": f"d{i % 3}:{i:04d}",
+            "text": f"t{i}",
+            "source": f"data/{'raw' if i % 3 else 'synthetic'}/pdfs/d{i % 3}.pdf",
+        }
+        for i in range(300)
+    ]
+    held = heldout_by_origin(chunks, 0.2, Path("data/raw/pdfs"))
+    assert held["real"] and held["synthetic"] and sorted(held["all"]) == sorted(held["real"] + held["synthetic"])
+    assert all(int(t[1:]) % 3 for t in held["real"]) and all(int(t[1:]) % 3 == 0 for t in held["synthetic"])
+    assert held["all"] == split_corpus(chunks, 0.2)[1]  # the same held-out chunks pretraining left out
+
+    from semilens.tokenizer import llama3_tokenizer
+
+    rows = [
+        {"category": "etch_math", "kind": k, "instruction": f"Q{k}{i}?", "response": f"A{k}{i}."}
+        for i in range(3)
+        for k in ("selectivity", "arde")
+    ] + [{"category": "concepts", "kind": "", "instruction": "What?", "response": "That."}]
+    shots = shots_by_kind(rows, 2)
+    assert {k: [r["instruction"] for r in v] for k, v in shots.items()} == {
+        "selectivity": ["Qselectivity0?", "Qselectivity1?"],
+        "arde": ["Qarde0?", "Qarde1?"],
+    }
+    prompt = few_shot_prompt(llama3_tokenizer(400), shots["arde"], "New question?")
+    order = [prompt.index(x) for x in ("Qarde0?", "Aarde0.", "Qarde1?", "Aarde1.", "New question?")]
+    assert order == sorted(order) and prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+    answer = json.dumps({"value": 2.0, "unit": None})
+    scored = [
+        {"kind": "arde", "difficulty": "easy", "answer": answer, "p": "= 2.0"},
+        {"kind": "arde", "difficulty": "hard", "answer": answer, "p": "= 3.0"},
+        {"kind": "loading", "difficulty": "hard", "answer": answer, "p": "= 2.0"},
+    ]
+    assert maths_tally(scored, "p", 0.02) == {
+        "correct": 2,
+        "n": 3,
+        "kind": {"arde": "1/2", "loading": "1/1"},
+        "difficulty": {"easy": "1/1", "hard": "1/2"},
+    }
+
+
 @pytest.fixture(scope="module")
 def llm_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llm")
@@ -89,7 +143,7 @@ def llm_run(tmp_path_factory):
         sft_llm={"max_steps": 6, "batch_size": 4, "max_length": 256, "save_steps": 3, "warmup_steps": 1},
         # the tiny test model is 32 wide, so GPTQ groups of 32 (the default 128 is refused: tested below)
         quantize_llm={"group_size": 32, "calibration_samples": 8, "max_seq_length": 64},
-        evaluate_llm={"max_rows": 12, "max_new_tokens": 24},
+        evaluate_llm={"max_rows": 0, "max_new_tokens": 24},  # the whole benchmark: maths rows included
     )
     synth_corpus(cfg)
     extract_pdfs(cfg)
@@ -249,6 +303,19 @@ def test_evaluation_has_one_row_per_model_and_difficulty(llm_run):
     preds = list(read_jsonl(Path(cfg.paths.models) / "llm" / "eval" / "predictions.jsonl"))
     assert len(preds) == 4 * report["benchmark_rows"]
     assert ev["pretrained"]["heldout_perplexity"] < ev["base"]["heldout_perplexity"]
+    # a corpus of rendered documents only: no real held-out text, so no real perplexity
+    assert report["heldout_chunks"]["real"] == 0 < report["heldout_chunks"]["synthetic"]
+    assert all(r["heldout_perplexity_real"] is None for r in report["rows"])
+    assert all(r["heldout_perplexity_synthetic"] == r["heldout_perplexity"] for r in report["rows"])
+    # maths per kind for every model; the base also few-shot, its prompts longer by the shots
+    n_maths = sum(p["category"] == "etch_math" for p in preds) // 4
+    assert n_maths and set(report["maths"]) == set(MODELS)
+    for name, block in report["maths"].items():
+        assert block["zero_shot"]["n"] == n_maths
+        assert sum(int(v.split("/")[1]) for v in block["zero_shot"]["kind"].values()) == n_maths
+        assert ("few_shot" in block) == (name == "base")
+    assert report["maths"]["base"]["few_shot"]["shots"] == 2
+    assert all(("prediction_few_shot" in p) == (p["model"] == "base" and p["category"] == "etch_math") for p in preds)
     for r in report["rows"]:
         assert r["rouge_l"] is None or 0 <= r["rouge_l"] <= 1
         assert json.dumps(r)  # plain numbers only
@@ -259,7 +326,7 @@ def test_evaluation_with_a_judge_scores_each_model_and_difficulty(llm_run, tmp_p
     """The judge wired into the real stage: set through the environment, as a user would
     point at a server without editing params; every reply the same, so the means are known."""
     cfg, *_ = llm_run
-    ecfg = cfg.evaluate_llm.model_copy(update={"judge": JudgeConfig(max_items=2)})
+    ecfg = cfg.evaluate_llm.model_copy(update={"judge": JudgeConfig(max_items=2), "max_rows": 12})
     cfg = cfg.model_copy(update={"evaluate_llm": ecfg, "paths": cfg.paths.model_copy(update={"metrics": tmp_path})})
     with ChatStub(default=json.dumps({**dict.fromkeys(CRITERIA, 3), "specificity": 2})) as stub:
         monkeypatch.setenv("SEMILENS_JUDGE_URL", stub.url)

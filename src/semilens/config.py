@@ -758,6 +758,12 @@ class EvaluateLLMConfig(Section):
         True,
         description="also score maths with calculator-assisted decoding (the model writes the arithmetic, a calculator the digits)",
     )
+    few_shot: int = Field(
+        2,
+        ge=0,
+        description="the base model's maths baseline, with the calculator: worked answers of the same kind from the "
+        "train split shown as earlier turns (0: none). More: a stronger baseline, longer prompts",
+    )
     judge: JudgeConfig = JudgeConfig()
 
 

@@ -9,7 +9,10 @@ Run: ``python -m stages.evaluate_llm``.
 Scores: etching-maths exactness (the final number of the answer within a relative
 tolerance, in the expected unit after conversion: 0.5 min equals 30 s), ROUGE-L and
 BERTScore (the local MiniLM) against the reference answers, and held-out corpus
-perplexity per model. Generation is greedy and batched. With ``evaluate_llm.judge`` set
+perplexity per model: overall, on the user's real documents and on the synthetic ones
+apart. Maths is also tallied per kind and difficulty (``maths``), and the base model is
+shown ``few_shot`` worked answers first as the baseline SFT has to beat (it also needs
+the train split). Generation is greedy and batched. With ``evaluate_llm.judge`` set
 (or SEMILENS_JUDGE_URL / SEMILENS_JUDGE_MODEL), an LLM judge on an OpenAI-compatible
 server scores every answer on six expert criteria (see semilens.llm.judge).
 """
@@ -26,7 +29,7 @@ from semilens.config import Config
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
 from semilens.llm.calculator import generate_with_calculator_batch
 from semilens.llm.judge import judge_report, resolve_judge
-from semilens.llm.pretrain import load_causal, pack, perplexity, split_corpus
+from semilens.llm.pretrain import is_heldout, load_causal, pack, perplexity
 from semilens.scores import caption_scores
 
 MODELS = ("base", "pretrained", "sft", "gptq")
@@ -89,6 +92,48 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
     )
 
 
+def few_shot_prompt(tokenizer: Any, shots: list[dict[str, Any]], question: str) -> str:
+    """``question`` after ``shots`` (instruction/response rows) as earlier chat turns."""
+    turns: list[dict[str, str]] = []
+    for shot in shots:
+        turns += [{"role": "user", "content": shot["instruction"]}, {"role": "assistant", "content": shot["response"]}]
+    turns.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
+def shots_by_kind(train_rows: list[dict[str, Any]], n: int) -> dict[str, list[dict[str, Any]]]:
+    """The first ``n`` worked maths answers of each kind in the train split."""
+    shots: dict[str, list[dict[str, Any]]] = {}
+    for r in train_rows:
+        if r["category"] == "etch_math" and len(shots.setdefault(r["kind"], [])) < n:
+            shots[r["kind"]].append(r)
+    return shots
+
+
+def maths_tally(rows: list[dict[str, Any]], key: str, rel_tol: float) -> dict[str, Any]:
+    """Maths answers under ``key`` scored exact, overall and per kind and difficulty ("3/7")."""
+    ok = [math_correct(r[key], json.loads(r["answer"]), rel_tol) for r in rows]
+    tally: dict[str, Any] = {"correct": sum(ok), "n": len(rows)}
+    for axis in ("kind", "difficulty"):
+        counts: dict[str, list[int]] = {}
+        for r, good in zip(rows, ok):
+            c = counts.setdefault(str(r[axis]), [0, 0])
+            c[0] += int(good)
+            c[1] += 1
+        tally[axis] = {k: f"{c[0]}/{c[1]}" for k, c in sorted(counts.items())}
+    return tally
+
+
+def heldout_by_origin(chunks: list[dict[str, Any]], heldout_fraction: float, raw_pdfs: Path) -> dict[str, list[str]]:
+    """Held-out chunk texts, all of them and split by origin: ``real`` from the user's PDFs
+    (under ``paths.raw_pdfs``), ``synthetic`` from the rendered knowledge base."""
+    raw = raw_pdfs.as_posix().rstrip("/") + "/"
+    held = [c for c in chunks if is_heldout(c, heldout_fraction)]
+    real = [c["text"] for c in held if str(c.get("source", "")).startswith(raw)]
+    synthetic = [c["text"] for c in held if not str(c.get("source", "")).startswith(raw)]
+    return {"all": [c["text"] for c in held], "real": real, "synthetic": synthetic}
+
+
 def generate(folder: Path, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers to single-turn prompts with the checkpoint in ``folder``."""
     from transformers import AutoTokenizer
@@ -137,6 +182,13 @@ def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
     }
 
 
+def _perplexity_or_none(model: Any, tokenizer: Any, texts: list[str], block_size: int) -> float | None:
+    """Perplexity over ``texts`` packed in blocks, or None when they fill no block (a
+    corpus without real documents, say)."""
+    blocks = pack(texts, tokenizer, block_size)
+    return perplexity(model, blocks) if blocks else None
+
+
 def evaluate_llm(cfg: Config) -> dict[str, Any]:
     import datasets
     import torch
@@ -149,9 +201,16 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
     if ecfg.max_rows:
         bench = bench.select(range(min(ecfg.max_rows, len(bench))))
     rows = [dict(r) for r in bench]
-    _, held = split_corpus(
-        list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")), cfg.pretrain_llm.heldout_fraction
+    held = heldout_by_origin(
+        list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")),
+        cfg.pretrain_llm.heldout_fraction,
+        Path(cfg.paths.raw_pdfs),
     )
+    shots: dict[str, list[dict[str, Any]]] = {}
+    if ecfg.few_shot and ecfg.calculator:
+        train = datasets.Dataset.from_parquet(str(Path(cfg.paths.instructions) / "train.parquet"))
+        shots = shots_by_kind([dict(r) for r in train], ecfg.few_shot)
+    maths_report: dict[str, Any] = {}
     models_dir = Path(cfg.paths.models) / "llm"
     table: list[dict[str, Any]] = []
     predictions: list[dict[str, Any]] = []
@@ -174,7 +233,26 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
             )
             for r, answer in zip(maths, calc):
                 r["prediction_calc"] = answer
-        ppl = perplexity(model, pack(held, tokenizer, cfg.pretrain_llm.block_size))
+            maths_report[name] = {"zero_shot": maths_tally(maths, "prediction_calc", ecfg.math_rel_tol)}
+            if name == "base" and shots:
+                # the untouched base shown worked answers: what SFT has to beat
+                few = generate_with_calculator_batch(
+                    model,
+                    tokenizer,
+                    [few_shot_prompt(tokenizer, shots.get(r["kind"], []), r["instruction"]) for r in maths],
+                    ecfg.max_new_tokens,
+                    ecfg.batch_size,
+                )
+                for r, answer in zip(maths, few):
+                    r["prediction_few_shot"] = answer
+                maths_report[name]["few_shot"] = {
+                    "shots": ecfg.few_shot,
+                    **maths_tally(maths, "prediction_few_shot", ecfg.math_rel_tol),
+                }
+        ppl = {
+            origin: _perplexity_or_none(model, tokenizer, texts, cfg.pretrain_llm.block_size)
+            for origin, texts in held.items()
+        }
         for difficulty in (*DIFFICULTIES, "all"):
             subset = [r for r in scored if difficulty == "all" or r["difficulty"] == difficulty]
             table.append(
@@ -182,7 +260,9 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
                     "model": name,
                     "difficulty": difficulty,
                     **score_rows(subset, ecfg.math_rel_tol),
-                    "heldout_perplexity": ppl,
+                    "heldout_perplexity": ppl["all"],
+                    "heldout_perplexity_real": ppl["real"],
+                    "heldout_perplexity_synthetic": ppl["synthetic"],
                 }
             )
         predictions += [
@@ -195,6 +275,7 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
                 "reference": r["response"],
                 "prediction": r["prediction"],
                 **({"prediction_calculator": r["prediction_calc"]} if "prediction_calc" in r else {}),
+                **({"prediction_few_shot": r["prediction_few_shot"]} if "prediction_few_shot" in r else {}),
             }
             for r in scored
         ]
@@ -203,7 +284,8 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
             "math_exact": overall["math_exact"],
             "math_exact_calculator": overall["math_exact_calculator"],
             "rouge_l": overall["rouge_l"],
-            "heldout_perplexity": ppl,
+            "heldout_perplexity": ppl["all"],
+            "heldout_perplexity_real": ppl["real"],
         }
     out = reset_dir(models_dir / "eval")
     write_jsonl(out / "predictions.jsonl", predictions)
@@ -212,6 +294,13 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
     judge, judged = judge_report(predictions, judge_cfg, DIFFICULTIES, cache_root=cfg.paths.cache)
     if judged:
         write_jsonl(out / "judge.jsonl", judged)
-    report = {"benchmark_rows": len(rows), "math_rel_tol": ecfg.math_rel_tol, "judge": judge, "rows": table}
+    report = {
+        "benchmark_rows": len(rows),
+        "math_rel_tol": ecfg.math_rel_tol,
+        "judge": judge,
+        "rows": table,
+        "maths": maths_report,
+        "heldout_chunks": {origin: len(texts) for origin, texts in held.items()},
+    }
     write_json(Path(cfg.paths.metrics) / "llm.json", report)
     return summary

@@ -30,12 +30,17 @@ STAGE = "pretrain_llm"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def is_heldout(chunk: dict[str, Any], heldout_fraction: float) -> bool:
+    """Is the chunk kept out of pretraining? By a hash of its id: stable as chunks are added."""
+    h = int(hashlib.sha256(f"heldout:{chunk['chunk_id']}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return h < heldout_fraction
+
+
 def split_corpus(chunks: list[dict[str, Any]], heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """(train texts, held-out texts) by a hash of the chunk id: stable as chunks are added."""
+    """(train texts, held-out texts), split by ``is_heldout``."""
     train, held = [], []
     for c in chunks:
-        h = int(hashlib.sha256(f"heldout:{c['chunk_id']}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-        (held if h < heldout_fraction else train).append(c["text"])
+        (held if is_heldout(c, heldout_fraction) else train).append(c["text"])
     return train, held
 
 
