@@ -34,6 +34,11 @@ Per file and reader:
 - ``pages_per_s``: pages over wall time of the reader alone (the first call of a reader
   pays its imports; a warm-up page is read first so that the numbers compare).
 
+Per file, once (``tags``): the semilens Markdown cut into chunks as clean_markdown cuts it and
+tagged as tag_ontology tags a document (``semilens.text.tag.tag_document``, the local MiniLM):
+chunks, share tagged, whether the document is on-topic, its top group / module / unit and why
+the rest of the chunks got no tag. ``--no-tags`` skips it.
+
 Writes ``<paths.metrics>/bench_pdf_real.json`` (or ``--out``) and prints a table.
 Run from the project root: ``.venv/bin/python benchmarks/pdf_real.py [--only S380] [--synthetic 3]``
 """
@@ -286,6 +291,34 @@ def run(files: list[tuple[str, Path, str | None]], cfg: Config, readers: dict[st
     return rows
 
 
+def tag_rows(files: list[tuple[str, Path, str | None]], cfg: Config) -> list[dict[str, Any]]:
+    """Each file's chunks tagged with its document as context: what tag_ontology reports."""
+    import numpy as np
+
+    from semilens.minilm import embed
+    from semilens.text.clean import chunk, clean_document
+    from semilens.text.extract import extract_pdf
+    from semilens.text.knowledge import load_knowledge
+    from semilens.text.tag import embed_text, tag_document, term_specificity, unit_patterns, unit_text
+
+    tcfg = cfg.tag_ontology
+    refs = list(load_knowledge(ROOT / cfg.paths.knowledge).units())
+    patterns = [unit_patterns(r) for r in refs]
+    specificity = term_specificity(refs, patterns)
+    unit_vectors = embed([unit_text(r) for r in refs])
+    rows = []
+    for name, path, _ in files:
+        doc = clean_document(extract_pdf(path.read_bytes(), cfg.extract_pdfs), cfg.clean_markdown)
+        chunks = chunk(doc["blocks"], cfg.clean_markdown.chunk_chars)
+        if not chunks:
+            rows.append({"file": name, "chunks": 0})
+            continue
+        vectors = np.asarray(embed([embed_text(c, tcfg) for c in chunks]))
+        _, topic = tag_document(chunks, vectors, refs, patterns, unit_vectors, tcfg, specificity)
+        rows.append({"file": name, **topic})
+    return rows
+
+
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for reader in READERS:
@@ -313,6 +346,7 @@ def main() -> dict[str, Any]:
     parser.add_argument("--only", action="append", help="real PDFs whose path contains this (repeatable)")
     parser.add_argument("--synthetic", type=int, default=3, help="synthetic PDFs to render and score (0: none)")
     parser.add_argument("--out", type=Path, help="JSON path (default <paths.metrics>/bench_pdf_real.json)")
+    parser.add_argument("--no-tags", action="store_true", help="skip tagging each file's chunks")
     args = parser.parse_args()
     cfg = load_config(ROOT / "params.yaml")
 
@@ -341,6 +375,8 @@ def main() -> dict[str, Any]:
                 except Exception:
                     pass
         rows = run(files, cfg, readers)
+        # Tagging (inside the block: the synthetic PDFs live in the temporary folder)
+        tags = [] if args.no_tags else tag_rows(files, cfg)
 
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -348,6 +384,7 @@ def main() -> dict[str, Any]:
         "skipped_files": skipped_files,
         "summary": summary(rows),
         "rows": rows,
+        "tags": tags,
     }
     write_json(args.out or ROOT / cfg.paths.metrics / "bench_pdf_real.json", result)
     _print(result)
@@ -378,6 +415,20 @@ def _print(result: dict[str, Any]) -> None:
     for reader, why in result["readers"].items():
         if why != "ran":
             print(f"{reader}: {why}")
+    if result["tags"]:
+        print()
+        print(
+            f"{'file':58s} {'chunks':>6s} {'tagged':>6s} {'topic':>5s}  top group / module / unit; untagged by reason"
+        )
+        for t in result["tags"]:
+            if not t["chunks"]:
+                print(f"{t['file'][:58]:58s} {0:6d}")
+                continue
+            top = f"{t['top_group']} / {t['top_module']} / {t['top_unit']}" if t["top_group"] else "-"
+            print(
+                f"{t['file'][:58]:58s} {t['chunks']:6d} {t['coverage']:6.0%} {'yes' if t['on_topic'] else 'no':>5s}  "
+                f"{top}; {t['untagged_by_reason']}"
+            )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from semilens.text.tag import (
     defined_abbreviations,
     embed_text,
     tag_document,
+    term_specificity,
     unit_patterns,
     unit_text,
 )
@@ -198,6 +199,67 @@ def test_off_topic_document_gets_no_tags_and_says_so(tagger):
     assert {r["untagged"]["reason"] for r in results} == {"off_topic"}
 
 
+# An etch SOP that keeps saying "cross-section" (a word in the checks of a third of the
+# ontology) and whose steps name no process but under the title: the topic must come from
+# what the document says most specifically, not from the similarity-only or context tags
+# that pile up on a unit with a broad description.
+NITRIDE_RIE_SOP = [
+    {"headings": ["Nitride RIE SOP", h], "text": f"## {h}\n\n{t}"}
+    for h, t in (
+        (
+            "Scope",
+            "Standard operating procedure for the RIE of silicon nitride over oxide with a CF4/O2 plasma "
+            "in the parallel-plate etcher.",
+        ),
+        (
+            "Recipe",
+            "CF4 40 sccm, O2 4 sccm, 60 mTorr, 100 W; the self-bias voltage reads about 250 V. "
+            "Etch rate of LPCVD nitride is 60 nm/min.",
+        ),
+        (
+            "Qualification",
+            "Etch a patterned monitor wafer, cleave it and take a cross-section: measure the sidewall angle, "
+            "the undercut below the resist and the remaining oxide on the cross-section.",
+        ),
+        (
+            "Profile check",
+            "Every tenth lot, one wafer is cleaved for a cross-section in the SEM to confirm the profile has "
+            "not drifted; file the cross-section images with the lot record.",
+        ),
+        (
+            "Residues",
+            "If the cross-section shows a foot at the bottom of the lines, extend the over-etch by 10 s and "
+            "repeat the cross-section on the next lot.",
+        ),
+        ("Shutdown", "Run the chamber clean, leave the chamber under vacuum and log the RF hours."),
+    )
+]
+
+
+def test_a_term_half_the_ontology_uses_is_weak_evidence(tagger):
+    spec = term_specificity(tagger.refs, tagger.patterns)
+    by_unit = {r.unit.id: s for r, s in zip(tagger.refs, spec)}
+    assert by_unit["reactive_ion_etching"]["RIE"] == 1.0 and by_unit["flip_chip_bumping"]["solder bump"] == 1.0
+    assert by_unit["cross_section_sem_tem"]["cross-section"] < 0.4
+    assert by_unit["final_passivation_layer"]["passivation"] < 0.7
+
+
+def test_the_top_tag_is_weighed_from_specific_direct_evidence_and_headings(tagger):
+    results, topic = tagger(NITRIDE_RIE_SOP)
+    assert topic["top_group"] == "patterning" and topic["top_unit"] == "reactive_ion_etching", topic
+    # group, module and unit are chosen top down, so they always agree
+    assert next(r.path for r in tagger.refs if r.unit.id == topic["top_unit"]).startswith(
+        f"{topic['top_group']}/{topic['top_module']}/"
+    )
+    # the title's "RIE" counts in a step that does not repeat it ...
+    recipe = results[1]["units"]
+    assert any(t["unit"] == "reactive_ion_etching" and "RIE" in t["keywords"] for t in recipe), recipe
+    # ... and tags given through the document's context are not evidence for its topic
+    direct = {t["unit"] for r in results for t in r["units"] if not t.get("context")}
+    assert {e["unit"] for e in topic["evidence"]} <= direct
+    assert topic["coverage"] >= 0.6
+
+
 # ---------------------------------------------------------------- benchmark
 
 
@@ -234,3 +296,11 @@ def test_pdf_real_benchmark_runs_on_one_small_file(realdata, tmp_path):
     assert synth and synth[0]["similarity"] is not None and synth[0]["similarity"] > 0.5
     assert "pymupdf4llm" in report["readers"]  # run or skipped with a reason, never silently absent
     assert "S380" in proc.stdout
+    # each file's chunks tagged as tag_ontology would, with the untagged ones counted by reason
+    tags = {t["file"]: t for t in report["tags"]}
+    assert set(tags) == files
+    for t in tags.values():
+        assert t["chunks"] >= 1 and 0 <= t["coverage"] <= 1
+        assert t["tagged"] + sum(t["untagged_by_reason"].values()) == t["chunks"]
+    synth_tags = [t for f, t in tags.items() if f.startswith("synthetic/")]
+    assert synth_tags[0]["on_topic"] and synth_tags[0]["top_group"] is not None

@@ -22,10 +22,17 @@ Chunks are read as parts of their document, because a chunk alone is often too l
   something else, and it names the unit by one of its unambiguous terms or names at least
   ``context_min_terms`` terms of the unit's module (its siblings). The module, not the
   process group, is the context: SEM and ellipsometry are both metrology.
-- A chunk with no tag of its own in an on-topic document (a table row under "Threshold
-  Voltage" in a process spec) is tagged with one of the units the rest of the document is
-  about when its similarity to that unit reaches ``min_similarity_in_context``; the chunk is
-  embedded with its heading path, which is where such a chunk says what it is.
+- A chunk is read with its heading path (embedded, and searched for keywords), which is
+  where a table row under "Threshold Voltage" or a step under "RIE SOP > Endpoint" says
+  what it is about.
+- The document's topic (top group, then its top module and unit, chosen top down so they
+  agree) is weighed from the chunks' own tags only: each adds the specificity of its best
+  keyword, ``1 - log(df)/log(N)`` over the N units of the ontology ("solder bump" 1.0,
+  "cross-section" 0.25, a word in the checks of a third of the units). A unit whose broad
+  description soaks up context tags, or a word every process mentions, cannot set it.
+- A chunk with no tag of its own in an on-topic document is tagged with one of the units the
+  rest of the document is about (the leading units by that evidence) when its similarity to
+  that unit reaches ``min_similarity_in_context``.
 - A chunk that stays untagged gets a reason: too short, off-topic document, only an
   abbreviation the document does not support, a keyword with too little similarity, or
   no keyword and similarity below the thresholds.
@@ -35,6 +42,7 @@ Results are cached per document by the hash of its chunks, the knowledge base an
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -83,6 +91,41 @@ def unit_text(ref: UnitRef) -> str:
     u = ref.unit
     alias = f" ({', '.join(u.aliases)})" if u.aliases else ""
     return f"{u.name}{alias}: {u.description}"
+
+
+def unit_corpus(ref: UnitRef) -> str:
+    """Everything the knowledge base says about a unit: what a term's specificity is counted on."""
+    u = ref.unit
+    parts = [u.name, *u.aliases, *u.keywords, u.description]
+    for p in u.parameters:
+        parts += [p.name, p.effect]
+    for d in u.defects:
+        parts += [d.name, d.symptom, *d.causes, *d.checks, *d.actions]
+    return "\n".join(parts)
+
+
+def term_specificity(refs: list[UnitRef], patterns: list[list[tuple[str, re.Pattern[str]]]]) -> list[dict[str, float]]:
+    """Per unit, how specific each of its terms is: ``1 - log(df) / log(N)`` where df is the
+    number of the N units whose knowledge-base text uses the term (IDF over the ontology).
+
+    "solder bump" or "RIE" belong to one unit (1.0); "cross-section" is in the checks of 39
+    units and "passivation" in 10 (0.25, 0.53): a chunk that says "check the cross-section"
+    or "sidewall passivation" is weak evidence that the document is about TEM or final
+    passivation, though it is still a keyword hit for the chunk itself."""
+    texts = [unit_corpus(r) for r in refs]
+    lowered = [t.lower() for t in texts]
+    n = max(2, len(refs))
+    out = []
+    for pats in patterns:
+        weights = {}
+        for term, pat in pats:
+            # a substring test first, so the regex runs only where the term can occur
+            exact = is_abbreviation(term)
+            probe, pool = (term, texts) if exact else (term.lower(), lowered)
+            df = sum(1 for t, hay in zip(texts, pool) if probe in hay and pat.search(t))
+            weights[term] = 1.0 - math.log(max(1, df)) / math.log(n)
+        out.append(weights)
+    return out
 
 
 def tag_chunk(
@@ -198,8 +241,9 @@ def chunk_words(text: str) -> int:
 
 
 def embed_text(chunk: dict[str, Any], cfg: TagOntologyConfig) -> str:
-    """The text a chunk is embedded as: its heading path first when ``embed_headings``, since a
-    table row under "2.1 NMOS > Threshold Voltage" says what it is only through its headings."""
+    """The text a chunk is embedded as and its keywords are looked for in: its heading path
+    first when ``embed_headings``, since a table row under "2.1 NMOS > Threshold Voltage" says
+    what it is only through its headings, and a step under "RIE SOP > Endpoint" is an RIE step."""
     if not cfg.embed_headings or not chunk.get("headings"):
         return chunk["text"]
     return " > ".join(chunk["headings"]) + "\n\n" + chunk["text"]
@@ -213,8 +257,10 @@ def untagged_reason(
     supported: list[set[str]],
     on_topic: bool,
     cfg: TagOntologyConfig,
+    read_as: str | None = None,
 ) -> dict[str, Any]:
-    """Why a chunk got no tag, with the closest unit and its similarity for the report."""
+    """Why a chunk got no tag, with the closest unit and its similarity for the report.
+    ``read_as`` is the text its keywords were looked for in (``embed_text``: with headings)."""
     best = int(sims.argmax())
     info = {"best_unit": refs[best].unit.id, "best_similarity": round(float(sims[best]), 4)}
     if chunk_words(text) < cfg.min_chunk_words:
@@ -224,7 +270,7 @@ def untagged_reason(
     plain, unsupported = False, []
     for i, pats in enumerate(patterns):
         for term, pat in pats:
-            if pat.search(text):
+            if pat.search(read_as or text):
                 if not is_abbreviation(term) or term in supported[i]:
                     plain = True
                 else:
@@ -241,31 +287,38 @@ def tag_document(
     patterns: list[list[tuple[str, re.Pattern[str]]]],
     unit_vectors: Any,
     cfg: TagOntologyConfig,
+    specificity: list[dict[str, float]] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One document's chunks -> per chunk ``{"units", "untagged"}``, and the document's topic.
 
-    First every chunk on its own evidence (abbreviations only where the document supports
-    them); the document is on-topic when at least ``min_topic_share`` of its chunks are
-    tagged so. Then each untagged chunk of an on-topic document may take one of the
-    document's ``context_units`` leading units at ``min_similarity_in_context``.
+    First every chunk on its own evidence, read with its heading path (abbreviations only
+    where the document supports them); the document is on-topic when at least
+    ``min_topic_share`` of its chunks are tagged so. The document's topic is weighed from
+    these direct tags only (``topic_evidence``). Then each untagged chunk of an on-topic
+    document may take one of the document's ``context_units`` leading units at
+    ``min_similarity_in_context``; such context tags add coverage but no evidence, since
+    they are the topic repeated. ``specificity`` is ``term_specificity(refs, patterns)``,
+    computed here when not given.
     """
-    supported = abbreviation_support("\n".join(c["text"] for c in chunks), refs, patterns, cfg)
+    if specificity is None:
+        specificity = term_specificity(refs, patterns)
+    texts = [embed_text(c, cfg) for c in chunks]
+    supported = abbreviation_support("\n".join(texts), refs, patterns, cfg)
     sims = vectors @ unit_vectors.T if len(chunks) else vectors
     units: list[list[dict[str, Any]]] = []
-    for c, vec in zip(chunks, vectors):
+    for c, text, vec in zip(chunks, texts, vectors):
         if chunk_words(c["text"]) < cfg.min_chunk_words:
             units.append([])
         else:
-            units.append(tag_chunk(c["text"], vec, refs, patterns, unit_vectors, cfg, supported))
+            units.append(tag_chunk(text, vec, refs, patterns, unit_vectors, cfg, supported))
     direct = sum(bool(u) for u in units)
     on_topic = bool(chunks) and direct / len(chunks) >= cfg.min_topic_share
-    # Leading units: those most chunks are tagged with first on their own evidence. Counting
-    # chunks, not summing scores, and asking for ``context_min_share`` of them, keeps one long
-    # process-flow paragraph that names ten units from setting the topic of a specification.
     index = {r.unit.id: i for i, r in enumerate(refs)}
-    profile = Counter(index[u[0]["unit"]] for u in units if u)
-    floor = cfg.context_min_share * direct
-    leading = [i for i, n in profile.most_common(cfg.context_units) if n >= floor]
+    evidence = topic_evidence(units, index, specificity)
+    # Leading units: the most evidence, each at least ``context_min_share`` of it all, so one
+    # long process-flow paragraph that names ten units does not set the topic of a spec.
+    total = sum(evidence.values())
+    leading = [i for i, w in evidence.most_common(cfg.context_units) if w >= cfg.context_min_share * total]
     results = []
     for n, (c, u) in enumerate(zip(chunks, units)):
         if not u and on_topic and leading and chunk_words(c["text"]) >= cfg.min_chunk_words:
@@ -285,26 +338,66 @@ def tag_document(
                         "context": True,
                     }
                 ]
-        untagged = None if u else untagged_reason(c["text"], sims[n], refs, patterns, supported, on_topic, cfg)
+        untagged = (
+            None if u else untagged_reason(c["text"], sims[n], refs, patterns, supported, on_topic, cfg, texts[n])
+        )
         results.append({"units": u, "untagged": untagged})
-    groups: Counter[str] = Counter()
-    top_units: Counter[str] = Counter()
-    for r in results:
-        for t in r["units"]:
-            groups[t["path"].split("/")[0]] += t["score"]
-            top_units[t["unit"]] += t["score"]
     tagged = sum(bool(r["units"]) for r in results)
+    top_group, top_module, top_unit, top = document_topic(evidence, refs)
     topic = {
         "chunks": len(chunks),
         "tagged": tagged,
         "tagged_direct": direct,
         "coverage": round(tagged / len(chunks), 4) if chunks else 0.0,
         "on_topic": on_topic,
-        "top_group": groups.most_common(1)[0][0] if groups else None,
-        "top_unit": top_units.most_common(1)[0][0] if top_units else None,
+        "top_group": top_group,
+        "top_module": top_module,
+        "top_unit": top_unit,
+        "evidence": top,
         "untagged_by_reason": dict(Counter(r["untagged"]["reason"] for r in results if r["untagged"])),
     }
     return results, topic
+
+
+def topic_evidence(
+    units: list[list[dict[str, Any]]], index: dict[str, int], specificity: list[dict[str, float]]
+) -> Counter[int]:
+    """Per unit (by index), how much the directly tagged chunks say the document is about it.
+
+    A chunk's k-th tag adds ``1/k`` times the specificity of its most specific keyword (1.0
+    for a tag on similarity alone, which needs a high similarity). Counting chunks, not
+    summing similarities, lets a unit the document returns to in section after section
+    outweigh one long paragraph; the specificity keeps a word that half the ontology uses
+    ("cross-section", "passivation") from outvoting the words only one process uses."""
+    evidence: Counter[int] = Counter()
+    for tags in units:
+        for rank, t in enumerate(tags, start=1):
+            i = index[t["unit"]]
+            spec = max((specificity[i].get(k, 1.0) for k in t["keywords"]), default=1.0)
+            evidence[i] += spec / rank
+    return evidence
+
+
+def document_topic(
+    evidence: Counter[int], refs: list[UnitRef]
+) -> tuple[str | None, str | None, str | None, list[dict[str, Any]]]:
+    """(top group, top module, top unit, the five units with the most evidence).
+
+    Top down: the group with the most evidence, then its module, then that module's unit, so
+    the three always agree (a metrology spec whose single strongest unit is an anneal stays
+    metrology at every level)."""
+    if not evidence:
+        return None, None, None, []
+    groups: Counter[str] = Counter()
+    modules: Counter[str] = Counter()
+    for i, w in evidence.items():
+        groups[refs[i].group.id] += w
+        modules[refs[i].module.id] += w
+    group = groups.most_common(1)[0][0]
+    module = max((m for m in modules if any(r.module.id == m and r.group.id == group for r in refs)), key=modules.get)
+    unit = max((i for i in evidence if refs[i].module.id == module), key=lambda i: evidence[i])
+    top = [{"unit": refs[i].unit.id, "path": refs[i].path, "evidence": round(w, 3)} for i, w in evidence.most_common(5)]
+    return group, module, refs[unit].unit.id, top
 
 
 def coverage(kb: Knowledge, tags: list[dict[str, Any]]) -> dict[str, Any]:
@@ -388,6 +481,7 @@ def tag_ontology(cfg: Config) -> dict[str, Any]:
     kb = load_knowledge(cfg.paths.knowledge)
     refs = list(kb.units())
     patterns = [unit_patterns(r) for r in refs]
+    specificity = None  # computed once, when a document needs tagging
     chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
     by_doc: dict[str, list[dict[str, Any]]] = {}
     for c in chunks:
@@ -407,8 +501,9 @@ def tag_ontology(cfg: Config) -> dict[str, Any]:
         if done[d] is None:
             if unit_vectors is None:
                 unit_vectors = embed([unit_text(r) for r in refs])
+                specificity = term_specificity(refs, patterns)
             vectors = np.asarray(embed([embed_text(c, tcfg) for c in cs]))
-            results, topic = tag_document(cs, vectors, refs, patterns, unit_vectors, tcfg)
+            results, topic = tag_document(cs, vectors, refs, patterns, unit_vectors, tcfg, specificity)
             done[d] = {"results": results, "topic": topic}
             cache.put(keys[d], done[d])
     tags, topics = [], []
