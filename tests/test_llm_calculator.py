@@ -53,6 +53,25 @@ def test_the_calculator_reproduces_every_step_of_every_worked_answer():
     assert kinds == set(GENERATORS)
 
 
+def test_every_number_a_worked_answer_writes_is_computed_or_copied():
+    """After each '=' the number written is the calculator's (arithmetic before it) or one
+    the question states or the answer already has (a max picked from the sites): never a value the model must work
+    out in its head, like a conversion ("= 5.67 min = 340 s") or "30% of that = 1.7"."""
+    for p in problems(320, seed=12):
+        parts = p.response.split("=")
+        text = parts[0]
+        for part in parts[1:]:
+            text += "="
+            written = re.match(r"\s*(-?\d+(?:\.\d+)?)", part)
+            # a value, not the first operand of more arithmetic ("= 1 - 6 / 210", "= 1170 nm / 0.75 min")
+            operand = written and re.match(r"\s*(?:[^\W\d]\S*\s*)?(?:[-+*/x(]|\*\*)\s", part[written.end() :])
+            if written and not operand:
+                # copied from the question or from a value already worked out above
+                copied = re.search(rf"(?<![\d.]){re.escape(written.group(1))}(?![\d])", p.question + text)
+                assert fill_in(text) is not None or copied, (p.kind, text)
+            text += part
+
+
 def test_only_arithmetic_is_evaluated():
     assert evaluate("(1660 - 1455) nm / (30 s / 60 s/min)") == pytest.approx(410.0)
     assert evaluate(" 200 / (0.03 x 980) x ln(1 / (1 - 0.03 x 19.5))") == pytest.approx(5.9826, rel=1e-4)

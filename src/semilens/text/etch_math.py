@@ -2,6 +2,11 @@
 
 Each generator draws realistic inputs from a seeded RNG, computes the answer, and writes the
 worked response an etch engineer would give: formula, substitution, result with its unit.
+Every number the answer computes is written as ``<arithmetic> = <value>`` (a mean as the
+sum of the sites over their count, a conversion as "x 60 s/min", a percentage as "/100
+x"), so calculator decoding (semilens.llm.calculator) leaves the model only two jobs:
+the formula and copying the question's numbers into it. A value stated without its
+arithmetic ("= 5.67 min = 340 s") is one the model would have to compute itself.
 The record keeps the inputs and the numeric answer, so an independent implementation (the
 tests have one) can recompute every answer from the inputs alone.
 
@@ -131,7 +136,8 @@ def uniformity(rng: random.Random) -> Problem:
         "What is the within-wafer non-uniformity by the (max - min) / (2 x mean) definition, in percent?"
     )
     resp = (
-        f"Mean = {_s(mean, 4)} nm/min, max = {max(sites):g}, min = {min(sites):g}. "
+        f"Mean = ({' + '.join(f'{x:g}' for x in sites)}) / {n} = {_s(mean, 4)} nm/min; "
+        f"max = {max(sites):g}, min = {min(sites):g}. "
         f"Non-uniformity = ({max(sites):g} - {min(sites):g}) / (2 x {_s(mean, 4)}) x 100% = {_s(nu)}%."
     )
     return Problem("uniformity", "medium", q, resp, _r(nu), "%", {"sites": sites}, "NU = (max - min) / (2 mean) x 100%")
@@ -149,7 +155,7 @@ def endpoint(rng: random.Random) -> Problem:
         "the endpoint. What is the total etch time in seconds?"
     )
     resp = (
-        f"Time to clear = {thick} nm / {er} nm/min = {_s(thick / er)} min = {_s(t_clear)} s. "
+        f"Time to clear = {thick} nm / {er} nm/min x 60 s/min = {_s(t_clear)} s. "
         f"Total = {_s(t_clear)} s x (1 + {oe}/100) = {_s(total)} s."
     )
     return Problem(
@@ -177,7 +183,7 @@ def overetch_loss(rng: random.Random) -> Problem:
         f"Selectivity to the underlying layer is {sel}:1. How much of the underlying layer is lost, in nm?"
     )
     resp = (
-        f"Clearing time = {thick}/{er} = {_s(thick / er)} min; over-etch time = {oe}% of that = {_s(t_oe)} min. "
+        f"Clearing time = {thick}/{er} = {_s(thick / er)} min; over-etch time = {oe}/100 x {_s(thick / er)} min = {_s(t_oe)} min. "
         f"Underlayer etch rate = {er}/{sel} = {_s(er / sel)} nm/min, so loss = {_s(t_oe)} min x {_s(er / sel)} nm/min = {_s(loss)} nm."
     )
     return Problem(
@@ -210,7 +216,8 @@ def arde(rng: random.Random) -> Problem:
         f"How long does it take to etch a {width} nm wide trench to {depth_target} nm depth, in minutes?"
     )
     resp = (
-        f"Final AR = {depth_target}/{width} = {_s(ar)}, where the rate has fallen to {_s(er_at)} nm/min. The rate "
+        f"Final AR = {depth_target}/{width} = {_s(ar)}, where the rate has fallen to {er0} x (1 - {k} x {_s(ar)}) "
+        f"= {_s(er_at)} nm/min. The rate "
         f"changes with depth h, so integrate dt = dh / (ER0 (1 - k h / w)): t = w / (k ER0) x ln(1 / (1 - k AR)) "
         f"= {width} / ({k} x {er0}) x ln(1 / (1 - {k} x {_s(ar)})) = {_s(t)} min."
     )
