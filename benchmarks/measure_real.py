@@ -10,7 +10,8 @@ What is compared, and why it is fair:
 
 - ``particles`` (EMPS, 36 TEM/SEM crops of journal figures, 16-bit instance maps): each
   image goes through ingest's own page record first, as in the pipeline (a databar
-  cropped, a burned-in scale bar and its label found, read and kept out as overlays); the
+  cropped, a burned-in scale bar and its label found, read and kept out as overlays, and so
+  are panel labels such as "(a)" or "b1"); the
   median equivalent diameter of the particles not cut by the frame against the instance
   map's interior median (``median_eqd_interior_px``), and the object count against
   ``n_instances``. Measured with label "particles" and modality unknown (EMPS mixes TEM
@@ -80,9 +81,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- particles
 
 
-def _as_ingested(path: Path) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+def _as_ingested(path: Path) -> tuple[np.ndarray, list[tuple[int, int, int, int]], list[str]]:
     """The frame as the pipeline measures it: ingest's own page record (databar cropped,
-    scale bar and label found and read) and its overlays."""
+    scale bar and label found and read, panel labels found) and its overlays, with the
+    panel labels kept out as text."""
     from semilens.images.ingest import Context, page_record
     from semilens.images.readers import decode
 
@@ -94,14 +96,15 @@ def _as_ingested(path: Path) -> tuple[np.ndarray, list[tuple[int, int, int, int]
     import io
 
     gray = np.asarray(Image.open(io.BytesIO(png)))
-    return gray, [tuple(b) for b in record["overlays"]]
+    panels = [f"{p['text']} {list(p['box'])}" for p in record["panel_labels"]]
+    return gray, [tuple(b) for b in record["overlays"]], panels
 
 
 def particles(cfg: MeasureImagesConfig, root: Path) -> dict[str, Any]:
     rows = []
     with open(root / "labels" / "DERIVED_instance_stats.csv", newline="") as fh:
         for row in csv.DictReader(fh):
-            image, overlays = _as_ingested(root / "images" / row["file"])
+            image, overlays, panels = _as_ingested(root / "images" / row["file"])
             # The instance map covers the whole frame; ingest crops a databar off the bottom.
             seg = np.asarray(Image.open(root / "segmaps" / row["file"]))[: image.shape[0]]
             m, phase = analyse_array(image, cfg, image_id=row["file"], label="particles", overlays=overlays)
@@ -118,6 +121,7 @@ def particles(cfg: MeasureImagesConfig, root: Path) -> dict[str, Any]:
                     "median_eqd_truth_px": truth_size,
                     "size_error": _rel(size, truth_size),
                     "iou": _iou(phase, seg > 0) if phase.shape == seg.shape else None,
+                    "panel_labels_masked": panels,
                     "notes": m.notes,
                 }
             )

@@ -57,7 +57,9 @@ def config(data: Path, out: Path, steps: int | None, threads: int, extra: dict[s
     return validate_config(raw, "benchmark overrides")
 
 
-def maths(cfg: Config, folder: Path, shots_n: int) -> dict[str, Any]:
+def maths(
+    cfg: Config, folder: Path, shots_n: int, modes: tuple[str, ...] = ("zero_shot", "few_shot")
+) -> dict[str, Any]:
     import datasets
     import torch
     from transformers import AutoTokenizer
@@ -77,7 +79,7 @@ def maths(cfg: Config, folder: Path, shots_n: int) -> dict[str, Any]:
     tokenizer, model = AutoTokenizer.from_pretrained(folder), load_causal(folder)
     tokenizer.padding_side = "left"
     result: dict[str, Any] = {"n": len(bench)}
-    for mode in ("zero_shot", "few_shot"):
+    for mode in modes:
         t0 = time.perf_counter()
         prompts = [
             few_shot_prompt(tokenizer, by_kind[r["kind"]][:shots_n] if mode == "few_shot" else [], r["instruction"])
@@ -115,6 +117,7 @@ def main() -> None:
     ap.add_argument(
         "--model", default="base", help="maths: the folder under <out>/models/llm to score (base, sft, ...)"
     )
+    ap.add_argument("--modes", default="zero_shot,few_shot", help="maths: which of zero_shot, few_shot")
     ap.add_argument("--set", nargs="*", default=[], help="section.key=value overrides")
     args = ap.parse_args()
     cfg = config(args.data, args.out, args.steps, args.threads, dict(s.split("=", 1) for s in args.set))
@@ -132,7 +135,7 @@ def main() -> None:
     else:
 
         def run(c: Config) -> dict[str, Any]:
-            return maths(c, Path(c.paths.models) / "llm" / args.model, args.shots)
+            return maths(c, Path(c.paths.models) / "llm" / args.model, args.shots, tuple(args.modes.split(",")))
 
     summary = run(cfg)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

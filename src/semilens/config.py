@@ -180,6 +180,12 @@ class IngestImagesConfig(Section):
         description="read the burned-in scale bar (tesseract) when no sidecar gives the "
         "pixel size: it fills a missing one and cross-checks a vendor tag",
     )
+    mask_panel_labels: bool = Field(
+        True,
+        description="find burned-in panel labels ('a', '(b)', 'A', 'b1') near the frame's "
+        "corners (glyph-shaped ink read by tesseract) and keep them out of the measurement "
+        "like a scale bar's label",
+    )
     scale_check_tolerance: float = Field(
         0.02,
         gt=0.0,

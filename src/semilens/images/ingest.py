@@ -47,7 +47,7 @@ from semilens.images.metadata import (
 )
 from semilens.images.readers import Decoded, ReadError, decode, is_image_name, one_line, to_gray8
 from semilens.images.records import ImageRecord, QuarantineEntry, Sidecar
-from semilens.images.scalebar import ImageScale, image_scale
+from semilens.images.scalebar import ImageScale, find_panel_labels, image_scale
 from semilens.io import atomic_write_bytes, display_path, leaves_folder, sha256_bytes, write_jsonl
 
 STAGE = "ingest_images"
@@ -363,6 +363,10 @@ def page_record(decoded: Decoded, index: int, ctx: Context, cfg: IngestImagesCon
         mode = "image_area"
     scale = image_scale(full, bar.rows, ocr=mode)
     pixel = _pick_pixel_size(meta, ctx, scale, cfg.scale_check_tolerance)
+    overlays = _png_overlays(scale, keep, width)
+    # Panel letters are looked for in the PNG's own pixels (the specimen area), beside the
+    # bar's boxes, which they never overlap.
+    panels = find_panel_labels(gray, tuple(overlays)) if cfg.mask_panel_labels and reason is None else []
     instrument: dict[str, Any] = {}
     for _, sc in reversed(ctx.sidecars):  # JSON wins over CSV, the file over both
         instrument.update(sc.instrument)
@@ -401,7 +405,8 @@ def page_record(decoded: Decoded, index: int, ctx: Context, cfg: IngestImagesCon
         "low_information_reason": reason,
         "ground_truth": truth.model_dump(mode="json") if truth else None,
         "measure_settings": settings,
-        "overlays": _png_overlays(scale, keep, width),
+        "overlays": sorted(set(overlays) | {p.box for p in panels}),
+        "panel_labels": [{"text": p.text, "box": p.box, "confidence": p.confidence} for p in panels],
     }
     return record, png
 

@@ -1524,7 +1524,7 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
     )
     cached = cache.get(key)
     if cached is not None:
-        return Measurement.model_validate({**cached, "id": rec.id})
+        return _with_panel_notes(Measurement.model_validate({**cached, "id": rec.id}), rec)
     try:
         image = load_gray(Path(rec.png))
     except (OSError, ValueError) as exc:
@@ -1555,7 +1555,18 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
             notes=[f"measurement failed: {type(exc).__name__}: {exc}"],
         )
     cache.put(key, m.model_dump(mode="json", exclude={"id"}))
-    return m
+    return _with_panel_notes(m, rec)
+
+
+def _with_panel_notes(m: Measurement, rec: ImageRecord) -> Measurement:
+    """The measurement saying which panel labels were kept out (ingest found them)."""
+    if not rec.panel_labels:
+        return m
+    said = [
+        f"panel label '{p.text}' at x {p.box[0]}-{p.box[2]}, y {p.box[1]}-{p.box[3]} masked, not measured"
+        for p in rec.panel_labels
+    ]
+    return m.model_copy(update={"notes": [*said, *m.notes]})
 
 
 def measure_images(cfg: Config) -> dict[str, Any]:

@@ -41,6 +41,14 @@ class GroundTruth(Record):
     seed: int
 
 
+class PanelLabelRecord(Record):
+    """A figure's panel label ("a", "(b)", "b1") burned into the image, kept out as an overlay."""
+
+    text: str = Field(description="as tesseract read it")
+    box: tuple[int, int, int, int] = Field(description="(left, top, right, bottom) in PNG coordinates")
+    confidence: float = Field(description="tesseract's confidence, 0..1")
+
+
 class ImageRecord(Record):
     """One normalised image (one page of a multi-page file) written by ingest_images."""
 
@@ -93,6 +101,10 @@ class ImageRecord(Record):
         default_factory=list,
         description="(left, top, right, bottom) boxes in PNG coordinates holding burned-in "
         "scale bars, their labels and other annotations: not specimen, never measured",
+    )
+    panel_labels: list[PanelLabelRecord] = Field(
+        default_factory=list,
+        description="burned-in panel labels found by ingest; their boxes are in overlays",
     )
 
 

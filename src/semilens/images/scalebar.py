@@ -717,3 +717,186 @@ def image_scale(gray: np.ndarray, databar_rows: int = 0, ocr: str = "all") -> Im
         best_bar,
         best_label,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Panel letters
+# ---------------------------------------------------------------------------------------
+
+# Figures cut from papers carry their panel's letter burned in ("a", "(b)", "A", "b1",
+# "III"), which segments like a particle. A letter is found in three cheap steps before
+# any OCR: glyph-sized ink components (same extreme-gray ink as a bar's label) near a
+# corner of the frame, thin-stroked and flat-filled (rendered text is one gray level with
+# a sharp edge; a particle of that size is filled solid or shaded); then one tesseract
+# pass over those components alone per polarity finds words, and each word's crop is read
+# again as one text line and kept only when it reads as a panel label.
+#
+# Glyph height in px: at least this, and at most this share of the frame's shorter side.
+GLYPH_MIN_PX = 8
+GLYPH_MAX_REL = 0.15
+# Centre within this share of the width of a left or right edge and of the height of the
+# top or bottom edge: panel letters sit in a corner, where papers put them.
+CORNER_REL = 0.25
+# Twice the largest inscribed radius over the glyph height: strokes of text, bold fonts
+# included, stay under 0.3; a solid particle or its filled outline is near 1.
+MAX_STROKE_REL = 0.45
+# Ink against the ring 2-4 px around it (gray levels): a label is drawn to be read.
+MIN_GLYPH_CONTRAST = 48
+# Spread (std) of the gray levels 2 px or more inside the ink, over the contrast: text is
+# one flat fill (0.00-0.043 on the 14 panel labels of the EMPS crops, JPEG-smeared ones
+# included); the bright tips of nanowires that pass the other tests are shaded (0.04-0.13),
+# and at 0.07 one in a DeepSEM frame reads as a label ("Hl").
+MAX_FILL_SPREAD = 0.05
+# Tesseract's confidence in the re-read label: low, because the grammar and the glyph
+# tests above already carry the weight ("b1" in a bold serif reads "bl" at 0.48).
+MIN_LABEL_CONFIDENCE = 0.35
+
+# A panel label: optional bracket, then one letter with up to two digits ("b1"; tesseract
+# reads a "1" after a letter as l, I or |), up to two digits, or a roman numeral; optional
+# closing bracket and full stop. Longer words are captions or sample names, left alone.
+_PANEL_LABEL = re.compile(r"^([(\[]?)([A-Za-z](?:\d{1,2}|[lI|])?|\d{1,2}|[ivxIVXl]{1,4})([)\]]?)[.:]?$")
+# One character that a ring-shaped particle (a closed shape) or a single straight stroke
+# (a wire, an edge) reads as: a label only inside brackets.
+_SHAPE_READS = frozenset("oO0QDIl|1ijJ!")
+
+
+@dataclass(frozen=True)
+class PanelLabel:
+    """A burned-in panel label: what it read as and the box kept out of the measurement."""
+
+    box: Box  # padded, frame coordinates
+    text: str
+    confidence: float  # tesseract's, 0..1
+    polarity: str  # "bright" | "dark"
+
+
+@dataclass(frozen=True)
+class _Glyph:
+    label: int
+    box: Box
+
+
+def is_panel_label(text: str) -> bool:
+    """Whether an OCR reading is a panel label ("a", "(b)", "A", "b1", "iii)", "2")."""
+    m = _PANEL_LABEL.match(text.strip())
+    if m is None:
+        return False
+    bracketed = bool(m.group(1) or m.group(3))
+    return bracketed or m.group(2) not in _SHAPE_READS
+
+
+def _glyphs(gray: np.ndarray, polarity: str, skip: np.ndarray) -> tuple[np.ndarray, list[_Glyph]]:
+    """Ink components near a corner that look like glyphs of rendered text."""
+    h, w = gray.shape
+    ink = ink_mask(gray, polarity)
+    labels, _ = ndi.label(ink, structure=np.ones((3, 3), bool))
+    values = gray.astype(np.float32)
+    out = []
+    for i, sl in enumerate(ndi.find_objects(labels), 1):
+        if sl is None:
+            continue
+        ys, xs = sl
+        gh, gw = ys.stop - ys.start, xs.stop - xs.start
+        if not GLYPH_MIN_PX <= gh <= GLYPH_MAX_REL * min(h, w) or gw > 1.5 * gh + 4:
+            continue
+        if ys.start == 0 or xs.start == 0 or ys.stop == h or xs.stop == w:
+            continue  # cut by the frame: a glyph there cannot be read, a particle can be
+        cy, cx = (ys.start + ys.stop) / 2, (xs.start + xs.stop) / 2
+        if min(cy, h - cy) > CORNER_REL * h or min(cx, w - cx) > CORNER_REL * w:
+            continue
+        if skip[sl].any():  # a scale bar's label, already kept out
+            continue
+        # A window 4 px around the component: its ring is the local background.
+        y0, y1 = max(0, ys.start - 4), min(h, ys.stop + 4)
+        x0, x1 = max(0, xs.start - 4), min(w, xs.stop + 4)
+        comp = labels[y0:y1, x0:x1] == i
+        inside = ndi.distance_transform_edt(np.pad(comp, 1))[1:-1, 1:-1]
+        if 2 * inside.max() > MAX_STROKE_REL * gh:
+            continue
+        outside = ndi.distance_transform_edt(~comp)
+        ring = (outside > 1.5) & (outside <= 4) & ~ink[y0:y1, x0:x1]
+        if ring.sum() < 10:
+            continue
+        win = values[y0:y1, x0:x1]
+        ink_level, bg_level = float(np.median(win[comp])), float(np.median(win[ring]))
+        contrast = ink_level - bg_level if polarity == "bright" else bg_level - ink_level
+        if contrast < MIN_GLYPH_CONTRAST:
+            continue
+        core = win[inside >= 2]
+        if core.size >= 4 and float(core.std()) > MAX_FILL_SPREAD * contrast:
+            continue
+        out.append(_Glyph(i, (xs.start, ys.start, xs.stop, ys.stop)))
+    return labels, out
+
+
+def _line_of(seed: list[_Glyph], glyphs: list[_Glyph]) -> Box:
+    """The box of ``seed`` grown by the glyphs beside it on its text line (a bracket the
+    word read left out), each within one glyph height of the last."""
+    x0 = min(g.box[0] for g in seed)
+    y0 = min(g.box[1] for g in seed)
+    x1 = max(g.box[2] for g in seed)
+    y1 = max(g.box[3] for g in seed)
+    grown = True
+    while grown:
+        grown = False
+        for g in glyphs:
+            gx0, gy0, gx1, gy1 = g.box
+            if gx0 >= x0 and gx1 <= x1 and gy0 >= y0 and gy1 <= y1:
+                continue
+            rows = min(gy1, y1) - max(gy0, y0)
+            gap = max(gx0 - x1, x0 - gx1)
+            if rows >= 0.5 * min(gy1 - gy0, y1 - y0) and gap <= y1 - y0:
+                x0, y0, x1, y1 = min(x0, gx0), min(y0, gy0), max(x1, gx1), max(y1, gy1)
+                grown = True
+    return x0, y0, x1, y1
+
+
+def find_panel_labels(gray: np.ndarray, skip: tuple[Box, ...] = ()) -> list[PanelLabel]:
+    """Panel letters burned into the corners of ``gray`` (the specimen area), as boxes.
+
+    ``skip``: boxes already kept out (a scale bar and its label). Needs tesseract; without
+    it nothing is found. At most two tesseract calls per polarity with candidates, plus
+    one per word that may be a label; a frame without glyph-like ink near its corners
+    costs none.
+    """
+    if not tesseract_available():
+        return []
+    h, w = gray.shape
+    skip_mask = np.zeros((h, w), bool)
+    for x0, y0, x1, y1 in skip:
+        skip_mask[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)] = True
+    found: list[PanelLabel] = []
+    for polarity in ("bright", "dark"):
+        labels, glyphs = _glyphs(gray, polarity, skip_mask)
+        if not glyphs:
+            continue
+        # The glyphs alone, black on white: no specimen around them to read as text.
+        page = np.where(np.isin(labels, [g.label for g in glyphs]), 0, 255).astype(np.uint8)
+        text_h = float(np.median([g.box[3] - g.box[1] for g in glyphs]))
+        for word in _ocr_words(page, 11, text_h=text_h):
+            if len(word.text) > 6:
+                continue
+            wx0, wy0, wx1, wy1 = word.box
+            seed = [
+                g
+                for g in glyphs
+                if g.box[0] >= wx0 - 3 and g.box[2] <= wx1 + 3 and g.box[1] >= wy0 - 3 and g.box[3] <= wy1 + 3
+            ]
+            if not seed:
+                continue
+            x0, y0, x1, y1 = _line_of(seed, glyphs)
+            pad = max(2, (y1 - y0) // 6)
+            box = (max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad))
+            if any(_overlap(box, f.box) for f in found):
+                continue
+            # Read again as one line from the frame's own pixels (anti-aliased edges).
+            reading = _ocr_words(_text_crop(gray, box, polarity), 7)
+            if len(reading) != 1 or reading[0].confidence < MIN_LABEL_CONFIDENCE:
+                continue
+            if is_panel_label(reading[0].text):
+                found.append(PanelLabel(box, reading[0].text, round(reading[0].confidence, 3), polarity))
+    return found
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
