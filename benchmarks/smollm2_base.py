@@ -23,7 +23,6 @@ import argparse
 import json
 import resource
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -65,42 +64,35 @@ def maths(
     from transformers import AutoTokenizer
 
     from semilens.llm.calculator import generate_with_calculator_batch
-    from semilens.llm.evaluate import few_shot_prompt, math_correct
+    from semilens.llm.evaluate import few_shot_prompt, math_correct, maths_tally, shots_by_kind
     from semilens.llm.pretrain import load_causal
 
     ecfg = cfg.evaluate_llm
     torch.set_num_threads(ecfg.threads)
     inst = Path(cfg.paths.instructions)
     bench = [r for r in datasets.Dataset.from_parquet(str(inst / "benchmark.parquet")) if r["category"] == "etch_math"]
-    train = [r for r in datasets.Dataset.from_parquet(str(inst / "train.parquet")) if r["category"] == "etch_math"]
-    by_kind: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in train:
-        by_kind[r["kind"]].append(r)
+    shots = shots_by_kind([dict(r) for r in datasets.Dataset.from_parquet(str(inst / "train.parquet"))], shots_n)
     tokenizer, model = AutoTokenizer.from_pretrained(folder), load_causal(folder)
     tokenizer.padding_side = "left"
     result: dict[str, Any] = {"n": len(bench)}
     for mode in modes:
         t0 = time.perf_counter()
         prompts = [
-            few_shot_prompt(tokenizer, by_kind[r["kind"]][:shots_n] if mode == "few_shot" else [], r["instruction"])
+            few_shot_prompt(tokenizer, shots.get(r["kind"], []) if mode == "few_shot" else [], r["instruction"])
             for r in bench
         ]
         answers = generate_with_calculator_batch(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size)
-        ok = [math_correct(a, json.loads(r["answer"]), ecfg.math_rel_tol) for a, r in zip(answers, bench)]
-        table: dict[str, dict[str, list[int]]] = {
-            "kind": defaultdict(lambda: [0, 0]),
-            "difficulty": defaultdict(lambda: [0, 0]),
-        }
-        for r, good in zip(bench, ok):
-            for axis in table:
-                table[axis][r[axis]][0] += int(good)
-                table[axis][r[axis]][1] += 1
+        scored = [{**r, "prediction": a} for r, a in zip(bench, answers)]
         result[mode] = {
-            "correct": sum(ok),
+            **maths_tally(scored, "prediction", ecfg.math_rel_tol),
             "seconds": round(time.perf_counter() - t0, 1),
-            **{axis: {k: f"{v[0]}/{v[1]}" for k, v in sorted(rows.items())} for axis, rows in table.items()},
             "examples": [
-                {"kind": r["kind"], "ok": good, "answer": a[:300]} for r, a, good in list(zip(bench, answers, ok))[:4]
+                {
+                    "kind": r["kind"],
+                    "ok": math_correct(r["prediction"], json.loads(r["answer"]), ecfg.math_rel_tol),
+                    "answer": r["prediction"][:300],
+                }
+                for r in scored[:4]
             ],
         }
     return result

@@ -46,6 +46,19 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#1a7f37;font
 # ---------------------------------------------------------------- small HTML helpers
 
 
+# metrics/quantize.json keys shown in the report's quantisation table, in order
+QUANTIZE_COLUMNS = (
+    "method",
+    "bits",
+    "group_size",
+    "linear_size_ratio",
+    "heldout_perplexity_unquantized",
+    "heldout_perplexity_quantized",
+    "perplexity_ratio",
+    "reloads_and_generates",
+)
+
+
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -381,31 +394,8 @@ def llm_section(cfg: Config) -> str:
         qd = read_json(q)
         out.append(
             table(
-                [
-                    {
-                        k: qd.get(k)
-                        for k in (
-                            "method",
-                            "bits",
-                            "group_size",
-                            "linear_size_ratio",
-                            "heldout_perplexity_unquantized",
-                            "heldout_perplexity_quantized",
-                            "perplexity_ratio",
-                            "reloads_and_generates",
-                        )
-                    }
-                ],
-                [
-                    "method",
-                    "bits",
-                    "group_size",
-                    "linear_size_ratio",
-                    "heldout_perplexity_unquantized",
-                    "heldout_perplexity_quantized",
-                    "perplexity_ratio",
-                    "reloads_and_generates",
-                ],
+                [{k: qd.get(k) for k in QUANTIZE_COLUMNS}],
+                list(QUANTIZE_COLUMNS),
                 [
                     "quantization",
                     "bits",
