@@ -52,11 +52,12 @@ $(STAMP): pyproject.toml requirements-gptq.txt requirements-models.txt
 
 # dvc repro with two stages at a time, one core each (`semilens repro`, which follows DVC's
 # stage graph; `threads: 1` in params.yaml): on 2 cores that beats one stage on both. The
-# stages the first VLM family needs start first, so it reaches a registered model early;
-# then the text path's long chain, then the heaviest family, so the two cores finish
-# together. `dvc status` confirms that DVC sees everything up to date.
+# text path starts first: on SmolLM2 it is one chain of about half the run's work, so it
+# must hold a core from the start; the VLM families fill the other core, the first
+# reaching a registered model early, the heaviest last so the two cores finish together.
+# `dvc status` confirms that DVC sees everything up to date.
 run: setup
-	semilens repro --jobs 2 --first register_models@qwen2_5_vl --first register_llm --first register_models@paligemma
+	semilens repro --jobs 2 --first register_llm --first register_models@qwen2_5_vl --first register_models@paligemma
 	dvc status
 
 # Lint and format check first (seconds; settings in pyproject.toml), then the tests.

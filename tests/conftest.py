@@ -152,8 +152,33 @@ def make_cfg(tmp_path: Path) -> Callable[..., Config]:
 KNOWLEDGE = Path(__file__).parents[1] / "knowledge"
 
 
+# The text tests train the tiny from-scratch preset, not the shipped SmolLM2 base: a
+# random model learns only when trained in full, at the preset's own rates and batches.
+TINY_TEXT: dict[str, dict[str, Any]] = {
+    "prepare_llm": {"base": "tiny"},
+    "pretrain_llm": {
+        "method": "full",
+        "learning_rate": 3e-3,
+        "batch_size": 16,
+        "gradient_accumulation_steps": 1,
+        "warmup_steps": 20,
+    },
+    "sft_llm": {"learning_rate": 2e-3, "batch_size": 8, "gradient_accumulation_steps": 1, "max_length": 512},
+    "synth_instructions": {"n_math_drill": 0},
+}
+
+
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, mappings merged key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def text_config(tmp: Path, **sections: Any) -> Config:
-    """A Config for the text path: the project's knowledge base, everything else under ``tmp``."""
+    """A Config for the text path on the tiny preset (``TINY_TEXT`` under ``sections``): the
+    project's knowledge base, everything else under ``tmp``."""
     names = (
         "raw_pdfs",
         "synthetic_pdfs",
@@ -167,7 +192,7 @@ def text_config(tmp: Path, **sections: Any) -> Config:
         "logs",
     )
     return Config.model_validate(
-        {"paths": {"knowledge": str(KNOWLEDGE), **{n: str(tmp / n) for n in names}}, **sections}
+        {"paths": {"knowledge": str(KNOWLEDGE), **{n: str(tmp / n) for n in names}}, **merged(TINY_TEXT, sections)}
     )
 
 

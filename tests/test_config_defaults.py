@@ -71,7 +71,7 @@ def test_a_default_that_drifts_from_params_yaml_is_named():
     # config.py with one default changed, as it was before defaults had one source
     drifted = create_model("Drifted", __base__=Config, sft_llm=(SftLLMConfig, SftLLMConfig(max_steps=300)))
     drift = differences(drifted.model_validate(SHIPPED), drifted())
-    assert drift == ["sft_llm.max_steps: params.yaml 200, default 300"]
+    assert drift == ["sft_llm.max_steps: params.yaml 130, default 300"]
 
 
 def test_a_value_params_yaml_leaves_out_is_named():
@@ -99,10 +99,14 @@ def test_every_stage_that_reads_a_step_s_endpoint_tracks_endpoints():
     # the step's block only names a server, so DVC must watch `endpoints` too, or editing
     # the server would not re-run the stage
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    sections = {section for section, _, _ in endpoint_uses()}
+    uses = {f"{section}.{field}" for section, field, _ in endpoint_uses()}
+
+    def reads_endpoint(key: str) -> bool:  # the whole section, the endpoint block, or a key inside it
+        return any(use.startswith(f"{key}.") or key == use or key.startswith(f"{use}.") for use in uses)
+
     untracked = []
     for name, stage in stages.items():
         keys = {p for p in stage.get("params", []) if isinstance(p, str)}
-        if any(k == s or k.startswith(f"{s}.") for k in keys for s in sections) and "endpoints" not in keys:
+        if any(reads_endpoint(k) for k in keys) and "endpoints" not in keys:
             untracked.append(name)
     assert not untracked, f"dvc.yaml: add `endpoints` to the params of {untracked}"

@@ -226,8 +226,9 @@ def stages_of(dvc: dict) -> list[Stage]:
         if matrix is None:
             items: list[dict[str, str]] = [{}]
         else:
-            assert set(matrix) == {"family"}, f"{name}: the checker knows only a matrix over family"
-            items = [{"family": f} for f in matrix["family"]]
+            assert len(matrix) == 1, f"{name}: the checker knows only a matrix over one key (family, model)"
+            ((key, values),) = matrix.items()
+            items = [{key: v} for v in values]
         for item in items:
 
             def fill(text: str, item: dict[str, str] = item) -> str:
@@ -237,11 +238,11 @@ def stages_of(dvc: dict) -> list[Stage]:
             assert match, f"{name}: cmd {body['cmd']!r} does not run `python -m stages.<name>`"
             out.append(
                 Stage(
-                    name=f"{name}@{item['family']}" if item else name,
+                    name=f"{name}@{next(iter(item.values()))}" if item else name,
                     entry=match.group(1),
                     deps=tuple(fill(str(d)) for d in body.get("deps", [])),
                     family=item.get("family"),
-                    families=tuple(matrix["family"]) if matrix else (),
+                    families=tuple(matrix.get("family", ())) if matrix else (),
                 )
             )
     return out

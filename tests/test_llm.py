@@ -18,17 +18,17 @@ from semilens.io import read_json, read_jsonl
 from semilens.llm.evaluate import (
     DIFFICULTIES,
     MODELS,
+    answer_llm,
     evaluate_llm,
     few_shot_prompt,
     final_quantity,
-    heldout_by_origin,
     math_correct,
     maths_tally,
     shots_by_kind,
 )
 from semilens.llm.judge import CRITERIA
 from semilens.llm.prepare import prepare_llm
-from semilens.llm.pretrain import LLAMA_TARGETS, pack, pretrain_llm, split_corpus
+from semilens.llm.pretrain import LLAMA_TARGETS, heldout_by_origin, pack, pretrain_llm, split_corpus
 from semilens.llm.quantize import quantize_llm
 from semilens.llm.sft import sft_llm
 from semilens.text.clean import clean_markdown
@@ -143,7 +143,7 @@ def llm_run(tmp_path_factory):
         sft_llm={"max_steps": 6, "batch_size": 4, "max_length": 256, "save_steps": 3, "warmup_steps": 1},
         # the tiny test model is 32 wide, so GPTQ groups of 32 (the default 128 is refused: tested below)
         quantize_llm={"group_size": 32, "calibration_samples": 8, "max_seq_length": 64},
-        evaluate_llm={"max_rows": 0, "max_new_tokens": 24},  # the whole benchmark: maths rows included
+        evaluate_llm={"max_rows": 0, "max_new_tokens": 24, "maths_max_new_tokens": 24},  # maths rows included
     )
     synth_corpus(cfg)
     extract_pdfs(cfg)
@@ -154,6 +154,8 @@ def llm_run(tmp_path_factory):
     pre = pretrain_llm(cfg)
     sft = sft_llm(cfg)
     quantize_llm(cfg)
+    for name in MODELS:
+        answer_llm(cfg, name)
     ev = evaluate_llm(cfg)
     return cfg, prep, pre, sft, ev
 
@@ -262,8 +264,10 @@ def test_gptq_packs_the_linear_layers_and_the_folder_loads_and_generates(llm_run
         keys = set(f.keys())
     assert "model.layers.0.mlp.down_proj.weight_packed" in keys and "lm_head.weight" in keys
     assert "model.layers.0.mlp.down_proj.weight" not in keys
-    # 4-bit codes plus one fp32 scale per 32 weights: 5/32 of fp32
-    assert q["linear_size_ratio"] == pytest.approx(5 / 32, rel=0.02)
+    # 4-bit codes plus one fp32 scale per 32 weights (5/32 of fp32), and with asymmetric
+    # groups (the default) a zero point per group as well, packed 4 bits each
+    assert "model.layers.0.mlp.down_proj.weight_zero_point" in keys
+    assert 5 / 32 < q["linear_size_ratio"] < 5.5 / 32
     assert q["linear_bytes_quantized"] < 0.35 * q["linear_bytes_fp32"]
     assert q["folder_bytes_quantized"] < q["folder_bytes_unquantized"]
     assert q["heldout_perplexity_quantized"] > 0 and q["reloads_and_generates"] is True
@@ -307,6 +311,16 @@ def test_evaluation_has_one_row_per_model_and_difficulty(llm_run):
     assert report["heldout_chunks"]["real"] == 0 < report["heldout_chunks"]["synthetic"]
     assert all(r["heldout_perplexity_real"] is None for r in report["rows"])
     assert all(r["heldout_perplexity_synthetic"] == r["heldout_perplexity"] for r in report["rows"])
+    # each model's perplexity is the one the stage that held it measured, not a second pass
+    pre = read_json(Path(cfg.paths.metrics) / "llm" / "pretrain.json")
+    q = read_json(Path(cfg.paths.metrics) / "quantize.json")
+    overall = {r["model"]: r["heldout_perplexity"] for r in report["rows"] if r["difficulty"] == "all"}
+    assert overall == {
+        "base": pre["heldout_perplexity_before"],
+        "pretrained": pre["heldout_perplexity_after"],
+        "sft": q["heldout_perplexity_unquantized"],
+        "gptq": q["heldout_perplexity_quantized"],
+    }
     # maths per kind for every model; the base also few-shot, its prompts longer by the shots
     n_maths = sum(p["category"] == "etch_math" for p in preds) // 4
     assert n_maths and set(report["maths"]) == set(MODELS)
@@ -316,6 +330,13 @@ def test_evaluation_has_one_row_per_model_and_difficulty(llm_run):
         assert ("few_shot" in block) == (name == "base")
     assert report["maths"]["base"]["few_shot"]["shots"] == 2
     assert all(("prediction_few_shot" in p) == (p["model"] == "base" and p["category"] == "etch_math") for p in preds)
+    # with the calculator a maths row is answered once, with it: that answer is the prediction
+    # ROUGE-L reads, and no plain-decoding maths score is claimed
+    maths_preds = [p for p in preds if p["category"] == "etch_math"]
+    assert all(p["prediction"] == p["prediction_calculator"] for p in maths_preds)
+    assert all(
+        r["math_exact"] is None and r["math_exact_calculator"] is not None for r in report["rows"] if r["math_n"]
+    )
     for r in report["rows"]:
         assert r["rouge_l"] is None or 0 <= r["rouge_l"] <= 1
         assert json.dumps(r)  # plain numbers only
@@ -326,6 +347,10 @@ def test_evaluation_with_a_judge_scores_each_model_and_difficulty(llm_run, tmp_p
     """The judge wired into the real stage: set through the environment, as a user would
     point at a server without editing params; every reply the same, so the means are known."""
     cfg, *_ = llm_run
+    # the perplexities evaluate_llm reads come from the training and GPTQ stages' metrics
+    for rel in ("llm/pretrain.json", "quantize.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(cfg.paths.metrics) / rel, tmp_path / rel)
     ecfg = cfg.evaluate_llm.model_copy(update={"judge": JudgeConfig(max_items=2), "max_rows": 12})
     cfg = cfg.model_copy(update={"evaluate_llm": ecfg, "paths": cfg.paths.model_copy(update={"metrics": tmp_path})})
     with ChatStub(default=json.dumps({**dict.fromkeys(CRITERIA, 3), "specificity": 2})) as stub:

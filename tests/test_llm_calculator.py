@@ -93,111 +93,120 @@ def test_only_arithmetic_is_evaluated():
     ]
 
 
-class _Scripted:
-    """A causal LM stand-in that writes a fixed answer, honouring stop_strings=['='] the way
-    transformers does (it stops after the token that completes '='). It proves the loop's
-    bookkeeping: where the calculator writes, and that the model goes on after it."""
+class _Script:
+    """Logits processor that makes a model write a fixed answer: each row's script (chosen
+    by how its prompt starts) is forced token by token. It runs after the calculator: a
+    step the calculator forced is left alone and uses up no script token, so the script
+    resumes after the calculator's value, as a model goes on after it."""
 
-    def __init__(self, tokenizer, script: list[str]):
-        self.tok, self.script = tokenizer, list(script)
-        self.device = torch.device("cpu")
-        self.generation_config = type("G", (), {"eos_token_id": tokenizer.eos_token_id})()
-        self.prompts: list[str] = []
+    def __init__(self, tok, scripts: dict[str, list[str]]):
+        self.tok, self.scripts, self.rows = tok, scripts, None
 
-    def generate(self, input_ids, max_new_tokens, stop_strings, tokenizer, **_):
-        self.prompts.append(tokenizer.decode(input_ids[0]))
-        piece = self.script.pop(0) if self.script else ""
-        ids = tokenizer(piece, add_special_tokens=False)["input_ids"][:max_new_tokens]
-        if not piece.endswith("=") or not self.script:
-            ids = ids + [tokenizer.eos_token_id]
-        return torch.cat([input_ids, torch.tensor([ids], dtype=input_ids.dtype)], dim=1)
+    def __call__(self, input_ids, scores):
+        if self.rows is None:  # the first call sees the prompts alone
+            self.rows = []
+            for ids in input_ids:
+                text = self.tok.decode(ids, skip_special_tokens=True)
+                pieces = self.scripts[next(k for k in self.scripts if text.startswith(k))]
+                script = [t for p in pieces for t in self.tok(p, add_special_tokens=False)["input_ids"]]
+                self.rows.append({"script": script + [self.tok.eos_token_id], "at": 0, "want": None})
+        for row, state in zip(input_ids, self.rows):
+            if state["want"] is not None and int(row[-1]) == state["want"]:
+                state["at"] += 1
+        for r, state in enumerate(self.rows):
+            if int(torch.isfinite(scores[r]).sum()) == 1:  # the calculator writes this step
+                state["want"] = None
+                continue
+            state["want"] = state["script"][min(state["at"], len(state["script"]) - 1)]
+            scores[r] = float("-inf")
+            scores[r, state["want"]] = 0.0
+        return scores
 
 
-def test_the_decoding_loop_writes_the_value_after_each_equals_and_continues():
+def _tiny_llama(tok, cls=None):
+    """A one-layer Llama over ``tok`` (random weights, seed 0), of class ``cls``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return (cls or LlamaForCausalLM)(config).eval()
+
+
+def _scripted_model(tok, scripts: dict[str, list[str]]):
+    """A real tiny Llama whose generate writes ``scripts`` where no other processor forces a token."""
+    from transformers import LlamaForCausalLM, LogitsProcessorList
+
+    class Scripted(LlamaForCausalLM):
+        def generate(self, *args, logits_processor=None, **kwargs):
+            procs = LogitsProcessorList([*(logits_processor or []), _Script(tok, scripts)])
+            return super().generate(*args, logits_processor=procs, **kwargs)
+
+    return _tiny_llama(tok, Scripted)
+
+
+SCRIPTS = {
+    "A: ": ["Selectivity = ER_film / ER_mask =", " 630 / 214 =", " :1."],
+    "B: ": ["rate = 410 nm/min."],  # no arithmetic before its '=': nothing filled
+    "C: ": ["t = 500 nm / 250 nm/min =", " min, so x = 3 * 4 =", " in all."],
+    "D: ": ["a very long answer that runs past its budget = 1 + 1 ="],
+}
+
+
+def test_the_calculator_writes_the_value_after_each_equals_and_the_model_goes_on():
     from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
-    model = _Scripted(tok, ["Selectivity = ER_film / ER_mask =", " 630 / 214 =", " :1."])
-    answer = generate_with_calculator(model, tok, "Q: ", max_new_tokens=64)
+    model = _scripted_model(tok, SCRIPTS)
+    answer = generate_with_calculator(model, tok, "A: ", max_new_tokens=64)
     assert answer == "Selectivity = ER_film / ER_mask = 630 / 214 = 2.94 :1."
-    # the model was called again after the calculator wrote, with the value in its context
-    assert model.prompts[-1].endswith("630 / 214 = 2.94")
     assert math_correct(answer, {"value": 2.94, "unit": ""}, 0.02)
+    # the same script without the calculator: the model's own (scripted) text, no value
+    plain = model.generate(**tok("A: ", return_tensors="pt", add_special_tokens=False), max_new_tokens=64)
+    assert "2.94" not in tok.decode(plain[0], skip_special_tokens=True)
+    two = generate_with_calculator(model, tok, "C: ", max_new_tokens=64)
+    assert two == "t = 500 nm / 250 nm/min = 2 min, so x = 3 * 4 = 12 in all."
+    # a row's budget counts the calculator's tokens too: D is cut
+    short = generate_with_calculator(model, tok, "D: ", max_new_tokens=12)
+    assert len(tok(short, add_special_tokens=False)["input_ids"]) <= 12
 
 
-class _ScriptedBatch:
-    """The stand-in for a batch: each prompt has its own script; rows come left-padded and
-    finished rows are padded to the longest, as transformers does."""
-
-    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
-        self.tok, self.scripts = tokenizer, {k: list(v) for k, v in scripts.items()}
-        self.device = torch.device("cpu")
-        self.generation_config = type("G", (), {"eos_token_id": tokenizer.eos_token_id})()
-        self.batches: list[int] = []
-
-    def generate(self, input_ids, attention_mask, max_new_tokens, stop_strings, tokenizer, pad_token_id, **_):
-        self.batches.append(len(input_ids))
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            text = tokenizer.decode(ids[mask.bool()])
-            script = self.scripts[next(k for k in self.scripts if text.startswith(k))]
-            piece = script.pop(0) if script else ""
-            new = tokenizer(piece, add_special_tokens=False)["input_ids"]
-            if not piece.endswith("=") or not script:
-                new = new + [tokenizer.eos_token_id]
-            rows.append(new[:max_new_tokens])
-        width = max(len(r) for r in rows)
-        new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], dtype=input_ids.dtype)
-        return torch.cat([input_ids, new], dim=1)
-
-
-def test_the_batched_loop_gives_each_row_what_the_one_row_loop_gives():
+def test_the_calculator_stops_after_max_calls():
     from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
-    scripts = {
-        "A: ": ["Selectivity = ER_film / ER_mask =", " 630 / 214 =", " :1."],
-        "B: ": ["rate = 410 nm/min."],  # no '=' to fill: one call
-        "C: ": ["t = 500 nm / 250 nm/min =", " min, so x = 3 * 4 =", " in all."],
-        "D: ": ["a very long answer that runs past its budget = 1 + 1 ="],
-    }
-    one_by_one = [
-        generate_with_calculator(_Scripted(tok, scripts[p]), tok, p, max_new_tokens=12 if p == "D: " else 64)
-        for p in scripts
-    ]
-    model = _ScriptedBatch(tok, scripts)
+    model = _scripted_model(tok, SCRIPTS)
+    answer = generate_with_calculator(model, tok, "C: ", max_new_tokens=64, max_calls=1)
+    assert answer == "t = 500 nm / 250 nm/min = 2 min, so x = 3 * 4 = in all."
+
+
+def test_batched_rows_get_what_each_gets_alone():
+    from semilens.tokenizer import llama3_tokenizer
+
+    tok = llama3_tokenizer(400)
+    model = _scripted_model(tok, SCRIPTS)
     side = tok.padding_side
-    # D's small budget is checked with its own call: a batch shares one budget per row list
+    alone = [generate_with_calculator(model, tok, p, max_new_tokens=64) for p in ("A: ", "B: ", "C: ")]
     batched = generate_with_calculator_batch(model, tok, ["A: ", "B: ", "C: "], max_new_tokens=64, batch_size=2)
-    assert batched == one_by_one[:3]
-    assert batched[0] == "Selectivity = ER_film / ER_mask = 630 / 214 = 2.94 :1."
-    assert batched[2] == "t = 500 nm / 250 nm/min = 2 min, so x = 3 * 4 = 12 in all."
-    assert model.batches[:2] == [2, 1]  # two rows, then the third; B finished in round one
+    assert batched == alone
+    assert batched[1] == "rate = 410 nm/min."
     assert tok.padding_side == side  # left padding was the loop's own, then undone
-    short = generate_with_calculator_batch(_ScriptedBatch(tok, {"D: ": scripts["D: "]}), tok, ["D: "], 12, batch_size=4)
-    assert short == [one_by_one[3]]
 
 
 def test_the_batched_loop_matches_one_row_at_a_time_on_a_real_model():
     """Real generate with left padding: the same greedy text per row as one at a time."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    ).eval()
+    model = _tiny_llama(tok)
     prompts = ["Etch rate = 300 nm / 2 min =", "What is the selectivity?", "x"]
     batched = generate_with_calculator_batch(model, tok, prompts, max_new_tokens=16, batch_size=3)
     assert batched == [generate_with_calculator(model, tok, p, max_new_tokens=16) for p in prompts]

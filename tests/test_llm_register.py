@@ -22,7 +22,7 @@ from semilens.config import Config
 from semilens.io import write_jsonl
 from semilens.lineage import LineageError, file_md5
 from semilens.llm.ask import ask
-from semilens.llm.evaluate import evaluate_llm
+from semilens.llm.evaluate import MODELS, answer_llm, evaluate_llm
 from semilens.llm.prepare import prepare_llm
 from semilens.llm.pretrain import pretrain_llm
 from semilens.llm.quantize import quantize_llm
@@ -41,6 +41,7 @@ STAGE_OUTS = {
     "pretrain_llm": ["models/llm/pretrained"],
     "sft_llm": ["models/llm/adapter", "models/llm/sft"],
     "quantize_llm": ["models/llm/gptq"],
+    **{f"answer_llm_{m}": [f"models/llm/answers/{m}.json"] for m in ("base", "pretrained", "sft", "gptq")},
     "evaluate_llm": ["models/llm/eval"],
 }
 ROLE_PATHS = {
@@ -51,6 +52,7 @@ ROLE_PATHS = {
     "adapter": "models/llm/adapter",
     "sft": "models/llm/sft",
     "gptq": "models/llm/gptq",
+    **{f"answers_{m}": f"models/llm/answers/{m}.json" for m in ("base", "pretrained", "sft", "gptq")},
     "evaluation": "models/llm/eval",
 }
 
@@ -170,7 +172,7 @@ def repo(tmp_path_factory) -> tuple[Path, Config]:
             "learning_rate": 0.05,
         },
         quantize_llm={"group_size": 32, "calibration_samples": 2, "max_seq_length": 32},
-        evaluate_llm={"max_new_tokens": 4, "batch_size": 4},
+        evaluate_llm={"max_new_tokens": 4, "maths_max_new_tokens": 4, "batch_size": 4},
     )
     cfg = cfg.model_copy(update={"paths": cfg.paths.model_copy(update={"mlflow": repo / "mlruns"})})
     _write_inputs(cfg)
@@ -178,6 +180,8 @@ def repo(tmp_path_factory) -> tuple[Path, Config]:
     pretrain_llm(cfg)
     sft_llm(cfg)
     quantize_llm(cfg)
+    for name in MODELS:
+        answer_llm(cfg, name)
     evaluate_llm(cfg)
     (repo / ".gitignore").write_text("cache/\nlogs/\nmlruns/\nmetrics/\n")
     (repo / "dvc.yaml").write_text(
@@ -369,6 +373,24 @@ def test_ask_answers_alike_with_the_merged_and_the_adapter_folder(repo):
     # the library function the command calls, on the other folders
     assert ask(models / "pretrained", question, 12) != answers["adapter"]  # so the adapter was really applied
     assert ask(models / "gptq", question, 12)
+
+
+@pytest.mark.e2e
+def test_ask_with_the_calculator_decodes_as_the_benchmark_does(repo):
+    from transformers import AutoTokenizer
+
+    from semilens.llm.calculator import generate_with_calculator
+    from semilens.llm.evaluate import chat_prompt
+    from semilens.llm.pretrain import load_causal
+
+    root, cfg = repo
+    sft = Path(cfg.paths.models) / "llm" / "sft"
+    question = "A 500 nm film clears in 2 min. What is the etch rate?"
+    res = _ask(question, "--checkpoint", str(sft), "--max-new-tokens", "12", "--calculator", cwd=root)
+    assert res.returncode == 0, res.stderr
+    tok = AutoTokenizer.from_pretrained(sft)
+    expected = generate_with_calculator(load_causal(sft), tok, chat_prompt(tok, question), 12)
+    assert res.stdout.strip() == expected
 
 
 @pytest.mark.e2e

@@ -92,12 +92,15 @@ def repo(tmp_path_factory) -> Path:
     params["prepare_vlm"]["pretrain"].update(steps=3, batch_size=2, eval_samples=2)
     params["finetune_vlm"]["trainer"].update(max_steps=2, batch_size=2, save_steps=2)
     params["synth_corpus"].update(n_docs=2, max_units_per_doc=3)
-    params["synth_instructions"].update(n_math=16)
+    params["synth_instructions"].update(n_math=16, n_math_drill=16)
+    # the tiny from-scratch text model (trained in full), not the shipped SmolLM2 base
+    params["prepare_llm"]["base"] = "tiny"
     params["prepare_llm"]["tiny"].update(vocab_size=512, hidden_size=32, intermediate_size=64, heads=2, kv_heads=1)
-    params["pretrain_llm"].update(max_steps=3, batch_size=2, block_size=32, heldout_fraction=0.3, save_steps=3)
-    params["sft_llm"].update(max_steps=2, batch_size=2, max_length=128, save_steps=2)
+    params["pretrain_llm"].update(method="full", max_steps=3, batch_size=2, gradient_accumulation_steps=1)
+    params["pretrain_llm"].update(block_size=32, heldout_fraction=0.3, save_steps=3)
+    params["sft_llm"].update(max_steps=2, batch_size=2, gradient_accumulation_steps=1, max_length=128, save_steps=2)
     params["quantize_llm"].update(group_size=32, calibration_samples=4, max_seq_length=32)
-    params["evaluate_llm"].update(max_rows=4, max_new_tokens=8)
+    params["evaluate_llm"].update(max_rows=4, max_new_tokens=8, maths_max_new_tokens=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for raw in (repo / "data/raw/images", repo / "data/raw/pdfs"):
         raw.mkdir(parents=True)

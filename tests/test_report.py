@@ -134,6 +134,15 @@ def _outputs(root: Path) -> Config:
                 # a difficulty with no items has no scores
                 {"model": "sft", "difficulty": "hard", "n": 0, "heldout_perplexity": 20.0, "rouge_l": None},
             ],
+            "maths": {
+                "base": {
+                    "zero_shot": {"correct": 0, "n": 3, "kind": {"endpoint": "0/3"}, "difficulty": {"easy": "0/3"}},
+                    "few_shot": {"shots": 2, "correct": 1, "n": 3, "kind": {"endpoint": "1/3"}},
+                },
+                "sft": {
+                    "zero_shot": {"correct": 3, "n": 3, "kind": {"endpoint": "3/3"}, "difficulty": {"easy": "3/3"}}
+                },
+            },
         },
     )
     (m / "llm").mkdir(parents=True)
@@ -182,6 +191,9 @@ def test_report_shows_models_images_and_quarantine_and_renders_in_chromium(tmp_p
     assert "1 images, 3 rows" in page and page.index("0.456") < page.index(">synthetic<")
     assert "&lt;b&gt;not html&lt;/b&gt;" in page and "<b>not html</b>" not in page
     assert "unreadable" in page and "no judge endpoint configured" in page
+    # the maths tallies: the base zero-shot and shown worked answers, beside the SFT model
+    assert "<td>base</td><td>zero-shot</td><td>0/3</td>" in page
+    assert "<td>2 worked answers first</td><td>1/3</td>" in page and "endpoint 3/3" in page
     assert "no ontology tagging yet" in page  # absent inputs are said, not crashed on
     check = check_page(file_url(tmp_path / "reports/index.html"))
     ARTIFACTS.mkdir(exist_ok=True)

@@ -270,11 +270,14 @@ def ask(
         Path("models/llm/sft"), help="any semilens text folder: base, pretrained, sft, gptq or adapter"
     ),
     max_new_tokens: int = typer.Option(128, min=1),
+    calculator: bool = typer.Option(
+        False, help="compute the value after each '=' of the answer's arithmetic (etching maths; as the benchmark)"
+    ),
 ) -> None:
     """Answer a question with a text-model checkpoint (greedy, through its chat template)."""
     from semilens.llm.ask import ask as run_ask
 
-    _answer(lambda: run_ask(checkpoint, question, max_new_tokens))
+    _answer(lambda: run_ask(checkpoint, question, max_new_tokens, calculator))
 
 
 @app.command()

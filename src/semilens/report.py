@@ -380,6 +380,25 @@ def llm_section(cfg: Config) -> str:
         f"{esc(fmt(rep.get('math_rel_tol')))} relative.</p>",
         table(rep.get("rows", []), cols),
     ]
+    maths = rep.get("maths") or {}
+    if maths:
+        out.append(
+            "<h3>Etching maths, with the calculator</h3>"
+            + table(
+                [
+                    {
+                        "model": name,
+                        "shown": "zero-shot" if mode == "zero_shot" else f"{tally.get('shots')} worked answers first",
+                        "exact": f"{tally['correct']}/{tally['n']}",
+                        **tally.get("difficulty", {}),
+                        "by kind": ", ".join(f"{k} {v}" for k, v in tally.get("kind", {}).items()),
+                    }
+                    for name, modes in maths.items()
+                    for mode, tally in modes.items()
+                ],
+                ["model", "shown", "exact", "easy", "medium", "hard", "by kind"],
+            )
+        )
     judge = rep.get("judge") or {}
     if judge.get("scores"):
         crit = list(judge.get("criteria") or {})

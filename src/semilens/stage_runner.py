@@ -62,8 +62,8 @@ def run_matrix_stage(
     stage: str, work: Callable[[Config, str], dict[str, Any]], items: tuple[str, ...] = VLM_FAMILIES
 ) -> dict[str, Any]:
     """Main of a dvc.yaml matrix stage: ``python -m stages.<stage> ITEM``, ITEM one of
-    ``items`` (the VLM families, the only matrix there is): anything else exits 2 naming
-    the known ones instead of failing with a traceback inside the work."""
+    ``items`` (the VLM families by default; the text models for answer_llm): anything else
+    exits 2 naming the known ones instead of failing with a traceback inside the work."""
     if len(sys.argv) != 2:
         raise SystemExit(f"usage: python -m stages.{stage} ITEM (one of {', '.join(items)})")
     item = sys.argv[1]

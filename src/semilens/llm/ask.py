@@ -37,8 +37,9 @@ def causal_lm_folder(folder: Path) -> Path:
     return folder
 
 
-def ask(folder: Path, question: str, max_new_tokens: int = 128) -> str:
-    """The model's greedy answer to one question.
+def ask(folder: Path, question: str, max_new_tokens: int = 128, calculator: bool = False) -> str:
+    """The model's greedy answer to one question; with ``calculator``, the digits after each
+    ``=`` of its arithmetic are computed (as evaluate_llm scores the etching maths).
 
     An adapter folder is loaded by transformers' PEFT integration (``load_causal`` ->
     ``from_pretrained``): it reads ``adapter_config.json``, loads the base it names and
@@ -48,4 +49,14 @@ def ask(folder: Path, question: str, max_new_tokens: int = 128) -> str:
 
     if not question.strip():
         raise ValueError("the question is empty")
-    return generate(causal_lm_folder(folder), [question], max_new_tokens, batch_size=1)[0]
+    folder = causal_lm_folder(folder)
+    if not calculator:
+        return generate(folder, [question], max_new_tokens, batch_size=1)[0]
+    from transformers import AutoTokenizer
+
+    from semilens.llm.calculator import generate_with_calculator
+    from semilens.llm.evaluate import chat_prompt
+    from semilens.llm.pretrain import load_causal
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return generate_with_calculator(load_causal(folder), tokenizer, chat_prompt(tokenizer, question), max_new_tokens)

@@ -4,10 +4,12 @@ The worked answers the model is trained on spell every step out as
 ``<expression> = <value>``: ``(1660 - 1455) nm / (30 s / 60 s/min) = 205 nm / 0.5 min = 410 nm/min``.
 At inference, each time the model writes ``=`` after an arithmetic expression, the
 expression is evaluated (units dropped, ``x`` read as multiplication, ``%`` dropped) and the
-value is written in for it; the model then goes on from there. This is the calculator
+value is written in for it (``CalculatorLogits`` forces its tokens within the one
+``generate`` call); the model then goes on from there. This is the calculator
 annotation of Cobbe et al. (2021, GSM8K): choosing the formula and reading the right
-numbers out of the question stays the model's job, only the digits are not. Evaluation
-reports maths exactness with and without it, side by side.
+numbers out of the question stays the model's job, only the digits are not. With
+``evaluate_llm.calculator`` on (the default) the benchmark's maths is answered this way;
+off, the model writes its own digits.
 
 Only +, -, *, /, ** on numbers, parentheses and ln/log10/exp/sqrt are evaluated (an AST
 whitelist, never ``eval`` on model text); anything else leaves the text as the model wrote it.
@@ -102,111 +104,80 @@ def fill_in(text: str) -> str | None:
     return None if value is None else fmt(value)
 
 
+class CalculatorLogits:
+    """A ``transformers`` logits processor that is the calculator inside one ``generate`` call.
+
+    After each step it looks at the token just written: when a row's answer now ends in
+    ``=`` after an arithmetic clause, the value's tokens are queued for that row and forced,
+    one a step, by making every other token impossible; then the model goes on. One call
+    with the KV cache does what a call per ``=`` did, each re-reading prompt and answer:
+    that loop spent most of its time re-encoding (a worked answer has five to ten ``=``),
+    and on SmolLM2 took three times as long as plain generation of the same rows.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_len: int, rows: int, max_calls: int = 12):
+        self.tokenizer, self.prompt_len, self.max_calls = tokenizer, prompt_len, max_calls
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        self.equals_ids = {i for i, t in enumerate(vocab) if t is not None and "=" in t}
+        self.queue: list[list[int]] = [[] for _ in range(rows)]
+        self.calls = [0] * rows
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if input_ids.shape[1] <= self.prompt_len:
+            return scores
+        for row in range(input_ids.shape[0]):
+            if not self.queue[row] and self.calls[row] < self.max_calls and int(input_ids[row, -1]) in self.equals_ids:
+                text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
+                value = fill_in(text) if text.rstrip().endswith("=") else None
+                if value is not None:
+                    self.calls[row] += 1
+                    lead = "" if text[-1:].isspace() else " "
+                    self.queue[row] = self.tokenizer(lead + value, add_special_tokens=False)["input_ids"]
+            if self.queue[row]:
+                token = self.queue[row].pop(0)
+                scores[row] = float("-inf")
+                scores[row, token] = 0.0
+        return scores
+
+
 def generate_with_calculator(
     model: Any, tokenizer: Any, prompt_text: str, max_new_tokens: int, max_calls: int = 12
 ) -> str:
-    """Greedy generation that stops at each ``=`` and lets the calculator write the value.
+    """Greedy generation in which the calculator writes the value after each ``=``.
 
     ``prompt_text`` is the chat-formatted prompt; the return value is the answer alone.
     """
-    import torch
-
-    answer = ""
-    budget = max_new_tokens
-    for _ in range(max_calls + 1):
-        enc = tokenizer(prompt_text + answer, return_tensors="pt", add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            gen = model.generate(
-                **enc,
-                max_new_tokens=budget,
-                do_sample=False,
-                stop_strings=["="],
-                tokenizer=tokenizer,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
-            )
-        new = gen[0, enc["input_ids"].shape[1] :].tolist()
-        budget -= len(new)
-        answer, writing = _continue(answer, new, tokenizer, _eos_ids(model, tokenizer), budget)
-        if not writing:
-            break
-    return answer.strip()
-
-
-def _continue(answer: str, new: list[int], tokenizer: Any, eos: set[int], budget: int) -> tuple[str, bool]:
-    """One generate call's tokens appended to ``answer``; if they stopped at an "=" with
-    budget left, the calculator's value written after it. Returns the answer and whether
-    the model goes on writing."""
-    piece = tokenizer.decode(new, skip_special_tokens=True)
-    answer += piece
-    ended = len(new) == 0 or new[-1] in eos
-    if ended or budget <= 0 or "=" not in piece:
-        return answer, False
-    # the stop may fall inside a token ("= (" as one token): cut back to the "="
-    answer = answer[: answer.rindex("=") + 1]
-    value = fill_in(answer)
-    return (answer if value is None else answer.rstrip() + " " + value), True
+    return generate_with_calculator_batch(model, tokenizer, [prompt_text], max_new_tokens, 1, max_calls)[0]
 
 
 def generate_with_calculator_batch(
     model: Any, tokenizer: Any, prompt_texts: list[str], max_new_tokens: int, batch_size: int, max_calls: int = 12
 ) -> list[str]:
-    """``generate_with_calculator`` for many prompts: each round, the rows still writing go
-    through ``generate`` together (left-padded), each row with its own token budget.
-
-    The rows' text and budgets follow the one-row loop (the same ``_continue``); only the batching differs
-    (one row at a time took 66 s of the text evaluation for 72 maths questions). A row that
-    stops at "=" is padded to the longest row's end, so its own tokens end at the first pad;
-    with no pad token distinct from end-of-sequence that end cannot be told apart from a
-    finished answer, and the rows go one at a time.
-    """
+    """``generate_with_calculator`` for many prompts, ``batch_size`` rows per ``generate``
+    call (left-padded, so every answer continues at the right edge). The values the
+    calculator writes count against a row's ``max_new_tokens`` like the model's own."""
     import torch
+    from transformers import LogitsProcessorList
 
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id
-    if pad is None or pad in eos:
-        return [generate_with_calculator(model, tokenizer, p, max_new_tokens, max_calls) for p in prompt_texts]
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers = [""] * len(prompt_texts)
-    budgets = [max_new_tokens] * len(prompt_texts)
-    writing = list(range(len(prompt_texts)))
+    answers: list[str] = []
     try:
-        for _ in range(max_calls + 1):
-            still: list[int] = []
-            for start in range(0, len(writing), batch_size):
-                rows = writing[start : start + batch_size]
-                enc = tokenizer(
-                    [prompt_texts[i] + answers[i] for i in rows],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=False,
-                ).to(model.device)
-                with torch.no_grad():
-                    gen = model.generate(
-                        **enc,
-                        max_new_tokens=max(budgets[i] for i in rows),
-                        do_sample=False,
-                        stop_strings=["="],
-                        tokenizer=tokenizer,
-                        pad_token_id=pad,
-                        eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
-                    )
-                for row, i in enumerate(rows):
-                    new = gen[row, enc["input_ids"].shape[1] :].tolist()
-                    new = new[: new.index(pad)] if pad in new else new
-                    new = new[: budgets[i]]
-                    budgets[i] -= len(new)
-                    answers[i], writing_on = _continue(answers[i], new, tokenizer, eos, budgets[i])
-                    if writing_on:
-                        still.append(i)
-            writing = still
-            if not writing:
-                break
+        for start in range(0, len(prompt_texts), batch_size):
+            batch = prompt_texts[start : start + batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            calculator = CalculatorLogits(tokenizer, enc["input_ids"].shape[1], len(batch), max_calls)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([calculator]),
+                    pad_token_id=tokenizer.pad_token_id
+                    if tokenizer.pad_token_id is not None
+                    else tokenizer.eos_token_id,
+                    eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+                )
+            answers += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
     return [a.strip() for a in answers]
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}

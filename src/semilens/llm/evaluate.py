@@ -1,13 +1,16 @@
-"""evaluate_llm: every stage's text model on the benchmark split, per difficulty.
+"""answer_llm@<model> and evaluate_llm: every stage's text model on the benchmark split.
 
-Reads the checkpoints ``<paths.models>/llm/{base,pretrained,sft}``, the benchmark split
-and the held-out corpus; writes ``metrics/llm.json`` (one row per model and difficulty)
-and ``<paths.models>/llm/eval/predictions.jsonl`` (every answer beside its reference);
-with a judge configured, also ``<paths.models>/llm/eval/judge.jsonl`` (every judge reply).
-Run: ``python -m stages.evaluate_llm``.
+``answer_llm@<model>`` (one of base, pretrained, sft, gptq) reads that checkpoint under
+``<paths.models>/llm/``, the benchmark split and the held-out corpus, and writes
+``<paths.models>/llm/answers/<model>.json``: its answers and its held-out perplexity.
+``evaluate_llm`` scores the four and writes ``metrics/llm.json`` (one row per model and
+difficulty) and ``<paths.models>/llm/eval/predictions.jsonl`` (every answer beside its
+reference); with a judge configured, also ``<paths.models>/llm/eval/judge.jsonl`` (every
+judge reply). Run: ``python -m stages.answer_llm sft``, ``python -m stages.evaluate_llm``.
 
 Scores: etching-maths exactness (the final number of the answer within a relative
-tolerance, in the expected unit after conversion: 0.5 min equals 30 s), ROUGE-L and
+tolerance, in the expected unit after conversion: 0.5 min equals 30 s; answered with the
+calculator when ``calculator`` is on, else with the model's own digits), ROUGE-L and
 BERTScore (the local MiniLM) against the reference answers, and held-out corpus
 perplexity per model: overall, on the user's real documents and on the synthetic ones
 apart. Maths is also tallied per kind and difficulty (``maths``), and the base model is
@@ -26,10 +29,10 @@ from typing import Any
 
 from semilens.checkpoints import resolve_checkpoint
 from semilens.config import Config
-from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
+from semilens.io import read_json, reset_dir, write_json, write_jsonl
 from semilens.llm.calculator import generate_with_calculator_batch
 from semilens.llm.judge import judge_report, resolve_judge
-from semilens.llm.pretrain import is_heldout, load_causal, pack, perplexity
+from semilens.llm.pretrain import heldout_texts, load_causal
 from semilens.scores import caption_scores
 
 MODELS = ("base", "pretrained", "sft", "gptq")
@@ -124,16 +127,6 @@ def maths_tally(rows: list[dict[str, Any]], key: str, rel_tol: float) -> dict[st
     return tally
 
 
-def heldout_by_origin(chunks: list[dict[str, Any]], heldout_fraction: float, raw_pdfs: Path) -> dict[str, list[str]]:
-    """Held-out chunk texts, all of them and split by origin: ``real`` from the user's PDFs
-    (under ``paths.raw_pdfs``), ``synthetic`` from the rendered knowledge base."""
-    raw = raw_pdfs.as_posix().rstrip("/") + "/"
-    held = [c for c in chunks if is_heldout(c, heldout_fraction)]
-    real = [c["text"] for c in held if str(c.get("source", "")).startswith(raw)]
-    synthetic = [c["text"] for c in held if not str(c.get("source", "")).startswith(raw)]
-    return {"all": [c["text"] for c in held], "real": real, "synthetic": synthetic}
-
-
 def generate(folder: Path, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
     """Greedy answers to single-turn prompts with the checkpoint in ``folder``."""
     from transformers import AutoTokenizer
@@ -165,9 +158,15 @@ def answer_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens:
 
 
 def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
-    """Maths exactness, ROUGE-L and BERTScore of one model's answers on some rows."""
+    """Maths exactness, ROUGE-L and BERTScore of one model's answers on some rows.
+
+    A maths row answered with the calculator (``prediction_calc``) counts there only:
+    ``math_exact`` is the model's own arithmetic, None when no row was answered without it.
+    """
     math = [r for r in rows if r["category"] == "etch_math"]
-    exact = [math_correct(r["prediction"], json.loads(r["answer"]), rel_tol) for r in math]
+    exact = [
+        math_correct(r["prediction"], json.loads(r["answer"]), rel_tol) for r in math if "prediction_calc" not in r
+    ]
     with_calc = [
         math_correct(r["prediction_calc"], json.loads(r["answer"]), rel_tol) for r in math if "prediction_calc" in r
     ]
@@ -175,84 +174,150 @@ def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
     return {
         "n": len(rows),
         "math_n": len(math),
-        "math_exact": round(sum(exact) / len(math), 4) if math else None,
+        "math_exact": round(sum(exact) / len(exact), 4) if exact else None,
         "math_exact_calculator": round(sum(with_calc) / len(with_calc), 4) if with_calc else None,
         "rouge_l": None if not rows else round(text["rouge_l"], 4),
         "bertscore_f1": None if not rows else round(text["bertscore_f1"], 4),
     }
 
 
-def _perplexity_or_none(model: Any, tokenizer: Any, texts: list[str], block_size: int) -> float | None:
-    """Perplexity over ``texts`` packed in blocks, or None when they fill no block (a
-    corpus without real documents, say)."""
-    blocks = pack(texts, tokenizer, block_size)
-    return perplexity(model, blocks) if blocks else None
+def benchmark_rows(cfg: Config) -> list[dict[str, Any]]:
+    """The benchmark split's rows, the first ``evaluate_llm.max_rows`` when that is set."""
+    import datasets
+
+    bench = datasets.Dataset.from_parquet(str(Path(cfg.paths.instructions) / "benchmark.parquet"))
+    if cfg.evaluate_llm.max_rows:
+        bench = bench.select(range(min(cfg.evaluate_llm.max_rows, len(bench))))
+    return [dict(r) for r in bench]
 
 
-def evaluate_llm(cfg: Config) -> dict[str, Any]:
+def answers_file(cfg: Config, name: str) -> Path:
+    return Path(cfg.paths.models) / "llm" / "answers" / f"{name}.json"
+
+
+def answer_llm(cfg: Config, name: str) -> dict[str, Any]:
+    """One model's answers to the benchmark, written to
+    ``<paths.models>/llm/answers/<name>.json`` for ``evaluate_llm`` to score.
+
+    A stage per model (``answer_llm@<model>``) so each runs as soon as its model exists:
+    the base's beside domain pretraining, the pretrained model's beside SFT, the SFT
+    model's beside GPTQ. As one stage after GPTQ the four took about 11 minutes of one
+    core at the end of the run's longest chain.
+    """
     import datasets
     import torch
     from transformers import AutoTokenizer
 
+    if name not in MODELS:
+        raise ValueError(f"answer_llm: unknown model {name!r}; known: {', '.join(MODELS)}")
     ecfg = cfg.evaluate_llm
-    judge_cfg = resolve_judge(ecfg.judge)  # a URL without a model fails here, before generating
     torch.set_num_threads(ecfg.threads)
-    bench = datasets.Dataset.from_parquet(str(Path(cfg.paths.instructions) / "benchmark.parquet"))
-    if ecfg.max_rows:
-        bench = bench.select(range(min(ecfg.max_rows, len(bench))))
-    rows = [dict(r) for r in bench]
-    held = heldout_by_origin(
-        list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")),
-        cfg.pretrain_llm.heldout_fraction,
-        Path(cfg.paths.raw_pdfs),
-    )
-    shots: dict[str, list[dict[str, Any]]] = {}
-    if ecfg.few_shot and ecfg.calculator:
+    rows = benchmark_rows(cfg)
+    folder = resolve_checkpoint(Path(cfg.paths.models) / "llm" / name)
+    # one load serves the plain answers and the calculator's
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = load_causal(folder)
+    # With the calculator the maths rows are answered with it only: a second, plain
+    # generation of every maths row cost a third of the evaluation on SmolLM2 and the maths
+    # bar is set with the calculator. The calculator's answer is the model's text with the
+    # digits after each "=" computed, so it is also what ROUGE-L and BERTScore read there.
+    maths = [r for r in rows if r["category"] == "etch_math"] if ecfg.calculator else []
+    plain = [r for r in rows if not (ecfg.calculator and r["category"] == "etch_math")]
+    answers: dict[str, dict[str, str]] = {}
+    prose = answer_batch(model, tokenizer, [r["instruction"] for r in plain], ecfg.max_new_tokens, ecfg.batch_size)
+    for r, answer in zip(plain, prose):
+        answers[r["id"]] = {"prediction": answer}
+    if maths:
+        calc = generate_with_calculator_batch(
+            model,
+            tokenizer,
+            [chat_prompt(tokenizer, r["instruction"]) for r in maths],
+            ecfg.maths_max_new_tokens,
+            ecfg.batch_size,
+        )
+        for r, answer in zip(maths, calc):
+            answers[r["id"]] = {"prediction": answer, "prediction_calc": answer}
+    if maths and name == "base" and ecfg.few_shot:
+        # the untouched base shown worked answers: the baseline SFT has to beat
         train = datasets.Dataset.from_parquet(str(Path(cfg.paths.instructions) / "train.parquet"))
         shots = shots_by_kind([dict(r) for r in train], ecfg.few_shot)
+        few = generate_with_calculator_batch(
+            model,
+            tokenizer,
+            [few_shot_prompt(tokenizer, shots.get(r["kind"], []), r["instruction"]) for r in maths],
+            ecfg.maths_max_new_tokens,
+            ecfg.batch_size,
+        )
+        for r, answer in zip(maths, few):
+            answers[r["id"]]["prediction_few_shot"] = answer
+    record = {"model": name, "shots": ecfg.few_shot if maths and name == "base" else 0, "answers": answers}
+    write_json(answers_file(cfg, name), record)
+    return {"model": name, "rows": len(answers)}
+
+
+# Where each model's held-out perplexity was measured: by the stage that had it in memory
+# (metrics file, key prefix), not a second pass here.
+PERPLEXITY_SOURCES = {
+    "base": ("llm/pretrain.json", "heldout_perplexity_before"),
+    "pretrained": ("llm/pretrain.json", "heldout_perplexity_after"),
+    "sft": ("quantize.json", "heldout_perplexity_unquantized"),
+    "gptq": ("quantize.json", "heldout_perplexity_quantized"),
+}
+
+
+def measured_perplexity(cfg: Config, name: str) -> dict[str, Any]:
+    """``name``'s held-out perplexity (all, real, synthetic) from the stage that measured it."""
+    rel, key = PERPLEXITY_SOURCES[name]
+    path = Path(cfg.paths.metrics) / rel
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; the {name} model's held-out perplexity is measured there")
+    m = read_json(path)
+    return {"all": m[key], "real": m.get(f"{key}_real"), "synthetic": m.get(f"{key}_synthetic")}
+
+
+def read_answers(cfg: Config, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``answer_llm@<name>``'s record, refused when it lacks a benchmark row (answers of
+    another benchmark, or of a smaller ``max_rows``)."""
+    path = answers_file(cfg, name)
+    if not path.is_file():
+        raise ValueError(f"{path}: no answers of the {name} model; run answer_llm@{name} first")
+    record = read_json(path)
+    missing = [r["id"] for r in rows if r["id"] not in record["answers"]]
+    if missing:
+        raise ValueError(
+            f"{path}: no answer to {len(missing)} benchmark row(s) ({', '.join(missing[:3])}); "
+            f"the answers are stale: run answer_llm@{name} again"
+        )
+    return record
+
+
+def evaluate_llm(cfg: Config) -> dict[str, Any]:
+    """Every model's answers (``answer_llm``) scored against the references, tallied per
+    difficulty and maths kind, and judged when a judge is configured."""
+    import torch
+
+    ecfg = cfg.evaluate_llm
+    judge_cfg = resolve_judge(ecfg.judge)  # a URL without a model fails here, before any work
+    torch.set_num_threads(ecfg.threads)  # BERTScore's encoder
+    rows = benchmark_rows(cfg)
+    held = heldout_texts(cfg)  # counted per origin
     maths_report: dict[str, Any] = {}
     models_dir = Path(cfg.paths.models) / "llm"
     table: list[dict[str, Any]] = []
     predictions: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     for name in MODELS:
-        folder = resolve_checkpoint(models_dir / name)
-        # one load per model serves the answers, the calculator runs and the perplexity
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = load_causal(folder)
-        answers = answer_batch(model, tokenizer, [r["instruction"] for r in rows], ecfg.max_new_tokens, ecfg.batch_size)
-        scored = [{**r, "prediction": a} for r, a in zip(rows, answers)]
-        if ecfg.calculator:
-            maths = [r for r in scored if r["category"] == "etch_math"]
-            calc = generate_with_calculator_batch(
-                model,
-                tokenizer,
-                [chat_prompt(tokenizer, r["instruction"]) for r in maths],
-                ecfg.max_new_tokens,
-                ecfg.batch_size,
-            )
-            for r, answer in zip(maths, calc):
-                r["prediction_calc"] = answer
+        record = read_answers(cfg, name, rows)
+        scored = [{**r, **record["answers"][r["id"]]} for r in rows]
+        maths = [r for r in scored if "prediction_calc" in r]
+        if maths:
             maths_report[name] = {"zero_shot": maths_tally(maths, "prediction_calc", ecfg.math_rel_tol)}
-            if name == "base" and shots:
-                # the untouched base shown worked answers: what SFT has to beat
-                few = generate_with_calculator_batch(
-                    model,
-                    tokenizer,
-                    [few_shot_prompt(tokenizer, shots.get(r["kind"], []), r["instruction"]) for r in maths],
-                    ecfg.max_new_tokens,
-                    ecfg.batch_size,
-                )
-                for r, answer in zip(maths, few):
-                    r["prediction_few_shot"] = answer
+            if all("prediction_few_shot" in r for r in maths) and record["shots"]:
                 maths_report[name]["few_shot"] = {
-                    "shots": ecfg.few_shot,
+                    "shots": record["shots"],
                     **maths_tally(maths, "prediction_few_shot", ecfg.math_rel_tol),
                 }
-        ppl = {
-            origin: _perplexity_or_none(model, tokenizer, texts, cfg.pretrain_llm.block_size)
-            for origin, texts in held.items()
-        }
+        ppl = measured_perplexity(cfg, name)
         for difficulty in (*DIFFICULTIES, "all"):
             subset = [r for r in scored if difficulty == "all" or r["difficulty"] == difficulty]
             table.append(

@@ -44,6 +44,52 @@ def split_corpus(chunks: list[dict[str, Any]], heldout_fraction: float) -> tuple
     return train, held
 
 
+def heldout_by_origin(chunks: list[dict[str, Any]], heldout_fraction: float, raw_pdfs: Path) -> dict[str, list[str]]:
+    """Held-out chunk texts, all of them and split by origin: ``real`` from the user's PDFs
+    (under ``paths.raw_pdfs``), ``synthetic`` from the rendered knowledge base."""
+    raw = raw_pdfs.as_posix().rstrip("/") + "/"
+    held = [c for c in chunks if is_heldout(c, heldout_fraction)]
+    real = [c["text"] for c in held if str(c.get("source", "")).startswith(raw)]
+    synthetic = [c["text"] for c in held if not str(c.get("source", "")).startswith(raw)]
+    return {"all": [c["text"] for c in held], "real": real, "synthetic": synthetic}
+
+
+def heldout_texts(cfg: Config) -> dict[str, list[str]]:
+    """The corpus' held-out chunk texts by origin (``heldout_by_origin``)."""
+    return heldout_by_origin(
+        list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")),
+        cfg.pretrain_llm.heldout_fraction,
+        Path(cfg.paths.raw_pdfs),
+    )
+
+
+def heldout_perplexities(model: Any, tokenizer: Any, held: dict[str, list[str]], block_size: int) -> dict[str, Any]:
+    """Perplexity on the real and on the synthetic held-out text, each packed apart, and
+    over both (``all``: their summed loss over their summed tokens), with the tokens
+    scored. An origin whose text fills no block (a corpus without real documents, say)
+    gets None.
+
+    Each model's perplexity is measured once, by the stage that has it in memory
+    (pretrain_llm: base and pretrained; quantize_llm: SFT and GPTQ); evaluate_llm reads
+    it from their metrics rather than a second pass (about 50 s a model on SmolLM2).
+    """
+    sums = {origin: loss_total(model, pack(held[origin], tokenizer, block_size)) for origin in ("real", "synthetic")}
+    total, count = sum(t for t, _ in sums.values()), sum(c for _, c in sums.values())
+    out: dict[str, Any] = {origin: round(math.exp(t / c), 3) if c else None for origin, (t, c) in sums.items()}
+    out["all"] = round(math.exp(total / count), 3) if count else None
+    out["tokens"] = count
+    return out
+
+
+def require_heldout(ppl: dict[str, Any], chunks_file: Path, block_size: int) -> dict[str, Any]:
+    if ppl["all"] is None:
+        raise ValueError(
+            f"{chunks_file}: no held-out block to measure perplexity on: the corpus is too small for block_size "
+            f"{block_size}"
+        )
+    return ppl
+
+
 def pack(texts: list[str], tokenizer: Any, block_size: int) -> list[list[int]]:
     """Concatenate ``<bos> text <eos>`` for every text and cut into full blocks."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -54,11 +100,19 @@ def pack(texts: list[str], tokenizer: Any, block_size: int) -> list[list[int]]:
     return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
 
 
-def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> float:
-    """exp(mean next-token loss) over every predicted token of the blocks."""
+# Logit elements one perplexity batch may hold (x4 bytes, and the loss makes copies): a
+# 49,152-word vocabulary (SmolLM2) at 256 tokens is 12.6M a block, so 2 blocks a batch.
+LOGIT_BUDGET = 2**25
+
+
+def loss_total(model: Any, blocks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
+    """(summed next-token loss, tokens predicted) over the blocks; (0.0, 0) for none."""
     import torch
 
     model.eval()
+    if blocks:
+        vocab = model.get_output_embeddings().out_features
+        batch_size = max(1, min(batch_size, LOGIT_BUDGET // (len(blocks[0]) * vocab)))
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), batch_size):
@@ -69,6 +123,12 @@ def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> floa
             )
             total += float(loss)
             count += ids[:, 1:].numel()
+    return total, count
+
+
+def perplexity(model: Any, blocks: list[list[int]], batch_size: int = 8) -> float:
+    """exp(mean next-token loss) over every predicted token of the blocks."""
+    total, count = loss_total(model, blocks, batch_size)
     if count == 0:
         raise ValueError("no held-out block to measure perplexity on: the corpus is too small for block_size")
     return round(math.exp(total / count), 3)
@@ -141,6 +201,7 @@ def trainer_kwargs(c: Any, ckpt_dir: Path) -> dict[str, Any]:
         output_dir=str(ckpt_dir),
         max_steps=c.max_steps,
         per_device_train_batch_size=c.batch_size,
+        gradient_accumulation_steps=c.gradient_accumulation_steps,
         learning_rate=c.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=c.warmup_steps,
@@ -183,13 +244,15 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
     weights = resolve_checkpoint(base_dir)
     chunks_file = Path(cfg.paths.markdown) / "chunks.jsonl"
     train_texts, held_texts = split_corpus(list(read_jsonl(chunks_file)), pcfg.heldout_fraction)
+    held = heldout_texts(cfg)
     tokenizer = AutoTokenizer.from_pretrained(weights)
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
     train_blocks = pack(train_texts, tokenizer, pcfg.block_size)
-    held_blocks = pack(held_texts, tokenizer, pcfg.block_size)
     if not train_blocks:
         raise ValueError(f"{chunks_file}: the corpus gives no full {pcfg.block_size}-token block to train on")
-    ppl_before = perplexity(model, held_blocks)
+    ppl_before = require_heldout(
+        heldout_perplexities(model, tokenizer, held, pcfg.block_size), chunks_file, pcfg.block_size
+    )
 
     # this module's own hash too: a checkpoint written by other training code is not resumed
     key = run_key(
@@ -203,7 +266,7 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
     model = trainer.model
     if pcfg.method == "lora":
         model = model.merge_and_unload()
-    ppl_after = perplexity(model, held_blocks)
+    ppl_after = heldout_perplexities(model, tokenizer, held, pcfg.block_size)
 
     out = reset_dir(Path(cfg.paths.models) / "llm" / "pretrained")
     model.save_pretrained(out)
@@ -220,9 +283,12 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
         "train_chunks": len(train_texts),
         "heldout_chunks": len(held_texts),
         "train_tokens": len(train_blocks) * pcfg.block_size,
-        "heldout_tokens": len(held_blocks) * pcfg.block_size,
-        "heldout_perplexity_before": ppl_before,
-        "heldout_perplexity_after": ppl_after,
+        "heldout_tokens": ppl_before["tokens"],
+        **{
+            f"heldout_perplexity_{when}{suffix}": ppl[key]
+            for when, ppl in (("before", ppl_before), ("after", ppl_after))
+            for key, suffix in (("all", ""), ("real", "_real"), ("synthetic", "_synthetic"))
+        },
         "first_loss": curve[0]["loss"] if curve else None,
         "last_loss": curve[-1]["loss"] if curve else None,
     }

@@ -26,7 +26,7 @@ from typing import Any
 from semilens.checkpoints import CONFIG_FILE
 from semilens.config import Config, QuantizeLLMConfig, dump_config
 from semilens.io import atomic_write_text, read_jsonl, reset_dir, write_json
-from semilens.llm.pretrain import load_causal, pack, perplexity, split_corpus
+from semilens.llm.pretrain import heldout_perplexities, heldout_texts, load_causal, pack, require_heldout, split_corpus
 from semilens.training import clear_runtime_state
 
 STAGE = "quantize_llm"
@@ -72,7 +72,7 @@ def recipe(qcfg: QuantizeLLMConfig) -> Any:
     weights = {
         "num_bits": qcfg.bits,
         "type": "int",
-        "symmetric": True,
+        "symmetric": qcfg.symmetric,
         "strategy": "group",
         "group_size": qcfg.group_size,
     }
@@ -118,15 +118,16 @@ def quantize_llm(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(qcfg.seed)
     src = Path(cfg.paths.models) / "llm" / "sft"
     chunks_file = Path(cfg.paths.markdown) / "chunks.jsonl"
-    train_texts, held_texts = split_corpus(list(read_jsonl(chunks_file)), cfg.pretrain_llm.heldout_fraction)
+    train_texts, _ = split_corpus(list(read_jsonl(chunks_file)), cfg.pretrain_llm.heldout_fraction)
+    held = heldout_texts(cfg)
+    block = cfg.pretrain_llm.block_size
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     check_group_size(model, qcfg)
-    held = pack(held_texts, tokenizer, cfg.pretrain_llm.block_size)
     calib = pack(train_texts, tokenizer, qcfg.max_seq_length)[: qcfg.calibration_samples]
     if not calib:
         raise ValueError(f"{chunks_file}: no full {qcfg.max_seq_length}-token block to calibrate GPTQ on")
-    ppl_fp = perplexity(model, held)
+    ppl_fp = require_heldout(heldout_perplexities(model, tokenizer, held, block), chunks_file, block)
 
     calib_ds = datasets.Dataset.from_dict({"input_ids": calib, "attention_mask": [[1] * len(b) for b in calib]})
     oneshot(
@@ -143,7 +144,7 @@ def quantize_llm(cfg: Config) -> dict[str, Any]:
 
     # Everything below reads the saved folder back, as a user would.
     reloaded = load_causal(out)
-    ppl_q = perplexity(reloaded, held)
+    ppl_q = heldout_perplexities(reloaded, tokenizer, held, block)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": qcfg.smoke_prompt}], tokenize=False, add_generation_prompt=True
     )
@@ -167,9 +168,12 @@ def quantize_llm(cfg: Config) -> dict[str, Any]:
         "linear_size_ratio": round(lin["bytes"] / lin["fp32_bytes"], 4) if lin["fp32_bytes"] else None,
         "folder_bytes_unquantized": folder_bytes(src),
         "folder_bytes_quantized": folder_bytes(out),
-        "heldout_perplexity_unquantized": ppl_fp,
-        "heldout_perplexity_quantized": ppl_q,
-        "perplexity_ratio": round(ppl_q / ppl_fp, 4),
+        **{
+            f"heldout_perplexity_{which}{suffix}": ppl[key]
+            for which, ppl in (("unquantized", ppl_fp), ("quantized", ppl_q))
+            for key, suffix in (("all", ""), ("real", "_real"), ("synthetic", "_synthetic"))
+        },
+        "perplexity_ratio": round(ppl_q["all"] / ppl_fp["all"], 4),
         "reloads_and_generates": gen.shape[1] > enc["input_ids"].shape[1],
         "sample": {"prompt": qcfg.smoke_prompt, "answer": sample},
     }

@@ -53,7 +53,7 @@ SUFFIXES = {"sft": "llm", "gptq": "llm_gptq"}
 MODEL_SECTIONS = ("prepare_llm", "pretrain_llm", "sft_llm", "quantize_llm")
 # logged as params too: they decide the scores the versions carry
 LOGGED_SECTIONS = (*MODEL_SECTIONS, "evaluate_llm")
-SCORE_KEYS = ("math_exact", "rouge_l", "bertscore_f1", "heldout_perplexity")
+SCORE_KEYS = ("math_exact", "math_exact_calculator", "rouge_l", "bertscore_f1", "heldout_perplexity")
 QUANT_KEYS = (
     "bits",
     "group_size",
@@ -125,7 +125,8 @@ def write_llm_card(
             "What this is",
             f"A Llama-3-architecture text model for semiconductor process engineers. Base: {base_source}; "
             "continued pretraining on the cleaned process corpus (`pretrained/`), LoRA SFT on the "
-            "instruction train split (`adapter/`, merged into `sft/`), GPTQ W4A16 of the SFT model "
+            f"instruction train split (`adapter/`, merged into `sft/`), GPTQ W{quantize['bits']}A16 in groups of "
+            f"{quantize['group_size']} of the SFT model "
             f"(`gptq/`, compressed-tensors). Registered in MLflow as `{names['sft']}` (the SFT model: "
             f"the adapter on `pretrained/`) and `{names['gptq']}` (the GPTQ weights); each version "
             "carries the md5s below as tags. Ask it: "
@@ -136,7 +137,19 @@ def write_llm_card(
             "Scores",
             f"Benchmark split: {report['benchmark_rows']} pairs, greedy decoding; maths exact within "
             f"{report['math_rel_tol']:.0%} after unit conversion; perplexity on held-out corpus chunks.\n\n"
-            + table(rows, ["model", "difficulty", "n", "math_exact", "rouge_l", "bertscore_f1", "heldout_perplexity"]),
+            + table(
+                rows,
+                [
+                    "model",
+                    "difficulty",
+                    "n",
+                    "math_exact",
+                    "math_exact_calculator",
+                    "rouge_l",
+                    "bertscore_f1",
+                    "heldout_perplexity",
+                ],
+            ),
         ),
     ]
     judge = report.get("judge") or {}
@@ -185,6 +198,8 @@ def lineage_paths(cfg: Config) -> dict[str, Path]:
         "dataset": Path(cfg.paths.instructions),
         "corpus": Path(cfg.paths.markdown),
         **{name: models / name for name in ("base", "pretrained", "adapter", "sft", "gptq")},
+        # each model's benchmark answers (answer_llm@<model>), which the evaluation scored
+        **{f"answers_{name}": models / "answers" / f"{name}.json" for name in MODELS},
         "evaluation": models / "eval",
     }
 
