@@ -71,7 +71,7 @@ def test_a_default_that_drifts_from_params_yaml_is_named():
     # config.py with one default changed, as it was before defaults had one source
     drifted = create_model("Drifted", __base__=Config, sft_llm=(SftLLMConfig, SftLLMConfig(max_steps=300)))
     drift = differences(drifted.model_validate(SHIPPED), drifted())
-    assert drift == ["sft_llm.max_steps: params.yaml 130, default 300"]
+    assert drift == ["sft_llm.max_steps: params.yaml 100, default 300"]
 
 
 def test_a_value_params_yaml_leaves_out_is_named():

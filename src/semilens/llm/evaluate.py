@@ -216,7 +216,7 @@ def answer_llm(cfg: Config, name: str) -> dict[str, Any]:
     folder = resolve_checkpoint(Path(cfg.paths.models) / "llm" / name)
     # one load serves the plain answers and the calculator's
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = load_causal(folder)
+    model = load_causal(folder, ecfg.cpu_dtype)
     # With the calculator the maths rows are answered with it only: a second, plain
     # generation of every maths row cost a third of the evaluation on SmolLM2 and the maths
     # bar is set with the calculator. The calculator's answer is the model's text with the

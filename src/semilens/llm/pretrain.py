@@ -144,8 +144,9 @@ def model_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in summary.items() if k not in RUN_ONLY}
 
 
-def load_causal(folder: Path) -> Any:
-    """A causal LM for scoring or generating: fp32 on the CPU, bf16 on the GPU when there is one.
+def load_causal(folder: Path, cpu_dtype: str = "float32") -> Any:
+    """A causal LM for scoring or generating: ``cpu_dtype`` on the CPU, bf16 on the GPU
+    when there is one.
 
     Training stages load their own way (the Trainer places the model); this is for the
     stages that only run the model, where a real 8B base would crawl on the CPU.
@@ -155,7 +156,7 @@ def load_causal(folder: Path) -> Any:
 
     if torch.cuda.is_available():
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda").eval()
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, cpu_dtype)).eval()
 
 
 def lora_config(lora: Any) -> Any:
