@@ -1,9 +1,10 @@
 """answer_llm@<model> and evaluate_llm: every stage's text model on the benchmark split.
 
 ``answer_llm@<model>`` (one of base, pretrained, sft, gptq) reads that checkpoint under
-``<paths.models>/llm/``, the benchmark split and the held-out corpus, and writes
-``<paths.models>/llm/answers/<model>.json``: its answers and its held-out perplexity.
-``evaluate_llm`` scores the four and writes ``metrics/llm.json`` (one row per model and
+``<paths.models>/llm/``, the benchmark split (and the train split's worked answers for
+the base's few-shot baseline), and writes ``<paths.models>/llm/answers/<model>.json``: its
+answers. ``evaluate_llm`` scores the four, beside the held-out perplexity ``pretrain_llm``
+and ``quantize_llm`` measured, and writes ``metrics/llm.json`` (one row per model and
 difficulty) and ``<paths.models>/llm/eval/predictions.jsonl`` (every answer beside its
 reference); with a judge configured, also ``<paths.models>/llm/eval/judge.jsonl`` (every
 judge reply). Run: ``python -m stages.answer_llm sft``, ``python -m stages.evaluate_llm``.
@@ -312,7 +313,7 @@ def evaluate_llm(cfg: Config) -> dict[str, Any]:
         maths = [r for r in scored if "prediction_calc" in r]
         if maths:
             maths_report[name] = {"zero_shot": maths_tally(maths, "prediction_calc", ecfg.math_rel_tol)}
-            if all("prediction_few_shot" in r for r in maths) and record["shots"]:
+            if record["shots"]:  # set only where the few-shot answers were written
                 maths_report[name]["few_shot"] = {
                     "shots": record["shots"],
                     **maths_tally(maths, "prediction_few_shot", ecfg.math_rel_tol),

@@ -54,13 +54,12 @@ def heldout_by_origin(chunks: list[dict[str, Any]], heldout_fraction: float, raw
     return {"all": [c["text"] for c in held], "real": real, "synthetic": synthetic}
 
 
-def heldout_texts(cfg: Config) -> dict[str, list[str]]:
-    """The corpus' held-out chunk texts by origin (``heldout_by_origin``)."""
-    return heldout_by_origin(
-        list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl")),
-        cfg.pretrain_llm.heldout_fraction,
-        Path(cfg.paths.raw_pdfs),
-    )
+def heldout_texts(cfg: Config, chunks: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
+    """The corpus' held-out chunk texts by origin (``heldout_by_origin``); ``chunks``, when
+    the caller has read them already, else ``chunks.jsonl``."""
+    if chunks is None:
+        chunks = list(read_jsonl(Path(cfg.paths.markdown) / "chunks.jsonl"))
+    return heldout_by_origin(chunks, cfg.pretrain_llm.heldout_fraction, Path(cfg.paths.raw_pdfs))
 
 
 def heldout_perplexities(model: Any, tokenizer: Any, held: dict[str, list[str]], block_size: int) -> dict[str, Any]:
@@ -244,8 +243,9 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
     base_dir = Path(cfg.paths.models) / "llm" / "base"
     weights = resolve_checkpoint(base_dir)
     chunks_file = Path(cfg.paths.markdown) / "chunks.jsonl"
-    train_texts, held_texts = split_corpus(list(read_jsonl(chunks_file)), pcfg.heldout_fraction)
-    held = heldout_texts(cfg)
+    chunks = list(read_jsonl(chunks_file))
+    train_texts, _ = split_corpus(chunks, pcfg.heldout_fraction)
+    held = heldout_texts(cfg, chunks)
     tokenizer = AutoTokenizer.from_pretrained(weights)
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float32)
     train_blocks = pack(train_texts, tokenizer, pcfg.block_size)
@@ -282,7 +282,7 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
         "steps": record["steps"],
         "resumed_from": record["resumed_from"],
         "train_chunks": len(train_texts),
-        "heldout_chunks": len(held_texts),
+        "heldout_chunks": len(held["all"]),
         "train_tokens": len(train_blocks) * pcfg.block_size,
         "heldout_tokens": ppl_before["tokens"],
         **{

@@ -118,8 +118,9 @@ def quantize_llm(cfg: Config) -> dict[str, Any]:
     torch.manual_seed(qcfg.seed)
     src = Path(cfg.paths.models) / "llm" / "sft"
     chunks_file = Path(cfg.paths.markdown) / "chunks.jsonl"
-    train_texts, _ = split_corpus(list(read_jsonl(chunks_file)), cfg.pretrain_llm.heldout_fraction)
-    held = heldout_texts(cfg)
+    chunks = list(read_jsonl(chunks_file))
+    train_texts, _ = split_corpus(chunks, cfg.pretrain_llm.heldout_fraction)
+    held = heldout_texts(cfg, chunks)
     block = cfg.pretrain_llm.block_size
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
