@@ -316,6 +316,34 @@ def test_speckle_is_set_apart_from_the_main_population():
     assert any("not counted" in n for n in m.notes)
 
 
+def test_small_particles_as_contrasted_as_the_large_ones_count_and_faint_specks_do_not():
+    # A polydisperse powder: four 60-px particles, four 16-px ones of the same material
+    # (under the 0.35 x 60 = 21 px debris floor) and four 16-px specks at two thirds of their
+    # contrast.
+    size = 320
+    yy, xx = np.mgrid[0:size, 0:size]
+    big = np.zeros((size, size), bool)
+    small = np.zeros((size, size), bool)
+    faint = np.zeros((size, size), bool)
+    for cy, cx in [(60, 60), (60, 250), (250, 60), (250, 250)]:
+        big |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 30**2
+    for cy, cx in [(160, 40), (160, 120), (40, 160), (120, 160)]:
+        small |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 8**2
+    for cy, cx in [(160, 200), (160, 280), (200, 160), (280, 160)]:
+        faint |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 8**2
+    rng = np.random.default_rng(0)
+    img = np.where(big | small, 170.0, np.where(faint, 130.0, 50.0)) + rng.normal(0, 4, big.shape)
+    frame = np.clip(ndi_gaussian(img, 1.0), 0, 255).astype(np.uint8)
+
+    m = measure.measure_array(frame, CFG, label="particles")
+    assert m.object_count == 8
+    assert sorted(round(d / 10) for d in m.eq_diameter_px) == [2] * 4 + [6] * 4
+    assert any("4 small faint objects" in n for n in m.notes)
+    # With the contrast rule off, the small particles go with the specks.
+    off = measure.measure_array(frame, CFG.model_copy(update={"debris_contrast_rel": 2.0}), label="particles")
+    assert off.object_count == 4
+
+
 def _hex_packing(size: int = 200, radius: int = 12, pitch: int = 26) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size]
     mask = np.zeros((size, size), bool)

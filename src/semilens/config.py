@@ -233,6 +233,13 @@ class MeasureImagesConfig(Section):
         description="particles below this fraction of the area-weighted median diameter are "
         "speckle or debris: reported in the notes, not counted",
     )
+    debris_contrast_rel: float = Field(
+        0.8,
+        ge=0.0,
+        description="an object below the debris size is still a particle when its contrast "
+        "against the background is at least this share of the main population's (a small "
+        "particle of the same material); above 1 none is kept",
+    )
     dark_line_max_width_px: int = Field(
         5, ge=1, description="radius of the top-hat that finds cracks and grain boundaries"
     )

@@ -27,8 +27,9 @@ ridges; the modality breaks only a tie. Touching blobs are split by a distance-t
 watershed whose neck depth and smoothing scale with the typical particle radius, read with
 the pockets between close-packed particles open (filled, they weld a packing into one
 blob) while particle cores and texture pinholes stay filled; objects
-far below the main population's (area-weighted) size are speckle or debris, set apart in
-the notes and not counted. Rods are measured along and across their own axes; thin
+far below the main population's (area-weighted) size and fainter than it are speckle or
+debris, set apart in the notes and not counted (small objects as contrasted as the main
+population are small particles, and count). Rods are measured along and across their own axes; thin
 objects from their pruned skeletons (count = ends / 2, width from area = w L + pi w^2 e /
 8); gratings by a zero-padded spectrum; cracks and grain boundaries by a Sato ridge
 filter. Burned-in overlays (``ImageRecord.overlays``: scale bars, labels) are filled from
@@ -904,6 +905,7 @@ def _particles(
     if all_diam.size:
         floor = cfg.debris_rel_size * _weighted_median(all_diam, all_diam**2)
         keep = all_diam >= floor
+        keep |= _small_particles(sm, labels, polarity, props, all_diam, keep, floor, cfg.debris_contrast_rel)
         debris = int((~keep).sum())
         labels[np.isin(labels, [p.label for p, k in zip(props, keep) if not k])] = 0
         props = [p for p, k in zip(props, keep) if k]
@@ -935,6 +937,42 @@ def _particles(
         inner_count=len(whole),
         polarity=polarity,
     )
+
+
+# A small object needs at least this share of the debris floor's diameter to be kept for
+# its contrast: below it, bright specks of a rough surface or a textured particle's
+# highlights (as contrasted as the particles, but a few pixels wide) would count.
+_SMALL_MIN_REL = 0.5
+
+
+def _small_particles(
+    sm: np.ndarray,
+    labels: np.ndarray,
+    polarity: str,
+    props: list[Any],
+    diam: np.ndarray,
+    keep: np.ndarray,
+    floor: float,
+    contrast_rel: float,
+) -> np.ndarray:
+    """Which objects under the debris floor are small particles rather than speckle.
+
+    Speckle of a carbon film and debris are faint; a small particle of the sample's own
+    material stands out from the background about as far as the large ones do (a
+    polydisperse powder, satellites of the same phase). Contrast is the object's mean
+    step above the background, read on the smoothed frame (the median of the pixels
+    beyond every object's 3-px surround).
+    """
+    small = ~keep & (diam >= _SMALL_MIN_REL * floor)
+    if not small.any() or not keep.any():
+        return np.zeros_like(keep)
+    s = sm if polarity == "bright" else -sm
+    beyond = ~ndi.binary_dilation(labels > 0, iterations=3)
+    if not beyond.any():
+        return np.zeros_like(keep)
+    step = np.asarray(ndi.mean(s, labels, [p.label for p in props]), float) - float(np.median(s[beyond]))
+    main = float(np.median(step[keep]))
+    return small & (main > 0) & (step >= contrast_rel * main)
 
 
 # A phase needs this many whole objects (not cut by the frame) to take part in the vote:
@@ -1392,8 +1430,9 @@ def analyse_array(
             res.crack_fraction = res.area_fraction
     if res.debris_count:
         notes.append(
-            f"{res.debris_count} small objects (speckle, debris) below"
-            f" {cfg.debris_rel_size:g} x the main population's diameter not counted"
+            f"{res.debris_count} small faint objects (speckle, debris) below"
+            f" {cfg.debris_rel_size:g} x the main population's diameter and"
+            f" {cfg.debris_contrast_rel:g} x its contrast not counted"
         )
     if res.compact_count:
         notes.append(f"{res.compact_count} compact or irregular objects beside the rods not counted as rods")
