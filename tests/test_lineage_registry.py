@@ -63,6 +63,34 @@ def test_verified_hashes_name_drift_and_unknown_artifacts(dvc_repo: Path) -> Non
     assert "data/extra (x) is not an output in dvc.lock" in message
 
 
+def test_lock_is_read_only_when_dvc_is_not_writing_it(dvc_repo: Path) -> None:
+    # A stage beside this one finishing: its DVC process holds the repository lock while it
+    # rewrites dvc.lock in place. A read meanwhile would see a torn file, so it waits.
+    import threading
+    import time
+
+    from dvc.lock import make_lock
+
+    tmp = dvc_repo / ".dvc" / "tmp"
+    tmp.mkdir(exist_ok=True)
+    lock_file = dvc_repo / "dvc.lock"
+    whole = lock_file.read_text()
+    result: dict[str, object] = {}
+
+    def read() -> None:
+        result["hashes"] = verified_hashes({"f": dvc_repo / "data/single.txt"}, root=dvc_repo)
+
+    with make_lock(str(tmp / "lock"), tmp_dir=str(tmp)):
+        lock_file.write_text(whole[: len(whole) // 3])  # torn, as mid-write
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(1.0)
+        assert reader.is_alive() and not result  # still waiting for the lock
+        lock_file.write_text(whole)
+    reader.join(timeout=30)
+    assert result["hashes"]["f"]["stage"] == "make"
+
+
 def test_git_state_outside_a_repo_is_unknown(tmp_path: Path) -> None:
     assert git_state(tmp_path)["commit"] == "unknown"
 

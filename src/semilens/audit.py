@@ -29,7 +29,7 @@ import yaml
 
 from semilens.config import Config
 from semilens.io import read_json, read_jsonl, sha256_file
-from semilens.lineage import LOCK_FILE, Hashed, LineageError, LockStage, dvc_md5, parse_lock, run_git
+from semilens.lineage import LOCK_FILE, Hashed, LineageError, LockStage, dvc_md5, parse_lock, read_lock_text, run_git
 from semilens.registry import describe_uri, flatten
 
 MODEL_URI = "models:/"
@@ -86,7 +86,7 @@ def read_lock(root: Path = Path("."), rev: str | None = None) -> Lock:
         path = Path(root) / LOCK_FILE
         if not path.is_file():
             raise LineageError(f"{path}: no dvc.lock; run the pipeline with `dvc repro`")
-        return Lock(parse_lock(path.read_text()), None)
+        return Lock(parse_lock(read_lock_text(path)), None)
     full = run_git(root, "rev-parse", "--verify", f"{rev}^{{commit}}")
     if full is None:
         raise AuditError(f"{rev!r} is no git revision here")

@@ -89,6 +89,18 @@ class PathsConfig(Section):
         return found
 
 
+class ExecutorConfig(Section):
+    """Where the per-item stages (ingest_images, measure_images, extract_pdfs) do their items."""
+
+    workers: int = Field(
+        0,
+        ge=0,
+        description="worker processes for per-item stages; 0: this stage's share of the cores "
+        "(all of them under dvc repro, cores / jobs under semilens repro). The outputs and the "
+        "cache are the same whatever the count",
+    )
+
+
 class ServerConfig(Section):
     """An OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, Ollama,
     ``semilens serve``), as params.yaml's ``endpoints`` declares it once by name. The API
@@ -808,6 +820,7 @@ class Config(Section):
     """The whole of ``params.yaml``."""
 
     paths: PathsConfig = PathsConfig()
+    executor: ExecutorConfig = ExecutorConfig()
     # Servers declared once by name; the model-backed steps' blocks name one (see
     # resolve_endpoints), so after validation each step holds its resolved EndpointConfig.
     endpoints: dict[str, ServerConfig] = Field(default_factory=lambda: {"default": ServerConfig()})

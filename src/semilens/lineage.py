@@ -101,9 +101,27 @@ def lock_outputs(root: Path = Path(".")) -> dict[str, LockedOutput]:
         raise LineageError(f"{lock_file}: no dvc.lock; run the pipeline with `dvc repro`")
     return {
         out.path: LockedOutput(out.path, stage.name, out.md5)
-        for stage in parse_lock(lock_file.read_text()).values()
+        for stage in parse_lock(read_lock_text(lock_file)).values()
         for out in stage.outs
     }
+
+
+def read_lock_text(lock_file: Path) -> str:
+    """``dvc.lock`` as DVC last finished writing it.
+
+    Under `semilens repro --jobs 2` another stage's DVC process may be rewriting the file
+    while this one reads it (DVC truncates and writes it in place, under its repository
+    lock): a read then sees a torn file, and every output seems missing from the lock. So
+    the read waits for DVC's repository lock ``.dvc/tmp/lock``, held only for DVC's short
+    bookkeeping phases, never while a stage's command runs.
+    """
+    tmp = Path(lock_file).parent / ".dvc" / "tmp"
+    if not tmp.is_dir():
+        return Path(lock_file).read_text()
+    from dvc.lock import make_lock
+
+    with make_lock(str(tmp / "lock"), tmp_dir=str(tmp), wait=True):
+        return Path(lock_file).read_text()
 
 
 def _relative(path: Path, root: Path) -> str:

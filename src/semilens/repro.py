@@ -15,7 +15,8 @@ it has finished, so no stage ever reads an output that is still being written.
   float sums split, so it is part of the result and DVC tracks it); with two jobs on two
   cores it is 1, since two stages on two threads each made a step 3x slower, the threads
   spinning for cores the other stage held. Everything else in a stage (NumPy's BLAS,
-  OpenCV, tokenizers) gets ``OMP_NUM_THREADS`` = cores / jobs; an explicit value wins.
+  OpenCV, tokenizers) gets ``OMP_NUM_THREADS`` = cores / jobs, and so does a per-item
+  stage's worker count (``executor.workers: 0``); an explicit value wins.
 - Shared resources DVC does not see: stages whose ``meta.exclusive`` names the same
   resource in dvc.yaml never run at the same time (the registry stages all write one
   MLflow sqlite store).
@@ -43,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from semilens.executor import STAGE_CORES_ENV, available_cores
 from semilens.io import write_json
 
 
@@ -139,13 +141,12 @@ def load_plan(root: Path, targets: Sequence[str] = (), first: Sequence[str] = ()
     return Plan(nodes, priority)
 
 
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def stage_env(jobs: int) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // jobs)))
+    share = str(max(1, available_cores() // jobs))
+    env.setdefault("OMP_NUM_THREADS", share)
+    # Per-item stages start this many workers when `executor.workers` is 0.
+    env.setdefault(STAGE_CORES_ENV, share)
     return env
 
 

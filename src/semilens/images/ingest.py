@@ -18,6 +18,7 @@ the end: a killed run leaves the previous outputs, never a half-written folder.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import Config, IngestImagesConfig
+from semilens.executor import map_items
 from semilens.images.databar import Databar, detect_databar, low_information
 from semilens.images.metadata import (
     FOLDER_ROW,
@@ -482,41 +484,61 @@ def _cached_pngs(cache: ItemCache, key: str, value: dict[str, Any]) -> list[byte
     return pngs
 
 
-def _records_for(
-    cache: ItemCache,
-    key: str,
-    data: bytes,
-    path: Path,
-    ctx: Context,
-    cfg: IngestImagesConfig,
-    source: str,
-    out_dir: Path,
-) -> tuple[list[ImageRecord], list[bytes], str | None]:
-    """Records, PNGs and problem of one file: from the cache, else computed and cached.
+def _build(value: dict[str, Any], source: str, out_dir: Path) -> list[ImageRecord]:
+    return [
+        ImageRecord.model_validate({**r, "source": source, "png": source_of(out_dir / "png" / f"{r['id']}.png")})
+        for r in value["records"]
+    ]
+
+
+def _cached_records(
+    cache: ItemCache, key: str, source: str, out_dir: Path
+) -> tuple[list[ImageRecord], list[bytes], str | None] | None:
+    """Records, PNGs and problem of one file from the cache, or None to compute them.
 
     A cached entry that is damaged (torn blob) or no longer validates against the record
     schema is recomputed and counted as a miss, never trusted and never fatal.
     """
-
-    def build(value: dict[str, Any]) -> list[ImageRecord]:
-        return [
-            ImageRecord.model_validate({**r, "source": source, "png": source_of(out_dir / "png" / f"{r['id']}.png")})
-            for r in value["records"]
-        ]
-
     value = cache.get(key, blobs=(_PNG_BLOB,))
-    if value is not None:
-        pngs = _cached_pngs(cache, key, value)
-        try:
-            if pngs is not None:
-                return build(value), pngs, value.get("problem")
-        except ValueError:  # pydantic's ValidationError: a record from an older schema
-            pass
-        cache.hits, cache.misses = cache.hits - 1, cache.misses + 1
-    value = ingest_bytes(data, path, ctx, cfg)
+    if value is None:
+        return None
+    pngs = _cached_pngs(cache, key, value)
+    try:
+        if pngs is not None:
+            return _build(value, source, out_dir), pngs, value.get("problem")
+    except ValueError:  # pydantic's ValidationError: a record from an older schema
+        pass
+    cache.hits, cache.misses = cache.hits - 1, cache.misses + 1
+    return None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One file to ingest on a worker: what its record needs besides its bytes."""
+
+    path: Path
+    key: str
+    ctx: Context
+    source: str
+
+
+def _ingest_uncached(
+    job: _Job, cfg: IngestImagesConfig, cache_root: str, out_dir: Path
+) -> tuple[list[ImageRecord], list[bytes], str | None]:
+    """Records, PNGs and problem of one file, computed and cached (in a worker process).
+
+    The bytes are read again here rather than sent: the parent read them for the hash,
+    and a path is cheaper to hand over than a 100 MB TIFF.
+    """
+    cache = ItemCache(Path(cache_root), STAGE, VERSION)
+    try:
+        data = _read_regular(job.path)
+    except ReadError as exc:  # changed or removed since the parent hashed it: not cached
+        return [], [], str(exc)
+    value = ingest_bytes(data, job.path, job.ctx, cfg)
     pngs = value.pop("_pngs", [])
-    cache.put(key, value, blobs={_PNG_BLOB: b"".join(pngs)})
-    return build(value), pngs, value["problem"]
+    cache.put(job.key, value, blobs={_PNG_BLOB: b"".join(pngs)})
+    return _build(value, job.source, out_dir), pngs, value["problem"]
 
 
 def _clean_leftovers(out_dir: Path) -> None:
@@ -542,8 +564,6 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
 
 def ingest_images(cfg: Config) -> dict[str, Any]:
     """Run the stage: write the outputs under ``cfg.paths.interim_images``; return a summary."""
-    from rich.progress import track
-
     from semilens.stage_runner import console
 
     icfg = cfg.ingest_images
@@ -576,7 +596,11 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
     seen: dict[str, str] = {}  # sha256 -> source of the first copy
     unlabelled: dict[str, int] = {}  # folder under the raw root -> images without a label
     try:
-        for cand in track(found.candidates, description="ingest_images", console=console, transient=True):
+        # Settled here, in sorted order: unreadable files, duplicates and cache hits. The
+        # rest are decoded on `executor.workers` processes (each caches its own file) and
+        # merged back in the same order, so the outputs do not depend on the count.
+        steps: list[tuple[Candidate, _Job, tuple[list[ImageRecord], list[bytes], str | None] | None]] = []
+        for cand in found.candidates:
             source = source_of(cand.path)
             try:
                 data = _read_regular(cand.path)
@@ -606,7 +630,13 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
                 [(kind, raw) for kind, _, raw in found_sidecars],
                 params,
             )
-            made, pngs, problem = _records_for(cache, key, data, cand.path, ctx, icfg, source, out_dir)
+            job = _Job(cand.path, key, ctx, source)
+            steps.append((cand, job, _cached_records(cache, key, source, out_dir)))
+        work = functools.partial(_ingest_uncached, cfg=icfg, cache_root=str(cfg.paths.cache), out_dir=out_dir)
+        todo = [job for _, job, known in steps if known is None]
+        done = iter(map_items(work, todo, workers=cfg.executor.workers, description=STAGE, console=console))
+        for cand, job, known in steps:
+            made, pngs, problem = known if known is not None else next(done)
             for record, png in zip(made, pngs):
                 atomic_write_bytes(png_dir / f"{record.id}.png", png)
             records.extend(made)
@@ -614,7 +644,7 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
                 folder = cand.rel.parent.as_posix()
                 unlabelled[folder] = unlabelled.get(folder, 0) + 1
             if problem:
-                quarantine.append(_quarantine(source, problem, sha))
+                quarantine.append(_quarantine(job.source, problem, job.ctx.sha256))
 
         for source, problems in sidecars.problems.items():
             quarantine.append(_quarantine(source, "; ".join(problems)))

@@ -38,10 +38,12 @@ the nearest specimen pixels before segmenting, and objects touching them are dro
 Results are cached per image under ``paths.cache/measure_images`` keyed by the PNG's
 content hash, its label, pixel size, modality and overlays, the measure params and a hash
 of this module's source (``VERSION``), so a changed algorithm never reuses old results.
+The images not in the cache are measured on ``executor.workers`` processes.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -51,12 +53,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from rich.progress import track
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import Config, MeasureImagesConfig
+from semilens.executor import map_items
 from semilens.images.records import GroundTruth, ImageRecord, Measurement
 from semilens.io import read_jsonl, reset_dir, write_json, write_jsonl
 
@@ -1537,14 +1539,18 @@ def load_gray(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
-def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache) -> Measurement:
-    """One record -> its Measurement, from the cache when the inputs are unchanged.
+def _record_settings(rec: ImageRecord, cfg: MeasureImagesConfig) -> MeasureImagesConfig:
+    """Settings an image's sidecar carries (``rec.measure_settings``, checked by ingest)
+    replace the stage's for that image: a folder of noisier frames can raise its floor alone."""
+    if not rec.measure_settings:
+        return cfg
+    return MeasureImagesConfig.model_validate({**cfg.model_dump(mode="json"), **rec.measure_settings})
 
-    Settings an image's sidecar carries (``rec.measure_settings``, checked by ingest) replace
-    the stage's for that image: a folder of noisier frames can raise its floor alone.
-    """
-    if rec.measure_settings:
-        cfg = MeasureImagesConfig.model_validate({**cfg.model_dump(mode="json"), **rec.measure_settings})
+
+def _known(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache) -> tuple[Measurement | None, str]:
+    """The record's Measurement when no image needs reading (flagged by ingest, or cached),
+    and its cache key."""
+    cfg = _record_settings(rec, cfg)
     if rec.low_information:
         return Measurement(
             id=rec.id,
@@ -1552,7 +1558,7 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
             object_count=0,
             pixel_size_nm=rec.pixel_size_nm,
             notes=[f"low information: {rec.low_information_reason or 'flagged by ingest'}"],
-        )
+        ), ""
     key = cache.key(
         rec.png_sha256,
         rec.label,
@@ -1562,8 +1568,17 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
         cfg.model_dump(mode="json"),
     )
     cached = cache.get(key)
-    if cached is not None:
-        return _with_panel_notes(Measurement.model_validate({**cached, "id": rec.id}), rec)
+    if cached is None:
+        return None, key
+    return _with_panel_notes(Measurement.model_validate({**cached, "id": rec.id}), rec), key
+
+
+def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache) -> Measurement:
+    """One record -> its Measurement, from the cache when the inputs are unchanged."""
+    known, key = _known(rec, cfg, cache)
+    if known is not None:
+        return known
+    cfg = _record_settings(rec, cfg)
     try:
         image = load_gray(Path(rec.png))
     except (OSError, ValueError) as exc:
@@ -1597,6 +1612,11 @@ def measure_record(rec: ImageRecord, cfg: MeasureImagesConfig, cache: ItemCache)
     return _with_panel_notes(m, rec)
 
 
+def _measure_uncached(rec: ImageRecord, cfg: MeasureImagesConfig, cache_root: str) -> Measurement:
+    """``measure_record`` in a worker process, with the stage's cache opened there."""
+    return measure_record(rec, cfg, ItemCache(Path(cache_root), "measure_images", VERSION))
+
+
 def _with_panel_notes(m: Measurement, rec: ImageRecord) -> Measurement:
     """The measurement saying which panel labels were kept out (ingest found them)."""
     if not rec.panel_labels:
@@ -1613,8 +1633,13 @@ def measure_images(cfg: Config) -> dict[str, Any]:
     records_path = cfg.paths.interim_images / "records.jsonl"
     records = sorted((ImageRecord.model_validate(r) for r in read_jsonl(records_path)), key=lambda r: r.id)
     cache = ItemCache(cfg.paths.cache, "measure_images", VERSION)
-    progress = track(records, description="measure_images", transient=True)
-    measurements = [measure_record(rec, cfg.measure_images, cache) for rec in progress]
+    # What the cache (or ingest's flag) answers is answered here; only the images to
+    # measure go to the workers, each of which writes its own cache entry.
+    known = [_known(rec, cfg.measure_images, cache)[0] for rec in records]
+    todo = [rec for rec, m in zip(records, known) if m is None]
+    work = functools.partial(_measure_uncached, cfg=cfg.measure_images, cache_root=str(cfg.paths.cache))
+    done = iter(map_items(work, todo, workers=cfg.executor.workers, description="measure_images"))
+    measurements = [m if m is not None else next(done) for m in known]
     out_dir = reset_dir(cfg.paths.measurements)
     write_jsonl(out_dir / "measurements.jsonl", (m.model_dump(mode="json") for m in measurements))
     truth_pairs = [(rec.ground_truth, m) for rec, m in zip(records, measurements) if rec.ground_truth]

@@ -14,6 +14,7 @@ value means (palette index, RGB, 16-bit count, float) is a property of the decod
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,9 @@ def is_image_name(name: str) -> bool:
 def one_line(exc: BaseException, limit: int = 240) -> str:
     """An exception as a single short line (quarantine reasons must be one line)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    # Pillow names the stream it was given ("<_io.BytesIO object at 0x7f...>"): a memory
+    # address would make the same broken file give a different quarantine reason each run.
+    text = re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"<\1>", text)
     if not isinstance(exc, ReadError):
         text = f"{type(exc).__name__}: {text}"
     return text if len(text) <= limit else text[: limit - 3] + "..."

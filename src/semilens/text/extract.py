@@ -25,6 +25,7 @@ line naming the setting.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -38,7 +39,8 @@ from typing import Any
 
 from semilens.cache import ItemCache, code_version
 from semilens.config import Config, ExtractPdfsConfig
-from semilens.io import display_path, leaves_folder, sha256_bytes, write_jsonl
+from semilens.executor import map_items
+from semilens.io import display_path, leaves_folder, sha256_file, write_jsonl
 
 STAGE = "extract_pdfs"
 
@@ -820,41 +822,63 @@ def discover(cfg: Config, quarantine: list[dict[str, Any]] | None = None) -> lis
     return found
 
 
-def extract_pdfs(cfg: Config) -> dict[str, Any]:
-    from rich.progress import track
+def _version() -> str:
+    # words.py decides which reading a page keeps, so an edit there redoes the pages too.
+    return code_version("semilens.text.extract", "semilens.text.words")
 
+
+def _extract_uncached(item: tuple[Path, str], ecfg: ExtractPdfsConfig, cache_root: str) -> dict[str, Any]:
+    """One PDF not in the cache -> {"pages": [...]} or {"problem": reason}, cached unless the
+    problem was this machine's (a timeout, a missing tool) rather than the file's. Runs in a
+    worker process; the page cache lets a run stopped mid-file resume at its next page."""
+    path, sha = item
+    version = _version()
+    params = ecfg.model_dump(mode="json")
+    cache = ItemCache(Path(cache_root), STAGE, version)
+    page_cache = ItemCache(Path(cache_root) / STAGE, "pages", version)
+    cacheable = True
+    try:
+        hit: dict[str, Any] = {"pages": extract_pdf(path.read_bytes(), ecfg, PageCache(page_cache, sha, params))}
+    except PdfProblem as exc:
+        hit, cacheable = {"problem": str(exc)}, not exc.machine
+    except Exception as exc:  # a file no rule foresaw must not stop the other files
+        hit = {"problem": f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"}
+    if cacheable:
+        cache.put(cache.key(sha, params), hit)
+    return {**hit, "page_cache": page_cache.stats()}
+
+
+def extract_pdfs(cfg: Config) -> dict[str, Any]:
     from semilens.stage_runner import console
 
     ecfg = cfg.extract_pdfs
-    # words.py decides which reading a page keeps, so an edit there redoes the pages too.
-    version = code_version("semilens.text.extract", "semilens.text.words")
-    cache = ItemCache(cfg.paths.cache, STAGE, version)
-    page_cache = ItemCache(Path(cfg.paths.cache) / STAGE, "pages", version)
+    cache = ItemCache(cfg.paths.cache, STAGE, _version())
     params = ecfg.model_dump(mode="json")
     records: list[dict[str, Any]] = []
     quarantine: list[dict[str, Any]] = []
     seen: dict[str, str] = {}
     methods: dict[str, int] = {}
-    for path, origin in track(discover(cfg, quarantine), description=STAGE, console=console, transient=True):
+    # Duplicates and cached files are settled here, in order; the rest are read on
+    # `executor.workers` processes, and their results are merged back in the same order.
+    files: list[tuple[Path, str, str, dict[str, Any] | None]] = []
+    for path, origin in discover(cfg, quarantine):
         source = display_path(path)
-        data = path.read_bytes()
-        sha = sha256_bytes(data)
+        sha = sha256_file(path)
         if sha in seen:
             quarantine.append({"source": source, "sha256": sha, "reason": f"duplicate of {seen[sha]}"})
             continue
         seen[sha] = source
-        key = cache.key(sha, params)
-        hit = cache.get(key)
+        files.append((path, origin, sha, cache.get(cache.key(sha, params))))
+    todo = [(path, sha) for path, _, sha, hit in files if hit is None]
+    work = functools.partial(_extract_uncached, ecfg=ecfg, cache_root=str(cfg.paths.cache))
+    done = iter(map_items(work, todo, workers=cfg.executor.workers, description=STAGE, console=console))
+    page_stats = {"hits": 0, "misses": 0}
+    for path, origin, sha, hit in files:
+        source = display_path(path)
         if hit is None:
-            cacheable = True
-            try:
-                hit = {"pages": extract_pdf(data, ecfg, PageCache(page_cache, sha, params))}
-            except PdfProblem as exc:
-                hit, cacheable = {"problem": str(exc)}, not exc.machine
-            except Exception as exc:  # a file no rule foresaw must not stop the other files
-                hit = {"problem": f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"}
-            if cacheable:
-                cache.put(key, hit)
+            hit = next(done)
+            for k, v in hit.pop("page_cache").items():
+                page_stats[k] += v
         if "problem" in hit:
             quarantine.append({"source": source, "sha256": sha, "reason": hit["problem"]})
             continue
@@ -873,5 +897,5 @@ def extract_pdfs(cfg: Config) -> dict[str, Any]:
         "pages_by_method": methods,
         "garbled_pages": sum(r["garbled"] > ecfg.max_garbled for r in records),
         "cache": cache.stats(),
-        "page_cache": page_cache.stats(),
+        "page_cache": page_stats,
     }

@@ -1,0 +1,172 @@
+"""Per-item stages on 1 and 2 worker processes, and how their cost grows with the input.
+
+In a scratch project (nothing of this checkout's data or cache is touched) this runs the
+stages' own functions as the pipeline does:
+
+- ``ingest_images`` and ``measure_images`` on ``--images`` synthetic images (every class;
+  the real micrographs of ``../shared/realdata/images`` too with ``--real``), and
+  ``extract_pdfs`` on the synthetic corpus plus the real PDFs of ``../shared/realdata/pdfs``
+  when that folder is there; each on 1 worker and on 2, from an empty cache, checking the
+  outputs and the cache are the same bytes;
+- ``measure_images`` on 2 workers over the first 100, 500 and 2,000 synthetic images
+  (``--scale``), in seconds per image: linear growth keeps it flat.
+
+Writes ``<paths.metrics>/bench_parallel_items.json`` and prints a table. Run from the
+project root on an otherwise idle machine:
+``.venv/bin/python benchmarks/parallel_items.py [--images 104] [--scale 100,500,2000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from semilens.config import Config, load_config
+from semilens.io import read_jsonl, write_json, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT.parent / "shared" / "realdata"
+
+
+def _digest(*paths: Path) -> str:
+    """One hash over every file under ``paths`` (names and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in files:
+            h.update(str(p.relative_to(root.parent)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _with(cfg: Config, **sections: dict[str, Any]) -> Config:
+    return cfg.model_copy(update={k: getattr(cfg, k).model_copy(update=v) for k, v in sections.items()})
+
+
+def _timed(fn: Any, cfg: Config) -> tuple[float, dict[str, Any]]:
+    start = time.perf_counter()
+    summary = fn(cfg)
+    return time.perf_counter() - start, summary
+
+
+def one_and_two(name: str, fn: Any, cfg: Config, outputs: list[Path], items: int) -> dict[str, Any]:
+    """``fn`` (a stage) on 1 and on 2 workers from an empty cache: seconds, items/s, same bytes."""
+    runs = {}
+    for n in (1, 2):
+        shutil.rmtree(cfg.paths.cache, ignore_errors=True)
+        seconds, summary = _timed(fn, _with(cfg, executor={"workers": n}))
+        runs[n] = {
+            "seconds": round(seconds, 2),
+            "items_per_s": round(items / seconds, 3),
+            "outputs_sha256": _digest(*outputs),
+            "cache_sha256": _digest(Path(cfg.paths.cache)),
+            "cache": summary["cache"],
+        }
+    return {
+        "items": items,
+        "workers_1": runs[1],
+        "workers_2": runs[2],
+        "speedup": round(runs[1]["seconds"] / runs[2]["seconds"], 3),
+        "same_outputs": runs[1]["outputs_sha256"] == runs[2]["outputs_sha256"],
+        "same_cache": runs[1]["cache_sha256"] == runs[2]["cache_sha256"],
+    }
+
+
+def main() -> dict[str, Any]:
+    from semilens.images.ingest import ingest_images
+    from semilens.images.measure import measure_images
+    from semilens.images.synth import synth_images
+    from semilens.text.corpus import synth_corpus
+    from semilens.text.extract import extract_pdfs
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=104, help="synthetic images for the 1-vs-2 comparison")
+    parser.add_argument("--real", action="store_true", help="add ../shared/realdata/images to that comparison")
+    parser.add_argument("--scale", default="100,500,2000", help="image counts for the growth measurement")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.scale.split(",") if s]
+    shipped = load_config(ROOT / "params.yaml")
+    result: dict[str, Any] = {"cores": len(os.sched_getaffinity(0))}
+    work = Path(tempfile.mkdtemp(prefix="semilens-parallel-"))
+    here = Path.cwd()
+    try:
+        os.chdir(work)
+        shutil.copytree(ROOT / "knowledge", work / "knowledge")
+        cfg = Config.model_validate(shipped.model_dump(mode="json"))
+        classes = len(cfg.synth_images.classes)
+
+        # --- images: 1 vs 2 workers
+        per_class = -(-args.images // classes)
+        cfg = _with(cfg, synth_images={"n_per_class": per_class})
+        synth_images(cfg.synth_images, Path(cfg.paths.synthetic_images))
+        if args.real and (REAL / "images").is_dir():
+            shutil.copytree(REAL / "images", cfg.paths.raw_images)
+        n_files = sum(1 for p in Path(cfg.paths.synthetic_images).rglob("*.tif"))
+        n_files += sum(1 for p in Path(cfg.paths.raw_images).rglob("*") if p.is_file())
+        result["ingest_images"] = one_and_two(
+            "ingest_images", ingest_images, cfg, [Path(cfg.paths.interim_images)], n_files
+        )
+        records = sum(1 for _ in read_jsonl(Path(cfg.paths.interim_images) / "records.jsonl"))
+        result["measure_images"] = one_and_two(
+            "measure_images",
+            measure_images,
+            cfg,
+            [Path(cfg.paths.measurements), Path(cfg.paths.metrics) / "measure.json"],
+            records,
+        )
+
+        # --- PDFs: 1 vs 2 workers
+        synth_corpus(cfg)
+        if (REAL / "pdfs").is_dir():
+            shutil.copytree(REAL / "pdfs", cfg.paths.raw_pdfs, ignore=shutil.ignore_patterns("*.txt", "*.md"))
+        n_pdfs = sum(1 for p in Path(cfg.paths.raw_pdfs).rglob("*.pdf")) + sum(
+            1 for p in Path(cfg.paths.synthetic_pdfs).rglob("*.pdf")
+        )
+        result["extract_pdfs"] = one_and_two("extract_pdfs", extract_pdfs, cfg, [Path(cfg.paths.pages)], n_pdfs)
+
+        # --- growth: measure_images on 2 workers over 100 ... 2,000 synthetic images
+        shutil.rmtree(cfg.paths.raw_images, ignore_errors=True)
+        big = _with(cfg, synth_images={"n_per_class": -(-max(sizes) // classes)}, executor={"workers": 2})
+        synth_images(big.synth_images, Path(big.paths.synthetic_images))
+        ingest_images(big)
+        every = list(read_jsonl(Path(big.paths.interim_images) / "records.jsonl"))
+        growth = []
+        for size in sizes:
+            write_jsonl(Path(big.paths.interim_images) / "records.jsonl", every[:size])
+            shutil.rmtree(big.paths.cache, ignore_errors=True)
+            seconds, _ = _timed(measure_images, big)
+            growth.append({"images": size, "seconds": round(seconds, 2), "seconds_per_image": round(seconds / size, 4)})
+        per_image = [g["seconds_per_image"] for g in growth]
+        result["measure_growth_2_workers"] = {
+            "runs": growth,
+            "per_image_ratio_largest_to_smallest": round(per_image[-1] / per_image[0], 3) if per_image else None,
+        }
+    finally:
+        os.chdir(here)
+        shutil.rmtree(work, ignore_errors=True)
+
+    write_json(ROOT / shipped.paths.metrics / "bench_parallel_items.json", result)
+    for stage in ("ingest_images", "measure_images", "extract_pdfs"):
+        r = result[stage]
+        print(
+            f"{stage:15s} {r['items']:5d} items: 1 worker {r['workers_1']['seconds']:7.1f} s"
+            f" ({r['workers_1']['items_per_s']:.2f}/s), 2 workers {r['workers_2']['seconds']:7.1f} s"
+            f" ({r['workers_2']['items_per_s']:.2f}/s), speedup {r['speedup']:.2f}x,"
+            f" same outputs {r['same_outputs']}, same cache {r['same_cache']}"
+        )
+    for g in result["measure_growth_2_workers"]["runs"]:
+        print(
+            f"measure_images on 2 workers, {g['images']:5d} images: {g['seconds']:7.1f} s, {g['seconds_per_image']} s/image"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(main()["measure_growth_2_workers"], indent=1))
