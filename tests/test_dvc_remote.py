@@ -10,22 +10,15 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from loopback import free_port, wait_for_port
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -43,7 +36,7 @@ def ssh_server(tmp_path_factory: pytest.TempPathFactory):
     for name in ("host", "client"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
     (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    port = _free_port()
+    port = free_port()
     config = d / "sshd_config"
     config.write_text(
         "\n".join(
@@ -67,16 +60,7 @@ def ssh_server(tmp_path_factory: pytest.TempPathFactory):
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"sshd did not start: {proc.stderr.read() if proc.stderr else ''}")
-            time.sleep(0.1)
+    wait_for_port(port, proc, "sshd", seconds=20)
     # A HOME of its own: no key or ssh config of whoever runs the tests takes part.
     home = d / "home"
     (home / ".ssh").mkdir(parents=True)

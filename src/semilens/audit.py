@@ -694,8 +694,8 @@ def _registry_versions(uri: str) -> list[Any] | str:
 
 def _local_artifacts(source: str) -> Path | None:
     """The local copy a version's ``source`` names: register() sets it to ``<run artifact
-    uri>/<model artifact>``, beside the run's other copies. None for a remote store (s3:,
-    mlflow-artifacts:), which this check cannot read without downloading it."""
+    uri>/<model artifact>``, beside the run's other copies. None for a store behind a
+    server (mlflow-artifacts:, s3:, ...), whose copies are downloaded to be hashed."""
     from urllib.parse import unquote, urlparse
 
     parsed = urlparse(source)
@@ -706,38 +706,77 @@ def _local_artifacts(source: str) -> Path | None:
     return None
 
 
-def _registered_copies(versions: list[Any]) -> tuple[list[Finding], int]:
+def _copy_md5(source: str, role: str, uri: str | None) -> str | None:
+    """DVC md5 of the ``role`` copy beside a version's ``source``, None when it is gone. A
+    copy in a server's store is downloaded to a scratch folder first: the bytes the
+    registry hands out are what gets hashed."""
+    local = _local_artifacts(source)
+    if local is not None:
+        copy = local.parent / role
+        return dvc_md5(copy) if copy.exists() else None
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="semilens-verify-") as scratch:
+        try:
+            got = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source.rsplit('/', 1)[0]}/{role}", dst_path=scratch, tracking_uri=uri
+            )
+        except (MlflowException, OSError):
+            return None
+        return dvc_md5(Path(got))
+
+
+def _registered_copies(versions: list[Any], uri: str | None = None) -> tuple[list[Finding], int]:
     """Findings for the copies register() put in the MLflow artifact store whose bytes no
     longer hash to the ``dvc.<role>.md5`` tag of their version: the registry is what gets
     deployed, so a flipped byte there matters even when the workspace is intact. Each
     artifact named like a tagged role (adapter, gptq) is hashed with DVC's scheme, once
-    per path however many versions share its run. Returns (findings, copies hashed)."""
+    per path however many versions share its run; copies in a tracking server's store
+    (``uri``) are downloaded to be hashed. Returns (findings, copies hashed)."""
     found: list[Finding] = []
-    hashed: dict[Path, str | None] = {}
+    hashed: dict[str, str | None] = {}
     for v in sorted(versions, key=lambda v: (v.name, int(v.version))):
-        model = _local_artifacts(str(v.source or ""))
-        if model is None:
-            continue
+        source = str(v.source or "")
+        model_role = source.rstrip("/").rsplit("/", 1)[-1]
+        local = _local_artifacts(source)
         for role, tagged in version_artifacts(dict(v.tags)).items():
-            copy = model.parent / role
-            if copy != model and not copy.exists():
+            if local is not None and role != model_role and not (local.parent / role).exists():
                 continue  # a role that is lineage only (dataset, evaluation), never copied
-            if copy not in hashed:
-                hashed[copy] = dvc_md5(copy) if copy.exists() else None
+            if local is None and role != model_role and role not in _listed_roles(source, uri):
+                continue
+            where_copy = str(local.parent / role) if local is not None else f"{source.rsplit('/', 1)[0]}/{role}"
+            if where_copy not in hashed:
+                hashed[where_copy] = _copy_md5(source, role, uri)
+            md5 = hashed[where_copy]
             where = f"{MODEL_URI}{v.name}/{v.version}"
-            if hashed[copy] is None:
+            if md5 is None:
                 found.append(
-                    Finding("missing-registered-copy", str(copy), f"{role} of {where} is gone from the artifact store")
+                    Finding("missing-registered-copy", where_copy, f"{role} of {where} is gone from the artifact store")
                 )
-            elif hashed[copy] != tagged.md5:
+            elif md5 != tagged.md5:
                 found.append(
                     Finding(
                         "changed-registered-copy",
-                        str(copy),
-                        f"{role} of {where} hashes to {hashed[copy]} but was registered as {tagged.md5} ({tagged.path})",
+                        where_copy,
+                        f"{role} of {where} hashes to {md5} but was registered as {tagged.md5} ({tagged.path})",
                     )
                 )
     return found, len(hashed)
+
+
+def _listed_roles(source: str, uri: str | None) -> set[str]:
+    """The artifact folders beside a server-stored version's model copy."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        listing = mlflow.artifacts.list_artifacts(artifact_uri=source.rsplit("/", 1)[0], tracking_uri=uri)
+    except (MlflowException, OSError):
+        return set()
+    return {Path(f.path).name for f in listing}
 
 
 def verify(root: Path, cfg: Config, uri: str, params_file: Path = Path("params.yaml")) -> dict[str, Any]:
@@ -904,7 +943,7 @@ def _check_registry(
                 )
             )
         models.append({"name": name, "version": int(v.version), "affected_by": hit, "stale": current is None})
-    copy_findings, copies = _registered_copies(versions)
+    copy_findings, copies = _registered_copies(versions, uri)
     findings.extend(copy_findings)
     model_root = Path(cfg.paths.models).as_posix()
     for path, (stage, out) in produced.items():
