@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +41,59 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, seconds: float =
 def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     """A server process whose output (stdout and stderr together) a failed start shows."""
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+PG_BIN = (
+    next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
+    if Path("/usr/lib/postgresql").is_dir()
+    else None
+)
+
+
+@contextmanager
+def mlflow_server(base: Path) -> Iterator[tuple[str, Path]]:
+    """Debian's PostgreSQL in a fresh cluster under ``base``, and `mlflow server` on it with
+    a proxied artifact store, as a team runs it; yields (tracking URI, artifact folder)."""
+    if PG_BIN is None:
+        pytest.fail("PostgreSQL is not installed: `make test` installs it (TEST_APT_PACKAGES)")
+    data, sock = base / "pg", base / "sock"
+    sock.mkdir()
+    # PostgreSQL refuses to run as root: under root the cluster belongs to `postgres`.
+    as_pg: list[str] = []
+    if os.geteuid() == 0:
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        base.chmod(0o755)
+        for p in (base.parent, base.parent.parent):
+            p.chmod(p.stat().st_mode | 0o055)
+        shutil.chown(sock, "postgres")
+        data.mkdir()
+        shutil.chown(data, "postgres")
+    user = "postgres" if as_pg else pwd.getpwuid(os.getuid()).pw_name
+    subprocess.run(
+        [*as_pg, str(PG_BIN / "initdb"), "--no-sync", "-A", "trust", "-U", user, "-D", str(data)],
+        check=True,
+        capture_output=True,
+    )
+    pg_port = free_port()
+    postgres = [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(pg_port), "-k", str(sock)]
+    pg = start([*as_pg, *postgres, "-c", "listen_addresses=127.0.0.1"])
+    wait_for_port(pg_port, pg, "postgres")
+    subprocess.run(
+        [*as_pg, str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(pg_port), "-U", user, "mlflow"], check=True
+    )
+    artifacts = base / "artifacts"
+    port = free_port()
+    store = f"postgresql+psycopg2://{user}@127.0.0.1:{pg_port}/mlflow"
+    server = start(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store]
+        + ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+    )
+    try:
+        wait_for_port(port, server, "mlflow server", seconds=180)
+        yield f"http://127.0.0.1:{port}", artifacts
+    finally:
+        server.terminate()
+        pg.terminate()
+        server.wait(timeout=30)
+        pg.wait(timeout=30)

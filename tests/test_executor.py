@@ -8,21 +8,21 @@ from pathlib import Path
 import pytest
 
 from semilens import executor
-from semilens.config import Config
+from semilens.config import Config, ExecutorConfig
 from semilens.images import measure
 from semilens.text import extract
 
 
 def test_map_items_keeps_the_input_order_on_any_number_of_workers():
     items = [str(i) * (i % 7 + 1) for i in range(40)]
-    one = executor.map_items(len, items, workers=1, description="t")
-    two = executor.map_items(len, items, workers=2, description="t")
+    one = executor.map_items(len, items, executor=ExecutorConfig(workers=1), description="t")
+    two = executor.map_items(len, items, executor=ExecutorConfig(workers=2), description="t")
     assert one == two == [len(s) for s in items]
 
 
 def test_an_error_in_a_worker_stops_the_map_with_that_error():
     with pytest.raises(ValueError, match="invalid literal"):
-        executor.map_items(int, ["1", "2", "x", "4"], workers=2, description="t")
+        executor.map_items(int, ["1", "2", "x", "4"], executor=ExecutorConfig(workers=2), description="t")
 
 
 def test_workers_zero_takes_the_share_semilens_repro_gives_the_stage(monkeypatch):
@@ -105,7 +105,7 @@ def test_spawned_workers_see_the_stage_environment(monkeypatch):
     # The pool starts fresh interpreters: what they inherit is the environment, not the
     # parent's imported state.
     monkeypatch.setenv("SEMILENS_TEST_MARK", "seen")
-    got = executor.map_items(os.getenv, ["SEMILENS_TEST_MARK"] * 2, workers=2, description="t")
+    got = executor.map_items(os.getenv, ["SEMILENS_TEST_MARK"] * 2, executor=ExecutorConfig(workers=2), description="t")
     assert got == ["seen", "seen"]
 
 

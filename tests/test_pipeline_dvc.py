@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import loopback
 import numpy as np
 import pytest
 import yaml
@@ -328,16 +329,18 @@ def test_queued_variants_run_per_family_and_rank_beside_the_workspace(built):
         assert adapter(lock, other) == adapter(here, other)
 
 
-def semilens_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def semilens_cli(*args: str, cwd: Path, tracking_uri: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "COLUMNS": "200"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
     return subprocess.run(
         [sys.executable, "-m", "semilens.cli", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
 
 
-def _trace(repo: Path, artifact: str) -> dict:
-    res = semilens_cli("trace", artifact, "--json", cwd=repo)
+def _trace(repo: Path, artifact: str, tracking_uri: str | None = None) -> dict:
+    res = semilens_cli("trace", artifact, "--json", cwd=repo, tracking_uri=tracking_uri)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -539,3 +542,24 @@ def test_adding_one_pdf_redoes_only_that_pdf(built):
         assert read_json(repo / "logs" / f"{stage}.json")["cache"] == {"hits": docs, "misses": 1}, stage
     pages = list(read_jsonl(repo / "data/interim/pages/pages.jsonl"))
     assert any(p["source"] == "data/raw/pdfs/notes.pdf" and "CHF3" in p["text"] for p in pages)
+
+
+def test_every_model_registers_on_a_team_mlflow_server_and_traces_to_its_raw_files(built, tmp_path_factory):
+    # Last in this file: it re-runs the registration stages, against a server this time.
+    from mlflow import MlflowClient
+
+    repo = built
+    with loopback.mlflow_server(tmp_path_factory.mktemp("team-mlflow")) as (uri, artifacts):
+        for stage in [f"register_models@{f}" for f in FAMILIES] + ["register_llm"]:
+            res = semilens_cli("run", stage, cwd=repo, tracking_uri=uri)
+            assert res.returncode == 0, res.stderr[-3000:]
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        names = {m.name for m in client.search_registered_models()}
+        assert names == {f"semilens-{f}" for f in FAMILIES} | {"semilens-llm", "semilens-llm_gptq"}
+        assert any(artifacts.rglob("adapter_config.json"))  # the copies live on the server
+        vlm = _trace(repo, "models:/semilens-qwen2_5_vl/latest", tracking_uri=uri)
+        assert vlm["roots"] == ["register_models@qwen2_5_vl"] and not vlm["warnings"]
+        raw = [i["source"] for i in vlm["records"]["images"] if i["origin"] == "input"]
+        assert "data/raw/images/particles/raw_particles.png" in raw
+        llm = _trace(repo, "models:/semilens-llm/latest", tracking_uri=uri)
+        assert "data/raw/pdfs/raw_notes.pdf" in {p["source"] for p in llm["records"]["pdfs"]}

@@ -92,6 +92,14 @@ class PathsConfig(Section):
 class ExecutorConfig(Section):
     """Where the per-item stages (ingest_images, measure_images, extract_pdfs) do their items."""
 
+    kind: Literal["local", "ray"] = Field(
+        "local",
+        description="local: a process pool on this machine; ray: tasks on the Ray cluster at "
+        "`address` (its nodes must see this checkout at the same path, the cache included)",
+    )
+    address: str | None = Field(
+        None, description="the Ray cluster to join (`ray start --head` prints it), with kind: ray"
+    )
     workers: int = Field(
         0,
         ge=0,
@@ -99,6 +107,12 @@ class ExecutorConfig(Section):
         "(all of them under dvc repro, cores / jobs under semilens repro). The outputs and the "
         "cache are the same whatever the count",
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> ExecutorConfig:
+        if self.kind == "ray" and not self.address:
+            raise ValueError("kind: ray needs the cluster's address (e.g. 127.0.0.1:6379, from `ray start --head`)")
+        return self
 
 
 class ServerConfig(Section):

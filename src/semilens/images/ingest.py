@@ -634,7 +634,7 @@ def ingest_images(cfg: Config) -> dict[str, Any]:
             steps.append((cand, job, _cached_records(cache, key, source, out_dir)))
         work = functools.partial(_ingest_uncached, cfg=icfg, cache_root=str(cfg.paths.cache), out_dir=out_dir)
         todo = [job for _, job, known in steps if known is None]
-        done = iter(map_items(work, todo, workers=cfg.executor.workers, description=STAGE, console=console))
+        done = iter(map_items(work, todo, executor=cfg.executor, description=STAGE, console=console))
         for cand, job, known in steps:
             made, pngs, problem = known if known is not None else next(done)
             for record, png in zip(made, pngs):

@@ -1638,7 +1638,7 @@ def measure_images(cfg: Config) -> dict[str, Any]:
     known = [_known(rec, cfg.measure_images, cache)[0] for rec in records]
     todo = [rec for rec, m in zip(records, known) if m is None]
     work = functools.partial(_measure_uncached, cfg=cfg.measure_images, cache_root=str(cfg.paths.cache))
-    done = iter(map_items(work, todo, workers=cfg.executor.workers, description="measure_images"))
+    done = iter(map_items(work, todo, executor=cfg.executor, description="measure_images"))
     measurements = [m if m is not None else next(done) for m in known]
     out_dir = reset_dir(cfg.paths.measurements)
     write_jsonl(out_dir / "measurements.jsonl", (m.model_dump(mode="json") for m in measurements))

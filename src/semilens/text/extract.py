@@ -871,7 +871,7 @@ def extract_pdfs(cfg: Config) -> dict[str, Any]:
         files.append((path, origin, sha, cache.get(cache.key(sha, params))))
     todo = [(path, sha) for path, _, sha, hit in files if hit is None]
     work = functools.partial(_extract_uncached, ecfg=ecfg, cache_root=str(cfg.paths.cache))
-    done = iter(map_items(work, todo, workers=cfg.executor.workers, description=STAGE, console=console))
+    done = iter(map_items(work, todo, executor=cfg.executor, description=STAGE, console=console))
     page_stats = {"hits": 0, "misses": 0}
     for path, origin, sha, hit in files:
         source = display_path(path)
