@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,28 +53,31 @@ PG_BIN = (
 
 @contextmanager
 def mlflow_server(base: Path) -> Iterator[tuple[str, Path]]:
-    """Debian's PostgreSQL in a fresh cluster under ``base``, and `mlflow server` on it with
-    a proxied artifact store, as a team runs it; yields (tracking URI, artifact folder)."""
+    """Debian's PostgreSQL in a fresh cluster, and `mlflow server` on it with a proxied
+    artifact store under ``base``, as a team runs it; yields (tracking URI, artifact folder)."""
     if PG_BIN is None:
         pytest.fail("PostgreSQL is not installed: `make test` installs it (TEST_APT_PACKAGES)")
-    data, sock = base / "pg", base / "sock"
+    # The cluster lives in a folder of its own under the system's temp dir: under root it
+    # belongs to `postgres`, who must reach it, and pytest's base folder is private to root.
+    pg_root = Path(tempfile.mkdtemp(prefix="semilens-pg-"))
+    data, sock = pg_root / "data", pg_root / "sock"
+    data.mkdir()
     sock.mkdir()
     # PostgreSQL refuses to run as root: under root the cluster belongs to `postgres`.
     as_pg: list[str] = []
     if os.geteuid() == 0:
         as_pg = ["runuser", "-u", "postgres", "--"]
-        base.chmod(0o755)
-        for p in (base.parent, base.parent.parent):
-            p.chmod(p.stat().st_mode | 0o055)
-        shutil.chown(sock, "postgres")
-        data.mkdir()
-        shutil.chown(data, "postgres")
+        pg_root.chmod(0o755)
+        for p in (pg_root, data, sock):
+            shutil.chown(p, "postgres")
     user = "postgres" if as_pg else pwd.getpwuid(os.getuid()).pw_name
-    subprocess.run(
+    init = subprocess.run(
         [*as_pg, str(PG_BIN / "initdb"), "--no-sync", "-A", "trust", "-U", user, "-D", str(data)],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if init.returncode:
+        pytest.fail(f"initdb failed: {init.stdout[-1000:]}{init.stderr[-1000:]}")
     pg_port = free_port()
     postgres = [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(pg_port), "-k", str(sock)]
     pg = start([*as_pg, *postgres, "-c", "listen_addresses=127.0.0.1"])
@@ -97,3 +101,4 @@ def mlflow_server(base: Path) -> Iterator[tuple[str, Path]]:
         pg.terminate()
         server.wait(timeout=30)
         pg.wait(timeout=30)
+        shutil.rmtree(pg_root, ignore_errors=True)

@@ -285,7 +285,9 @@ def test_a_machine_problem_is_not_cached_and_an_unforeseen_error_is_quarantined(
     an exception no rule foresaw quarantines its file and the others still go through."""
     from semilens.text import extract
 
-    cfg = text_config(tmp_path, synth_corpus={"n_docs": 0})
+    # In this process: the faults are patched into this interpreter, which spawned workers
+    # would not see (tests/test_executor.py covers the workers).
+    cfg = text_config(tmp_path, synth_corpus={"n_docs": 0}, executor={"workers": 1})
     raw = Path(cfg.paths.raw_pdfs)
     raw.mkdir()
     (raw / "scan.pdf").write_bytes(_image_pdf("Megasonic cleaning removes particles."))
