@@ -742,11 +742,16 @@ def _registered_copies(versions: list[Any], uri: str | None = None) -> tuple[lis
         source = str(v.source or "")
         model_role = source.rstrip("/").rsplit("/", 1)[-1]
         local = _local_artifacts(source)
+        # The copies beside the model's, listed once per version (a server's: when first needed).
+        listed: set[str] | None = None
+        if local is not None:
+            listed = {p.name for p in local.parent.iterdir()} if local.parent.is_dir() else set()
         for role, tagged in version_artifacts(dict(v.tags)).items():
-            if local is not None and role != model_role and not (local.parent / role).exists():
-                continue  # a role that is lineage only (dataset, evaluation), never copied
-            if local is None and role != model_role and role not in _listed_roles(source, uri):
-                continue
+            if role != model_role:
+                if listed is None:
+                    listed = _listed_roles(source, uri)
+                if role not in listed:
+                    continue  # a role that is lineage only (dataset, evaluation), never copied
             where_copy = str(local.parent / role) if local is not None else f"{source.rsplit('/', 1)[0]}/{role}"
             if where_copy not in hashed:
                 hashed[where_copy] = _copy_md5(source, role, uri)
