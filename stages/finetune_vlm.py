@@ -4,8 +4,9 @@ Writes paths.models/<family>/{adapter,merged} and paths.metrics/vlm/{train,loss}
 Run: python -m stages.finetune_vlm qwen2_5_vl
 """
 
+from semilens.launch import relaunch
 from semilens.stage_runner import run_matrix_stage
 from semilens.vlm.finetune import finetune_vlm
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not relaunch("stages.finetune_vlm"):  # launch: several processes
     run_matrix_stage("finetune_vlm", finetune_vlm)

@@ -2,11 +2,14 @@
 Run: python -m stages.pretrain_llm
 """
 
+from semilens.launch import relaunch
 from semilens.llm.pretrain import pretrain_llm
 from semilens.stage_runner import run_stage
 
 
 def main() -> dict:
+    if relaunch("stages.pretrain_llm"):  # params.yaml's launch: several processes
+        return {}
     return run_stage("pretrain_llm", pretrain_llm)
 
 

@@ -7,10 +7,14 @@ tests read what they wrote.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ChatStub, text_config
 
 from semilens.config import JudgeConfig
@@ -37,7 +41,7 @@ from semilens.text.etch_math import problems
 from semilens.text.extract import extract_pdfs
 from semilens.text.instruct import synth_instructions
 from semilens.text.tag import tag_ontology
-from semilens.training import LOAD_OPTIONS
+from semilens.training import LOAD_OPTIONS, from_checkpoint
 
 
 def test_the_maths_answer_of_every_reference_response_is_read_back():
@@ -374,3 +378,84 @@ def test_evaluation_with_a_judge_scores_each_model_and_difficulty(llm_run, tmp_p
     for rec in records:
         pred = next(p for p in preds if (p["model"], p["id"]) == (rec["model"], rec["id"]))
         assert sum(pred["prediction"] in content for content in asked) >= 1
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_stage_as_dvc_does(module: str, params: dict, folder: Path) -> subprocess.CompletedProcess:
+    """``python -m <module>`` in ``folder`` with ``params`` as its params.yaml (as DVC runs it)."""
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module], cwd=folder, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.e2e
+def test_sft_on_two_processes_follows_the_one_process_loss_curve(llm_run, tmp_path):
+    """params.yaml's launch relaunches the stage through `accelerate launch` (DDP over gloo):
+    two processes of 2 pairs each take the steps one process of 4 pairs takes."""
+    cfg = llm_run[0]
+    # LoRA dropout off: each process would draw its own masks, and the curves would part
+    lora = cfg.sft_llm.lora.model_copy(update={"dropout": 0.0})
+    runs = {}
+    for name, batch, launch in (
+        ("one", 4, {"processes": 1, "accelerate_config": None}),
+        ("two", 2, {"processes": 2, "accelerate_config": str(ROOT / "presets" / "accelerate" / "ddp.yaml")}),
+    ):
+        where = tmp_path / name
+        paths = cfg.paths.model_copy(
+            update={n: where / n for n in ("models", "metrics", "logs", "cache")} | {"allow_outside": True}
+        )
+        shutil.copytree(cfg.paths.models / "llm" / "pretrained", paths.models / "llm" / "pretrained")
+        sft = cfg.sft_llm.model_copy(
+            update={"max_steps": 4, "batch_size": batch, "logging_steps": 1, "save_steps": 4, "lora": lora}
+        )
+        params = cfg.model_copy(update={"paths": paths, "sft_llm": sft}).model_dump(mode="json")
+        params["launch"] = launch
+        done = run_stage_as_dvc_does("stages.sft_llm", params, where)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        runs[name] = read_json(paths.metrics / "llm" / "sft.json")
+        runs[name]["curve"] = (paths.metrics / "llm" / "sft_loss.csv").read_text().splitlines()[1:]
+        assert (paths.models / "llm" / "sft" / "model.safetensors").is_file()
+    assert runs["one"]["processes"] == 1 and runs["two"]["processes"] == 2
+    one = [tuple(map(float, line.split(","))) for line in runs["one"]["curve"]]
+    two = [tuple(map(float, line.split(","))) for line in runs["two"]["curve"]]
+    assert [s for s, _ in one] == [s for s, _ in two] == [1, 2, 3, 4]
+    # the same rows in each step's global batch; only float summation order differs (the
+    # losses are logged to 4 decimals; a global batch of 8 rows instead of 4 parts by 1e-3)
+    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=2e-4)
+    # the first process alone reported (a second report would have raced it)
+    assert read_json(tmp_path / "two" / "logs" / "sft_llm.json")["processes"] == 2
+
+
+@pytest.mark.e2e
+def test_a_sharded_run_is_saved_from_its_final_checkpoint(llm_run):
+    """Under FSDP or ZeRO-3 the first process builds the model from the final checkpoint
+    (whole weights, the Trainer's gathered save) instead of its own shard: that model is
+    the one a one-process run saves."""
+    import torch
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    cfg = llm_run[0]
+    models = Path(cfg.paths.models) / "llm"
+    run_dir = next((Path(cfg.paths.cache) / "sft_llm").iterdir())
+    checkpoint = run_dir / read_json(run_dir / "finished.json")["checkpoint"]
+    model = from_checkpoint(
+        checkpoint,
+        models / "pretrained",
+        lambda f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32),
+        PeftConfig.from_pretrained(models / "adapter"),
+    ).merge_and_unload()
+    saved = AutoModelForCausalLM.from_pretrained(models / "sft", dtype=torch.float32).state_dict()
+    mine = model.state_dict()
+    assert mine.keys() == saved.keys()
+    assert all(torch.equal(mine[k], saved[k]) for k in saved)
+    with pytest.raises(ValueError, match="no LoRA config"):
+        from_checkpoint(checkpoint, models / "pretrained", AutoModelForCausalLM.from_pretrained, None)
+    # a whole-model checkpoint (full pretraining) is built from the checkpoint itself
+    whole = next((Path(cfg.paths.cache) / "pretrain_llm").iterdir())
+    full = from_checkpoint(whole / "checkpoint-30", models / "base", AutoModelForCausalLM.from_pretrained)
+    assert full.num_parameters() == AutoModelForCausalLM.from_pretrained(models / "pretrained").num_parameters()

@@ -11,6 +11,7 @@ prefix and suffix in test_vlm_paligemma.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_vlm_finetune import _annotation, _config, _png
@@ -217,12 +218,24 @@ def test_gpu_check_prepares_each_path_and_refuses_without_cuda(tmp_path, capsys)
     from semilens.gpu_check import PATHS, case_config, main
     from semilens.vlm.finetune import BackendError, select_backend
 
-    want = {"bf16": ("transformers", "none"), "qlora": ("transformers", "4bit"), "unsloth": ("unsloth", "none")}
+    want = {
+        "bf16": ("transformers", "none"),
+        "qlora": ("transformers", "4bit"),
+        "unsloth": ("unsloth", "none"),
+        "fsdp": ("transformers", "none"),
+        "zero3": ("transformers", "none"),
+    }
     for path in PATHS:
-        trainer = case_config(tmp_path, tmp_path / "vqa", "mllama", path, 3).finetune_vlm.trainer
+        case = case_config(tmp_path, tmp_path / "vqa", "mllama", path, 3)
+        trainer = case.finetune_vlm.trainer
         assert (trainer.backend, trainer.quantization, trainer.max_steps) == (*want[path], 3)
+        # the sharded cases run under their recipe, which is part of their run's identity
+        recipe = f"presets/accelerate/{path}.yaml" if path in ("fsdp", "zero3") else None
+        assert case.launch.accelerate_config == recipe and (recipe is None or Path(recipe).is_file())
         # what the stage makes of it on a CUDA machine with the gpu extra installed
-        if path == "bf16" or importlib.util.find_spec({"qlora": "bitsandbytes", "unsloth": "unsloth"}[path]):
+        if path in ("bf16", "fsdp", "zero3") or importlib.util.find_spec(
+            {"qlora": "bitsandbytes", "unsloth": "unsloth"}[path]
+        ):
             setup = select_backend(trainer, cuda=True)
             assert setup["bf16"] and (setup["backend"], setup["quantization"]) == want[path]
         else:

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -326,54 +325,54 @@ def test_changed_params_do_not_resume_foreign_state(run, tmp_path):
 
 
 @pytest.mark.e2e
-def test_two_processes_through_accelerate_launch(run, tmp_path):
-    """`accelerate launch --num_processes 2` on the CPU: DDP over gloo, one writer."""
+def test_two_processes_follow_the_one_process_loss_curve(run, tmp_path):
+    """params.yaml's launch relaunches the stage through `accelerate launch` (DDP over
+    gloo, one writer): two processes of 2 rows each take the steps one process of 4 takes."""
     cfg, _ = run
-    # The split it trains on lies in the module's folder, beside this one: outside the
-    # params file's folder, so the run allows it explicitly.
-    paths = cfg.paths.model_copy(
-        update={
-            "models": tmp_path / "models",
-            "metrics": tmp_path / "metrics",
-            "logs": tmp_path / "logs",
-            "cache": tmp_path / "cache",
-            "allow_outside": True,
-        }
-    )
-    shutil.copytree(cfg.paths.models / FAMILY / "base", paths.models / FAMILY / "base")
-    two = cfg.model_copy(update={"paths": paths})
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(two.model_dump(mode="json")))
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port for the rendezvous (tests run in parallel)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(port),
-        "-m",
-        "stages.finetune_vlm",
-        FAMILY,
-    ]
-    done = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = read_json(paths.metrics / "vlm" / f"train_{FAMILY}.json")
-    assert summary["processes"] == 2 and summary["steps"] == cfg.finetune_vlm.trainer.max_steps
-    assert (paths.models / FAMILY / "adapter" / "adapter_model.safetensors").is_file()
-    assert (paths.models / FAMILY / "merged" / "model.safetensors").is_file()
-    assert read_json(paths.logs / f"finetune_vlm@{FAMILY}.json")["processes"] == 2
+    curves = {}
+    for name, batch, processes in (("one", 4, 1), ("two", 2, 2)):
+        where = tmp_path / name
+        # The split it trains on lies in the module's folder, beside this one: outside the
+        # params file's folder, so the run allows it explicitly.
+        paths = cfg.paths.model_copy(
+            update={n: where / n for n in ("models", "metrics", "logs", "cache")} | {"allow_outside": True}
+        )
+        shutil.copytree(cfg.paths.models / FAMILY / "base", paths.models / FAMILY / "base")
+        # no LoRA dropout and no augmentation: each process would draw its own masks and turns
+        fcfg = cfg.finetune_vlm.model_copy(
+            update={
+                "augment": False,
+                "lora": cfg.finetune_vlm.lora.model_copy(update={"dropout": 0.0}),
+                "trainer": cfg.finetune_vlm.trainer.model_copy(
+                    update={"max_steps": 4, "batch_size": batch, "save_steps": 4, "learning_rate": 0.05}
+                ),
+            }
+        )
+        params = cfg.model_copy(update={"paths": paths, "finetune_vlm": fcfg}).model_dump(mode="json")
+        params["launch"] = {"processes": processes, "accelerate_config": None}
+        (where / "params.yaml").write_text(yaml.safe_dump(params))
+        env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(
+            [sys.executable, "-m", "stages.finetune_vlm", FAMILY],
+            cwd=where,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        summary = read_json(paths.metrics / "vlm" / f"train_{FAMILY}.json")
+        assert summary["processes"] == processes and summary["steps"] == 4
+        assert (paths.models / FAMILY / "adapter" / "adapter_model.safetensors").is_file()
+        assert (paths.models / FAMILY / "merged" / "model.safetensors").is_file()
+        assert read_json(paths.logs / f"finetune_vlm@{FAMILY}.json")["processes"] == processes
+        rows = (paths.metrics / "vlm" / f"loss_{FAMILY}.csv").read_text().splitlines()[1:]
+        curves[name] = [tuple(map(float, r.split(","))) for r in rows]
+    assert [s for s, _ in curves["one"]] == [s for s, _ in curves["two"]] == [1, 2, 3, 4]
+    # the same rows in each step's global batch; only float summation order differs (the
+    # losses are logged to 4 decimals; a global batch of 8 rows instead of 4 parts by 1e-3)
+    assert [v for _, v in curves["two"]] == pytest.approx([v for _, v in curves["one"]], abs=2e-4)
 
 
 def test_impossible_backends_are_refused_with_a_reason():

@@ -115,6 +115,23 @@ class ExecutorConfig(Section):
         return self
 
 
+class LaunchConfig(Section):
+    """How the training stages (pretrain_llm, sft_llm, finetune_vlm) start: in the stage's
+    own process, or as several processes (one per GPU) under ``accelerate launch``."""
+
+    processes: int = Field(
+        1,
+        ge=1,
+        description="training processes; more than 1 relaunches the stage through `accelerate launch`, "
+        "one process per GPU, each with per-device batch_size rows (the global batch grows with it)",
+    )
+    accelerate_config: str | None = Field(
+        None,
+        description="an accelerate config file for the launch (presets/accelerate/ddp.yaml, fsdp.yaml, "
+        "zero3.yaml); null: plain data parallel (DDP). Its num_processes is replaced by `processes`",
+    )
+
+
 class ServerConfig(Section):
     """An OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, Ollama,
     ``semilens serve``), as params.yaml's ``endpoints`` declares it once by name. The API
@@ -835,6 +852,7 @@ class Config(Section):
 
     paths: PathsConfig = PathsConfig()
     executor: ExecutorConfig = ExecutorConfig()
+    launch: LaunchConfig = LaunchConfig()
     # Servers declared once by name; the model-backed steps' blocks name one (see
     # resolve_endpoints), so after validation each step holds its resolved EndpointConfig.
     endpoints: dict[str, ServerConfig] = Field(default_factory=lambda: {"default": ServerConfig()})

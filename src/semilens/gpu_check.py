@@ -6,7 +6,12 @@ steps per family and path:
 
 - ``bf16``: LoRA in bf16 with plain transformers + PEFT;
 - ``qlora``: 4-bit NF4 QLoRA through bitsandbytes;
-- ``unsloth``: unsloth's backend in 16-bit, when unsloth is installed (else "skipped").
+- ``unsloth``: unsloth's backend in 16-bit, when unsloth is installed (else "skipped");
+- ``fsdp`` and ``zero3``: bf16 LoRA under ``accelerate launch`` with the recipe of the same
+  name in presets/accelerate (FSDP2; DeepSpeed ZeRO-3, when deepspeed is installed), one
+  process per visible GPU, saved from the gathered final checkpoint. Accelerate runs
+  neither on the CPU (it takes FSDP and DeepSpeed only on accelerators), so this is where
+  they are checked.
 
 It prints one table row per (family, path) with the outcome, steps, first and last loss,
 seconds and peak GPU memory, and writes the rows to ``--out`` as JSON. Every case runs in
@@ -27,12 +32,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-PATHS = ("bf16", "qlora", "unsloth")
+PATHS = ("bf16", "qlora", "unsloth", "fsdp", "zero3")
+# the paths run as several processes, each under the accelerate recipe of its name
+SHARDED = ("fsdp", "zero3")
 
 
 def trainer_for(path: str, steps: int) -> dict[str, Any]:
     common = {"max_steps": steps, "batch_size": 2, "save_steps": steps, "logging_steps": 1}
-    if path == "bf16":
+    if path in ("bf16", *SHARDED):
         return {**common, "backend": "transformers", "precision": "bf16", "quantization": "none"}
     if path == "qlora":
         return {**common, "backend": "transformers", "precision": "bf16", "quantization": "4bit"}
@@ -45,6 +52,7 @@ def case_config(work: Path, vqa: Path, family: str, path: str, steps: int) -> An
     from semilens.config import (
         Config,
         FinetuneVLMConfig,
+        LaunchConfig,
         LoraConfigSection,
         PathsConfig,
         PrepareVLMConfig,
@@ -71,7 +79,18 @@ def case_config(work: Path, vqa: Path, family: str, path: str, steps: int) -> An
             lora=LoraConfigSection(r=8, alpha=16, train_vision=True, modules_to_save=["lm_head", "embed_tokens"]),
             trainer=TrainerSection(**trainer_for(path, steps)),
         ),
+        launch=LaunchConfig(processes=gpus(), accelerate_config=recipe(path)) if path in SHARDED else LaunchConfig(),
     )
+
+
+def gpus() -> int:
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
+
+
+def recipe(path: str) -> str:
+    return str(Path("presets") / "accelerate" / f"{path}.yaml")
 
 
 def run_case(work: Path, vqa: Path, family: str, path: str, steps: int) -> dict[str, Any]:
@@ -81,6 +100,8 @@ def run_case(work: Path, vqa: Path, family: str, path: str, steps: int) -> dict[
     row: dict[str, Any] = {"family": family, "path": path}
     if path == "unsloth" and importlib.util.find_spec("unsloth") is None:
         return {**row, "status": "skipped", "error": "unsloth is not installed (pip install -e '.[gpu]')"}
+    if path == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        return {**row, "status": "skipped", "error": "deepspeed is not installed (pip install deepspeed)"}
     if path == "unsloth":
         import unsloth  # noqa: F401  (it must be imported before transformers builds the model)
     from semilens.vlm.finetune import finetune_vlm
@@ -96,12 +117,15 @@ def run_case(work: Path, vqa: Path, family: str, path: str, steps: int) -> dict[
             "seconds": round(time.perf_counter() - start, 1),
             "error": f"{type(exc).__name__}: {exc}"[:300],
         }
+    if "process" in summary:  # a secondary process of a sharded case: the first reports
+        return {}
     return {
         **row,
         "status": "ok",
         "backend": summary.get("backend"),
         "bf16": summary.get("bf16"),
         "quantization": summary.get("quantization"),
+        "processes": summary.get("processes"),
         "steps": summary.get("steps"),
         "first_loss": summary.get("first_loss"),
         "last_loss": summary.get("last_loss"),
@@ -120,7 +144,18 @@ def build_bases(work: Path, vqa: Path, families: list[str]) -> None:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    cols = ["family", "path", "status", "steps", "first_loss", "last_loss", "seconds", "peak_gpu_mib", "error"]
+    cols = [
+        "family",
+        "path",
+        "status",
+        "processes",
+        "steps",
+        "first_loss",
+        "last_loss",
+        "seconds",
+        "peak_gpu_mib",
+        "error",
+    ]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
     for r in rows:
         lines.append(" | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols))
@@ -128,6 +163,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from semilens.launch import free_port
     from semilens.vlm.families import FAMILIES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -148,22 +184,30 @@ def main(argv: list[str] | None = None) -> int:
 
     if not torch.cuda.is_available():
         print(
-            "gpu_check: no CUDA device here; it checks the GPU-only paths (bf16, QLoRA, unsloth) and runs nothing without one"
+            "gpu_check: no CUDA device here; it checks the GPU-only paths (bf16, QLoRA, unsloth, FSDP, "
+            "ZeRO-3) and runs nothing without one"
         )
         return 2
     if not (args.vqa / "train.parquet").is_file():
         print(f"gpu_check: {args.vqa / 'train.parquet'} not found; run `make run` first or give --vqa")
         return 2
     if args.case:
-        print(json.dumps(run_case(args.work, args.vqa, args.case[0], args.case[1], args.steps)))
+        row = run_case(args.work, args.vqa, args.case[0], args.case[1], args.steps)
+        if row:
+            print(json.dumps(row))
         return 0
 
     build_bases(args.work, args.vqa, args.families)
     rows = []
     for family in args.families:
         for path in args.paths:
+            launcher = [sys.executable]
+            if path in SHARDED:
+                port = str(free_port())
+                launcher += ["-m", "accelerate.commands.launch", "--config_file", recipe(path)]
+                launcher += ["--num_processes", str(gpus()), "--main_process_port", port]
             cmd = [
-                sys.executable,
+                *launcher,
                 "-m",
                 "semilens.gpu_check",
                 "--case",

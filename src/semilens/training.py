@@ -14,6 +14,7 @@ changes, including ones that do not touch training (a model-card template, say):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,51 @@ def train_or_reuse(trainer: Any, run: Run) -> dict[str, Any]:
     if trainer.is_world_process_zero() and final.is_dir():
         write_json(run.dir / FINISHED, record)
     return record
+
+
+def sharded(trainer: Any) -> bool:
+    """Whether each process holds only a shard of the weights or optimiser (FSDP, DeepSpeed)."""
+    return bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
+
+
+def whole_model(trainer: Any, checkpoint: Path, base: Path, build: Callable[[Path], Any]) -> Any | None:
+    """The trained model, whole, in the first process (None in the others), to save from.
+
+    With one process or DDP every process holds all the weights: the trainer's model.
+    Under FSDP or DeepSpeed a process holds a shard; the Trainer's save of the final
+    ``checkpoint`` gathered them (the accelerate configs in presets/accelerate ask for full
+    state dicts), so the first process builds the model afresh on the CPU and loads that
+    checkpoint (``from_checkpoint``): the same path whether the run trained now or was
+    reused. Every process calls this; the others wait until the first has its model.
+    """
+    if not sharded(trainer):
+        return trainer.model if trainer.is_world_process_zero() else None
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return None
+    peft_config = getattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config", None)
+    return from_checkpoint(checkpoint, base, build, peft_config["default"] if peft_config else None)
+
+
+def from_checkpoint(checkpoint: Path, base: Path, build: Callable[[Path], Any], peft_config: Any = None) -> Any:
+    """A Trainer checkpoint as a model: ``build(checkpoint)`` when it holds the whole model;
+    ``build(base)`` with the checkpoint's LoRA adapter laid on (``peft_config``) when it
+    holds an adapter. ValueError when the adapter's weights do not fit the config."""
+    adapter = Path(checkpoint) / "adapter_model.safetensors"
+    if not adapter.is_file():
+        return build(Path(checkpoint))
+    if peft_config is None:
+        raise ValueError(f"{checkpoint}: holds a LoRA adapter but the run has no LoRA config")
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = get_peft_model(build(Path(base)), copy.deepcopy(peft_config))
+    loaded = set_peft_model_state_dict(model, load_file(adapter))
+    if loaded.unexpected_keys:
+        raise ValueError(f"{adapter}: weights the LoRA config has no place for: {loaded.unexpected_keys[:3]}")
+    return model
 
 
 def lora_target_pattern(targets: str | list[str]) -> str:

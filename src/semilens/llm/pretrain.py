@@ -24,7 +24,7 @@ from typing import Any
 from semilens.checkpoints import CONFIG_FILE, resolve_checkpoint
 from semilens.config import Config, PretrainLLMConfig, dump_config
 from semilens.io import atomic_write_text, hash_json, read_jsonl, reset_dir, sha256_file, write_json
-from semilens.training import clear_runtime_state, lora_target_pattern, open_run, train_or_reuse
+from semilens.training import clear_runtime_state, lora_target_pattern, open_run, train_or_reuse, whole_model
 
 STAGE = "pretrain_llm"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -220,6 +220,17 @@ def trainer_kwargs(c: Any, ckpt_dir: Path) -> dict[str, Any]:
     )
 
 
+def trained_causal(trainer: Any, checkpoint: Path, base: Path) -> Any | None:
+    """``whole_model`` for a causal LM trained from ``base``: the model to save in the first
+    process, None in the others."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return whole_model(
+        trainer, checkpoint, base, lambda f: AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32)
+    )
+
+
 def train_causal(
     model: Any, blocks: list[list[int]], pcfg: PretrainLLMConfig, ckpt_dir: Path
 ) -> tuple[Any, dict[str, Any]]:
@@ -255,16 +266,25 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
         heldout_perplexities(model, tokenizer, held, pcfg.block_size), chunks_file, pcfg.block_size
     )
 
-    # this module's own hash too: a checkpoint written by other training code is not resumed
+    # this module's own hash too: a checkpoint written by other training code is not resumed;
+    # and the launch: another process count is another global batch, another sharding
+    # another checkpoint format
     key = run_key(
-        weights_digest(weights), sha256_file(chunks_file), pcfg.model_dump(mode="json"), sha256_file(Path(__file__))
+        weights_digest(weights),
+        sha256_file(chunks_file),
+        pcfg.model_dump(mode="json"),
+        sha256_file(Path(__file__)),
+        cfg.launch.model_dump(mode="json"),
     )
     ckpt_dir = Path(cfg.paths.cache) / STAGE / key
     if pcfg.method == "lora":
         model = lora_model(model, pcfg.lora)
     trainer, record = train_causal(model, train_blocks, pcfg, ckpt_dir)
     curve = record["curve"]
-    model = trainer.model
+    # under `accelerate launch` every process trains and the first alone evaluates and writes
+    model = trained_causal(trainer, ckpt_dir / record["checkpoint"], weights)
+    if model is None:
+        return {"process": trainer.args.process_index}
     if pcfg.method == "lora":
         model = model.merge_and_unload()
     ppl_after = heldout_perplexities(model, tokenizer, held, pcfg.block_size)
@@ -282,6 +302,7 @@ def pretrain_llm(cfg: Config) -> dict[str, Any]:
         "steps": record["steps"],
         "resumed_from": record["resumed_from"],
         "train_chunks": len(train_texts),
+        "processes": trainer.args.world_size,
         "heldout_chunks": len(held["all"]),
         "train_tokens": len(train_blocks) * pcfg.block_size,
         "heldout_tokens": ppl_before["tokens"],

@@ -19,7 +19,7 @@ from typing import Any
 from semilens.checkpoints import CONFIG_FILE
 from semilens.config import Config, dump_config
 from semilens.io import atomic_write_text, reset_dir, sha256_file, write_json
-from semilens.llm.pretrain import lora_config, model_metrics, run_key, trainer_kwargs, weights_digest
+from semilens.llm.pretrain import lora_config, model_metrics, run_key, trained_causal, trainer_kwargs, weights_digest
 from semilens.training import clear_runtime_state, open_run, sft_trainer, train_or_reuse
 
 STAGE = "sft_llm"
@@ -53,12 +53,17 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     # this module's own hash is in the key too: a change to how training runs (batch order,
-    # say) must not resume from a checkpoint the old code wrote
+    # say) must not resume from a checkpoint the old code wrote; nor may a run launched
+    # otherwise (another global batch, another checkpoint format)
     ckpt_dir = (
         Path(cfg.paths.cache)
         / STAGE
         / run_key(
-            weights_digest(src), sha256_file(train_file), scfg.model_dump(mode="json"), sha256_file(Path(__file__))
+            weights_digest(src),
+            sha256_file(train_file),
+            scfg.model_dump(mode="json"),
+            sha256_file(Path(__file__)),
+            cfg.launch.model_dump(mode="json"),
         )
     )
     args = SFTConfig(
@@ -80,15 +85,19 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     record = train_or_reuse(trainer, open_run(ckpt_dir, scfg.max_steps))
+    # under `accelerate launch` every process trains and the first alone writes
+    model = trained_causal(trainer, ckpt_dir / record["checkpoint"], src)
+    if model is None:
+        return {"process": trainer.args.process_index}
 
     models = Path(cfg.paths.models) / "llm"
     clear_runtime_state(tokenizer)
     adapter = reset_dir(models / "adapter")
-    trainer.model.save_pretrained(adapter)
+    model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     atomic_write_text(adapter / CONFIG_FILE, dump_config(scfg))
     merged_dir = reset_dir(models / "sft")
-    merged = trainer.model.merge_and_unload()
+    merged = model.merge_and_unload()
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)
     atomic_write_text(merged_dir / CONFIG_FILE, dump_config(scfg))
@@ -102,6 +111,7 @@ def sft_llm(cfg: Config) -> dict[str, Any]:
         "steps": record["steps"],
         "resumed_from": record["resumed_from"],
         "train_pairs": len(rows),
+        "processes": trainer.args.world_size,
         "trainable_parameters": trainable,
         "train_loss": record["train_loss"],
         "first_loss": curve[0]["loss"] if curve else None,

@@ -23,11 +23,18 @@ from PIL import Image
 
 from semilens.cards import lineage_table, table, write_card
 from semilens.checkpoints import CONFIG_FILE, resolve_checkpoint
-from semilens.config import Config, FinetuneVLMConfig, TrainerSection, dump_config
+from semilens.config import Config, FinetuneVLMConfig, LaunchConfig, TrainerSection, dump_config
 from semilens.images.split import CAPTION_PROMPTS
 from semilens.io import atomic_write_text, hash_json, reset_dir, sha256_file, write_json
 from semilens.lineage import dvc_md5
-from semilens.training import clear_runtime_state, lora_target_pattern, open_run, sft_trainer, train_or_reuse
+from semilens.training import (
+    clear_runtime_state,
+    lora_target_pattern,
+    open_run,
+    sft_trainer,
+    train_or_reuse,
+    whole_model,
+)
 from semilens.vlm.families import Family, get_family
 from semilens.vlm.labels import check_image_tokens
 
@@ -271,8 +278,10 @@ def load_base(path: Path, setup: dict[str, Any]):
     return model, processor
 
 
-def run_key(base_dir: Path, train_file: Path, fcfg: FinetuneVLMConfig) -> str:
-    """Identity of a training run: resuming is only valid for the same base, data and params."""
+def run_key(base_dir: Path, train_file: Path, fcfg: FinetuneVLMConfig, launch: LaunchConfig) -> str:
+    """Identity of a training run: resuming is only valid for the same base, data, params
+    and launch (another process count is another global batch; FSDP writes another
+    checkpoint format)."""
     base = resolve_checkpoint(base_dir)
     weights = sorted(base.glob("*.safetensors"))
     return hash_json(
@@ -280,6 +289,7 @@ def run_key(base_dir: Path, train_file: Path, fcfg: FinetuneVLMConfig) -> str:
             "base": [sha256_file(w) for w in weights] + [sha256_file(base / "config.json")],
             "train": sha256_file(train_file),
             "params": fcfg.model_dump(mode="json"),
+            "launch": launch.model_dump(mode="json"),
             # how training runs is part of a run's identity: resuming a checkpoint that
             # older code wrote would mix two recipes in one model
             "code": sha256_file(Path(__file__)),
@@ -303,7 +313,8 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
 
     # Model: training checkpoints are keyed by base, data, params and this code
     run = open_run(
-        cfg.paths.cache / "finetune_vlm" / family_name / run_key(base_dir, train_file, fcfg), fcfg.trainer.max_steps
+        cfg.paths.cache / "finetune_vlm" / family_name / run_key(base_dir, train_file, fcfg, cfg.launch),
+        fcfg.trainer.max_steps,
     )
     model, processor, peft_config = load_model(base_dir, setup, fcfg, family)
 
@@ -321,13 +332,16 @@ def finetune_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     record = train_or_reuse(trainer, run)
-    if not trainer.is_world_process_zero():
-        # `accelerate launch --num_processes N`: every process trains (gradients are
-        # all-reduced), the first one alone writes the folders and metrics.
+    # `accelerate launch`: every process trains (gradients all-reduced, or weights
+    # sharded), the first one alone writes the folders and metrics
+    model = whole_model(
+        trainer, run.dir / record["checkpoint"], resolve_checkpoint(base_dir), lambda f: load_base(f, setup)[0]
+    )
+    if model is None:
         return {"family": family_name, "process": trainer.args.process_index}
 
     # Save: adapter, merged checkpoint, metrics, cards
-    adapter_dir, merged_dir = save_checkpoints(trainer.model, processor, cfg.paths.models / family_name, fcfg)
+    adapter_dir, merged_dir = save_checkpoints(model, processor, cfg.paths.models / family_name, fcfg)
     curve = record["curve"]
     summary = {
         "family": family_name,
