@@ -9,11 +9,14 @@ stages' own functions as the pipeline does:
   when that folder is there; each on 1 worker and on 2, from an empty cache, checking the
   outputs and the cache are the same bytes;
 - ``measure_images`` on 2 workers over the first 100, 500 and 2,000 synthetic images
-  (``--scale``), in seconds per image: linear growth keeps it flat.
+  (``--scale``), in seconds per image: linear growth keeps it flat;
+- with ``--ray``, each of the three stages a third time as Ray tasks on a two-node cluster
+  started here on loopback (a head and a worker node, one CPU each, as two machines of one
+  core would be), from an empty cache, checking the outputs are the local runs' bytes.
 
 Writes ``<paths.metrics>/bench_parallel_items.json`` and prints a table. Run from the
 project root on an otherwise idle machine:
-``.venv/bin/python benchmarks/parallel_items.py [--images 104] [--scale 100,500,2000] [--only pdfs]``
+``.venv/bin/python benchmarks/parallel_items.py [--images 104] [--scale 100,500,2000] [--only pdfs] [--ray]``
 
 The cache is compared less the OCR seconds a page entry records (for the file's OCR
 budget): a measured time, different on every run, one worker or two.
@@ -26,8 +29,13 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,27 +83,56 @@ def _timed(fn: Any, cfg: Config) -> tuple[float, dict[str, Any]]:
     return time.perf_counter() - start, summary
 
 
-def one_and_two(fn: Any, cfg: Config, outputs: list[Path], items: int) -> dict[str, Any]:
-    """``fn`` (a stage) on 1 and on 2 workers from an empty cache: seconds, items/s, same bytes."""
+def one_and_two(
+    fn: Any, cfg: Config, outputs: list[Path], items: int, ray_address: str | None = None
+) -> dict[str, Any]:
+    """``fn`` (a stage) on 1 and on 2 workers from an empty cache: seconds, items/s, same
+    bytes; and as Ray tasks on the cluster at ``ray_address`` when one is given."""
+    executors: dict[str, dict[str, Any]] = {"workers_1": {"workers": 1}, "workers_2": {"workers": 2}}
+    if ray_address:
+        executors["ray_2_nodes"] = {"kind": "ray", "address": ray_address, "workers": 2}
     runs = {}
-    for n in (1, 2):
+    for name, executor in executors.items():
         shutil.rmtree(cfg.paths.cache, ignore_errors=True)
-        seconds, summary = _timed(fn, _with(cfg, executor={"workers": n}))
-        runs[n] = {
+        seconds, summary = _timed(fn, _with(cfg, executor=executor))
+        runs[name] = {
             "seconds": round(seconds, 2),
             "items_per_s": round(items / seconds, 3),
             "outputs_sha256": _digest(*outputs),
             "cache_sha256": _cache_digest(Path(cfg.paths.cache)),
             "cache": summary["cache"],
         }
-    return {
+    result = {
         "items": items,
-        "workers_1": runs[1],
-        "workers_2": runs[2],
-        "speedup": round(runs[1]["seconds"] / runs[2]["seconds"], 3),
-        "same_outputs": runs[1]["outputs_sha256"] == runs[2]["outputs_sha256"],
-        "same_cache": runs[1]["cache_sha256"] == runs[2]["cache_sha256"],
+        **runs,
+        "speedup": round(runs["workers_1"]["seconds"] / runs["workers_2"]["seconds"], 3),
+        "same_outputs": len({r["outputs_sha256"] for r in runs.values()}) == 1,
+        "same_cache": len({r["cache_sha256"] for r in runs.values()}) == 1,
     }
+    return result
+
+
+@contextmanager
+def ray_cluster() -> Iterator[str]:
+    """A head and a worker node on loopback, one CPU each; yields the address, stops both."""
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    try:
+        subprocess.run(
+            [ray, "start", "--head", "--port", str(port), "--include-dashboard", "false", *node],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *node], check=True, capture_output=True)
+        yield f"127.0.0.1:{port}"
+    finally:
+        import ray as ray_module
+
+        ray_module.shutdown()
+        subprocess.run([ray, "stop", "--force"], capture_output=True)
 
 
 def main() -> dict[str, Any]:
@@ -109,6 +146,7 @@ def main() -> dict[str, Any]:
         action="append",
         help="run only these parts (repeatable); their results replace those in the JSON",
     )
+    parser.add_argument("--ray", action="store_true", help="also run each stage on a two-node Ray cluster")
     args = parser.parse_args()
     parts = set(args.only or ["images", "pdfs", "growth"])
     sizes = [int(s) for s in args.scale.split(",") if s]
@@ -124,10 +162,11 @@ def main() -> dict[str, Any]:
         cfg = Config.model_validate(shipped.model_dump(mode="json"))
         classes = len(cfg.synth_images.classes)
 
-        if "images" in parts:
-            _images(args, cfg, classes, result)
-        if "pdfs" in parts:
-            _pdfs(cfg, result)
+        with ray_cluster() if args.ray else _no_cluster() as address:
+            if "images" in parts:
+                _images(args, cfg, classes, result, address)
+            if "pdfs" in parts:
+                _pdfs(cfg, result, address)
         if "growth" in parts:
             _growth(cfg, classes, sizes, result)
     finally:
@@ -139,7 +178,12 @@ def main() -> dict[str, Any]:
     return result
 
 
-def _images(args: argparse.Namespace, cfg: Config, classes: int, result: dict[str, Any]) -> None:
+@contextmanager
+def _no_cluster() -> Iterator[None]:
+    yield None
+
+
+def _images(args: argparse.Namespace, cfg: Config, classes: int, result: dict[str, Any], ray: str | None) -> None:
     """ingest_images and measure_images on 1 and 2 workers."""
     from semilens.images.ingest import ingest_images
     from semilens.images.measure import measure_images
@@ -151,14 +195,14 @@ def _images(args: argparse.Namespace, cfg: Config, classes: int, result: dict[st
         shutil.copytree(REAL / "images", cfg.paths.raw_images)
     n_files = sum(1 for p in Path(cfg.paths.synthetic_images).rglob("*.tif"))
     n_files += sum(1 for p in Path(cfg.paths.raw_images).rglob("*") if p.is_file())
-    result["ingest_images"] = one_and_two(ingest_images, cfg, [Path(cfg.paths.interim_images)], n_files)
+    result["ingest_images"] = one_and_two(ingest_images, cfg, [Path(cfg.paths.interim_images)], n_files, ray)
     records = sum(1 for _ in read_jsonl(Path(cfg.paths.interim_images) / "records.jsonl"))
     outputs = [Path(cfg.paths.measurements), Path(cfg.paths.metrics) / "measure.json"]
-    result["measure_images"] = one_and_two(measure_images, cfg, outputs, records)
+    result["measure_images"] = one_and_two(measure_images, cfg, outputs, records, ray)
     shutil.rmtree(cfg.paths.raw_images, ignore_errors=True)
 
 
-def _pdfs(cfg: Config, result: dict[str, Any]) -> None:
+def _pdfs(cfg: Config, result: dict[str, Any], ray: str | None) -> None:
     """extract_pdfs on 1 and 2 workers: the synthetic corpus and the real PDFs."""
     from semilens.text.corpus import synth_corpus
     from semilens.text.extract import extract_pdfs
@@ -168,7 +212,7 @@ def _pdfs(cfg: Config, result: dict[str, Any]) -> None:
         shutil.copytree(REAL / "pdfs", cfg.paths.raw_pdfs, ignore=shutil.ignore_patterns("*.txt", "*.md"))
     n_pdfs = sum(1 for p in Path(cfg.paths.raw_pdfs).rglob("*.pdf"))
     n_pdfs += sum(1 for p in Path(cfg.paths.synthetic_pdfs).rglob("*.pdf"))
-    result["extract_pdfs"] = one_and_two(extract_pdfs, cfg, [Path(cfg.paths.pages)], n_pdfs)
+    result["extract_pdfs"] = one_and_two(extract_pdfs, cfg, [Path(cfg.paths.pages)], n_pdfs, ray)
 
 
 def _growth(cfg: Config, classes: int, sizes: list[int], result: dict[str, Any]) -> None:
@@ -204,6 +248,9 @@ def _print(result: dict[str, Any]) -> None:
                 f" ({r['workers_2']['items_per_s']:.2f}/s), speedup {r['speedup']:.2f}x,"
                 f" same outputs {r['same_outputs']}, same cache {r['same_cache']}"
             )
+            if "ray_2_nodes" in r:
+                ray = r["ray_2_nodes"]
+                print(f"{'':15s} on a two-node Ray cluster {ray['seconds']:7.1f} s ({ray['items_per_s']:.2f}/s)")
     for g in result.get("measure_growth_2_workers", {}).get("runs", []):
         print(
             f"measure_images on 2 workers, {g['images']:5d} images: {g['seconds']:7.1f} s, {g['seconds_per_image']} s/image"

@@ -61,10 +61,13 @@ sys.modules["semilens.cli"].app()
 """
 
 
-def start_server(folder: Path, ref: str | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, ref: str | None = None, extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``semilens serve folder`` as model "tiny" on a free port; ``extra`` options replace
+    the default ``--threads 1``. Returns the process and its /v1 URL."""
     entry = ["-m", "semilens.cli"] if ref is None else ["-c", AT_REF, ref]
+    options = ["--threads", "1"] if extra is None else extra
     proc = subprocess.Popen(
-        [sys.executable, *entry, "serve", str(folder), "--port", "0", "--model-name", "tiny", "--threads", "1"],
+        [sys.executable, *entry, "serve", str(folder), "--port", "0", "--model-name", "tiny", *options],
         cwd=ROOT,
         text=True,
         stdout=subprocess.PIPE,

@@ -255,7 +255,7 @@ def test_streamed_pieces_never_take_anything_back(folders, clean_up_spaces):
     import torch
     from transformers import AutoTokenizer
 
-    from semilens.serve.checkpoint import _DeltaStreamer
+    from semilens.serve.checkpoint import _DeltaStreamer, _RowStreamer
 
     tok = AutoTokenizer.from_pretrained(folders["llm"])
     tok.clean_up_tokenization_spaces = clean_up_spaces
@@ -270,15 +270,105 @@ def test_streamed_pieces_never_take_anything_back(folders, clean_up_spaces):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         final = tok.decode(ids, skip_special_tokens=True).strip()
         pieces: list[str] = []
-        streamer = _DeltaStreamer(tok, pieces.append)
-        streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, which is not sent
-        for i in ids:
+        row = _DeltaStreamer(tok, pieces.append)
+        # as generate() feeds it: the prompt first (not sent), then a token per step; a
+        # step past the row's max_new_tokens (its neighbours in the batch run on) is not sent
+        streamer = _RowStreamer([row], [len(ids)], eos=set())
+        streamer.put(torch.tensor([[1, 2, 3]]))
+        for i in [*ids, ids[0]]:
             streamer.put(torch.tensor([i]))
             assert final.startswith("".join(pieces)), (text, pieces)
-        streamer.finish(final)
+        row.finish(final)
         assert "".join(pieces) == final and all(pieces)
     assert len(tok("é", add_special_tokens=False)["input_ids"]) > 1  # the split-character case was exercised
     assert (tok.decode(tok("do n't", add_special_tokens=False)["input_ids"]) == "don't") == clean_up_spaces
+
+
+# ---------------------------------------------------------------------------------------
+# Batching: concurrent requests share a generate call and get what they get alone
+# ---------------------------------------------------------------------------------------
+
+
+def replies_alone_and_together(model, bodies: list[dict]) -> tuple[list, list, dict]:
+    """Each body's reply (content, finish_reason, usage) from an app answering one request
+    at a time, then from a batching app that got them all at once; and its batch stats.
+
+    The test holds the model while the batched requests arrive, so they queue behind it
+    whatever this machine's speed, as concurrent clients of a busy server do."""
+
+    def reply(url: str, name: str, body: dict) -> tuple:
+        body = {**body, "model": name}
+        if body.get("stream"):
+            pieces = client(url).chat.completions.create(**body)
+            return ("".join(c.choices[0].delta.content or "" for c in pieces if c.choices), "stream")
+        done = httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+        assert done.status_code == 200, done.text
+        choice = done.json()["choices"][0]
+        return (choice["message"]["content"], choice["finish_reason"], done.json()["usage"])
+
+    def alone_reply(url: str, name: str, body: dict) -> tuple:
+        got = reply(url, name, body)
+        return got if not body.get("stream") else (got[0], "stream")
+
+    single = make_app(model, ServeOptions(max_batch_size=1))
+    with serve_in_background(single) as url:
+        alone = [alone_reply(url, single.state.model_name, b) for b in bodies]
+    batched = make_app(model, ServeOptions(max_batch_size=16, batch_window_ms=50))
+    with serve_in_background(batched) as url:
+        name = batched.state.model_name
+        before = stats_of(url)["batching"]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            assert model.lock.acquire()
+            try:
+                futures = [pool.submit(reply, url, name, b) for b in bodies]
+                deadline = time.monotonic() + 60
+                while model.queued() < len(bodies):
+                    assert time.monotonic() < deadline, "the requests never queued"
+                    time.sleep(0.005)
+            finally:
+                model.lock.release()
+            together = [f.result() for f in futures]
+        after = stats_of(url)["batching"]
+    sizes = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    return alone, together, {k: v for k, v in sizes.items() if v}
+
+
+def test_concurrent_text_requests_are_batched_and_answered_as_alone(text_model):
+    """Prompts of different lengths (padding), replies of different max_tokens (a row
+    stops at its own), a stream among them, and a seeded sampled request (it runs alone)."""
+    questions = [QUESTION, "Why?", "List three plasma etch gases and say which etches oxide fastest.", "CMP?"]
+    bodies = [{"messages": user(q), "max_tokens": 3 + 5 * i} for i, q in enumerate(questions * 2)]
+    bodies[5]["stream"] = True
+    bodies.append({"messages": user("Say anything."), "max_tokens": 12, "temperature": 0.9, "seed": 7})
+    alone, together, sizes = replies_alone_and_together(text_model, bodies)
+    assert together == alone
+    assert {a[1] for a in alone[:-1]} >= {"length"}  # the limits were reached, not only EOS
+    # the batch that took the first request before the rest arrived, one for the greedy
+    # requests that queued behind it, and the sampled one alone
+    assert sum(sizes.values()) <= 3 and sum(k * v for k, v in sizes.items()) == len(bodies)
+
+
+def test_concurrent_vlm_requests_are_batched_and_answered_as_alone(folders, tmp_path):
+    from PIL import Image
+
+    second = tmp_path / "second.png"
+    Image.open(folders["png"]).transpose(Image.Transpose.ROTATE_90).save(second)
+    model = load_checkpoint(folders["vlm"])
+    bodies = []
+    for i, (png, question) in enumerate(
+        [(folders["png"], "How many particles?"), (second, "Describe this micrograph."), (second, "Scale?")] * 2
+    ):
+        content = [{"type": "image_url", "image_url": {"url": data_url(png)}}, {"type": "text", "text": question}]
+        bodies.append({"messages": [{"role": "user", "content": content}], "max_tokens": 4 + 3 * i})
+    bodies.append({"messages": user("No image here."), "max_tokens": 5})  # no image: not in the image rows' batch
+    alone, together, sizes = replies_alone_and_together(model, bodies)
+    assert together == alone
+    # the first batch, the image rows that queued behind it, the text-only one
+    assert sum(sizes.values()) <= 3 and sum(k * v for k, v in sizes.items()) == len(bodies)
+
+
+def stats_of(url: str) -> dict:
+    return httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,7 +563,11 @@ def test_a_generation_failure_is_500_and_the_server_goes_on(text_model, monkeypa
 
 
 def stats(url: str) -> dict:
-    return httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()
+    """The app's request counts (less the batches, which count the model's work for every
+    app of this module that shares it)."""
+    counts = httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()
+    assert counts.pop("batching")["batches"] >= 0
+    return counts
 
 
 @pytest.mark.parametrize("kind", ["429", "500", "malformed"])

@@ -262,7 +262,7 @@ def test_a_full_queue_is_429_with_retry_after(text_model):
             holder = threading.Thread(target=lambda: first.append(chat(url, name, QUESTION, max_tokens=2)))
             holder.start()
             deadline = time.monotonic() + 30
-            while text_model.lock.waiting() < 1:
+            while text_model.queued() < 1:
                 assert time.monotonic() < deadline, "the first request never queued"
                 time.sleep(0.005)
             resp = chat(url, name, max_tokens=1)
@@ -288,7 +288,8 @@ def test_requests_are_answered_first_come_first_served(text_model):
         encode = text_model._encode
 
         def encode_and_note(messages: Any, images: Any) -> Any:
-            served.append(int(re.findall(r"request (\d+)", str(messages))[-1]))
+            # one batch's chats, in their order in the batch
+            served.extend(int(re.findall(r"request (\d+)", str(chat))[-1]) for chat in messages)
             return encode(messages, images)
 
         text_model._encode = encode_and_note
@@ -305,7 +306,7 @@ def test_requests_are_answered_first_come_first_served(text_model):
                 threads.append(threading.Thread(target=send, args=(i,)))
                 threads[-1].start()
                 deadline = time.monotonic() + 30
-                while text_model.lock.waiting() < i + 1:
+                while text_model.queued() < i + 1:
                     assert time.monotonic() < deadline, f"request {i} never queued"
                     time.sleep(0.005)
         finally:
@@ -334,7 +335,7 @@ def test_a_dropped_request_does_not_delay_the_next(text_model):
 
         def queued(n: int) -> None:
             deadline = time.monotonic() + 30
-            while text_model.lock.waiting() != n:
+            while text_model.queued() != n:
                 assert time.monotonic() < deadline, f"the queue never held {n}"
                 time.sleep(0.005)
 

@@ -315,6 +315,8 @@ def serve(
     max_json_depth: int = typer.Option(64, min=2, help="deeper-nested request bodies get 400"),
     max_in_flight: int = typer.Option(32, min=1, help="requests queued or generating; more get 429 with Retry-After"),
     busy_retry_after_s: int = typer.Option(1, min=0, help="Retry-After seconds of a 429 for a full queue"),
+    max_batch_size: int = typer.Option(16, min=1, help="greedy requests answered together; 1: one at a time"),
+    batch_window_ms: float = typer.Option(5.0, min=0, help="how long a request waits for others to batch with"),
 ) -> None:
     """Serve a checkpoint over an OpenAI-compatible API (/v1/models, /v1/chat/completions) until Ctrl-C."""
     import signal
@@ -352,6 +354,8 @@ def serve(
             max_json_depth=max_json_depth,
             max_in_flight=max_in_flight,
             busy_retry_after_s=busy_retry_after_s,
+            max_batch_size=max_batch_size,
+            batch_window_ms=batch_window_ms,
         )
         server = make_app(checkpoint, options)
     except ValidationError as exc:

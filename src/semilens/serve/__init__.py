@@ -18,10 +18,10 @@ test, in-process:
 
 A single user question gets exactly the greedy answer ``semilens ask`` (text) or
 ``semilens predict`` (VLM) prints: the same loaders, the same chat template, the same
-``generate`` arguments. Model calls are serialised by one first-come, first-served lock
-per loaded checkpoint (FifoLock) and run off the event loop, so connections are accepted
-and answered in turn; a request whose client hangs up leaves the queue unrun, or stops
-between generated tokens. Every limit (prompt within the context, max_tokens, image
+``generate`` arguments, whatever else is batched with it. Concurrent requests to one
+model are batched first come, first served (semilens.serve.batching) by one thread per
+loaded checkpoint, off the event loop; a request whose client hangs up leaves the queue
+unrun, or stops between generated tokens. Every limit (prompt within the context, max_tokens, image
 pixels and count, JSON depth, requests in flight) is a ServeOptions field whose refusal
 names it; a full queue is a 429 with Retry-After.
 

@@ -236,7 +236,8 @@ class _Service:
         pieces are only sent after that)."""
         from starlette.concurrency import run_in_threadpool
 
-        task = asyncio.ensure_future(run_in_threadpool(self.loaded.complete, *args, self.context))
+        batching = (self.options.max_batch_size, self.options.batch_window_ms)
+        task = asyncio.ensure_future(run_in_threadpool(self.loaded.complete, *args, self.context, *batching))
         slot.owned = True
         task.add_done_callback(self.leave)
         return task
@@ -454,7 +455,7 @@ def _add_routes(app: "FastAPI", service: _Service) -> None:
 
     @app.get("/semilens/stats")
     async def get_stats() -> dict[str, Any]:
-        return service.stats.as_dict()
+        return {**service.stats.as_dict(), "batching": service.loaded.batch_stats()}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -1,16 +1,20 @@
 """One checkpoint folder, loaded and answering chats: text or vision decided from its
 config.json, the loaders ``semilens ask`` and ``predict`` use, greedy (or sampled)
-generation serialised by a first-come, first-served lock, and the streamer whose pieces
-add up to the non-streamed reply."""
+generation in first-come, first-served batches (semilens.serve.batching) run by one
+thread under the model's lock, and the streamer whose pieces add up to the non-streamed
+reply."""
 
 import json
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from semilens.serve.batching import BatchQueue, BatchStats, Pending
 
 log = logging.getLogger("semilens.serve")  # one name for the whole server: one filter sees all its logs
 
@@ -143,6 +147,13 @@ class LoadedCheckpoint:
     _counter: Any = field(default=None, repr=False)
     _count_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _longest_token: int = field(default=1, repr=False)
+    # The batching: the queue, the one thread that runs the model, what the batches were.
+    _queue: BatchQueue = field(default_factory=BatchQueue, repr=False)
+    _taken: list[Pending] = field(default_factory=list, repr=False)  # a batch waiting for `lock`
+    _worker: threading.Thread | None = field(default=None, repr=False)
+    _worker_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _batch_stats: BatchStats = field(default_factory=BatchStats, repr=False)
+    _stats_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def context_tokens(self) -> int:
@@ -185,81 +196,166 @@ class LoadedCheckpoint:
         on_text: Callable[[str], None] | None = None,
         cancel: threading.Event | None = None,
         context_tokens: int | None = None,
+        max_batch_size: int = 1,
+        batch_window_ms: float = 0.0,
     ) -> Completion | None:
         """The assistant's reply to chat ``messages`` (already in the template's format:
-        see ``chat_messages``). Blocks while another call holds the model. ``on_text``
-        receives the reply's text in pieces as it is generated; their concatenation is the
-        returned text. ``cancel`` (the client hung up) stops the wait or the generation;
-        None is returned if it was set before generation started. Callers are served
-        first come, first served. ContextExceeded if the prompt plus an explicit
-        ``max_new_tokens`` exceeds ``context_tokens`` (default: the model's)."""
+        see ``chat_messages``). Blocks until the reply is done. ``on_text`` receives the
+        reply's text in pieces as it is generated; their concatenation is the returned
+        text. ``cancel`` (the client hung up) stops the wait or the generation; None is
+        returned if it was set before generation started. ContextExceeded if the prompt
+        plus an explicit ``max_new_tokens`` exceeds ``context_tokens`` (default: the
+        model's).
+
+        Requests are served first come, first served, in batches of up to
+        ``max_batch_size`` gathered for ``batch_window_ms`` (see semilens.serve.batching);
+        a greedy reply is the one the request gets alone."""
+        pending = Pending(
+            messages,
+            images,
+            params,
+            on_text,
+            cancel,
+            context_tokens,
+            max_batch_size,
+            batch_window_ms / 1000.0,
+        )
+        self._start_worker()
+        self._queue.put(pending)
+        pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def queued(self) -> int:
+        """Requests waiting for the model (in the queue, or in a batch waiting for the
+        lock) whose clients have not hung up."""
+        return self._queue.waiting() + sum(not p.cancelled() for p in self._taken)
+
+    def batch_stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            return self._batch_stats.as_dict()
+
+    def _start_worker(self) -> None:
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve_batches, name="semilens-batches", daemon=True)
+                self._worker.start()
+
+    def _serve_batches(self) -> None:
+        """The one thread that runs the model: batch after batch, each under ``lock``."""
+        while True:
+            batch = self._queue.take()
+            self._taken = batch
+            self.lock.acquire()
+            self._taken = []
+            try:
+                live = []
+                for p in batch:
+                    if p.cancelled():  # its client gave up while the batch waited
+                        p.finish(None)
+                    else:
+                        live.append(p)
+                if not live:
+                    continue
+                with self._stats_lock:
+                    self._batch_stats.add(live, time.monotonic())
+                try:
+                    outcomes = self._generate(live)
+                except Exception as exc:  # noqa: BLE001 - each request of the batch gets it
+                    outcomes = [exc] * len(live)
+                for p, outcome in zip(live, outcomes):
+                    if isinstance(outcome, BaseException):
+                        p.finish(error=outcome)
+                    else:
+                        p.finish(outcome)
+            finally:
+                self.lock.release()
+
+    def _generate(self, rows: list[Pending]) -> list["Completion | BaseException"]:
+        """One generate call for ``rows`` (left-padded together); a row whose prompt does
+        not fit its context gets ContextExceeded and the others run without it."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        # A request whose client gave up leaves the queue without running.
-        if not self.lock.acquire(cancel):
-            return None
-        try:
-            if cancel is not None and cancel.is_set():
-                return None
-            inputs, gen_kwargs, eos = self._encode(messages, images)
-            prompt_tokens = int(inputs["input_ids"].shape[1])
-            context = context_tokens or self.context_tokens
+        inputs, gen_kwargs, eos = self._encode([p.messages for p in rows], [p.images for p in rows])
+        width = int(inputs["input_ids"].shape[1])
+        prompts = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+        limits: list[int] = []
+        refused: dict[int, BaseException] = {}
+        for i, (p, prompt_tokens) in enumerate(zip(rows, prompts)):
+            context = p.context_tokens or self.context_tokens
             room = context - prompt_tokens
-            if room < 1 or (params.explicit and params.max_new_tokens > room):
-                raise ContextExceeded(prompt_tokens, params.max_new_tokens if params.explicit else None, context)
-            max_new_tokens = min(params.max_new_tokens, room)
-            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, **gen_kwargs}
-            if params.temperature > 0:
-                # top_k=0: OpenAI's sampling has no top-k, while transformers' default is 50.
-                kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
-            else:
-                kwargs.update(do_sample=False)
-            if cancel is not None:
+            if room < 1 or (p.params.explicit and p.params.max_new_tokens > room):
+                refused[i] = ContextExceeded(
+                    prompt_tokens, p.params.max_new_tokens if p.params.explicit else None, context
+                )
+            limits.append(min(p.params.max_new_tokens, room))
+        if refused:
+            rest = [p for i, p in enumerate(rows) if i not in refused]
+            done = iter(self._generate(rest) if rest else [])
+            return [refused[i] if i in refused else next(done) for i in range(len(rows))]
 
-                class HungUp(StoppingCriteria):
-                    def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
-                        return torch.full(
-                            (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
-                        )
+        kwargs: dict[str, Any] = {"max_new_tokens": max(limits), **gen_kwargs}
+        params = rows[0].params
+        if params.temperature > 0:  # a sampled request runs alone (batching.Pending.joins)
+            # top_k=0: OpenAI's sampling has no top-k, while transformers' default is 50.
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        cancels = [p.cancel for p in rows]
 
-                kwargs["stopping_criteria"] = StoppingCriteriaList([HungUp()])
-            streamer = _DeltaStreamer(self.tokenizer, on_text) if on_text is not None else None
-            cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-            # A seeded request forks the RNG, so it neither depends on nor disturbs what
-            # earlier or later unseeded requests draw.
-            with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None), torch.no_grad():
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                out = self.model.generate(**inputs, **kwargs, streamer=streamer)
-            new = out[0, prompt_tokens:].tolist()
-            stop_at = next((i for i, t in enumerate(new) if t in eos), None)
+        class RowDone(StoppingCriteria):
+            """A row stops at its own max_new_tokens, or when its client hangs up."""
+
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                made = input_ids.shape[1] - width
+                stop = [made >= limit or (c is not None and c.is_set()) for limit, c in zip(limits, cancels)]
+                return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([RowDone()])
+        streams = [_DeltaStreamer(self.tokenizer, p.on_text) if p.on_text is not None else None for p in rows]
+        streamer = _RowStreamer(streams, limits, eos) if any(streams) else None
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        # A seeded request forks the RNG, so it neither depends on nor disturbs what
+        # earlier or later unseeded requests draw.
+        with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None), torch.no_grad():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            out = self.model.generate(**inputs, **kwargs, streamer=streamer)
+        completions: list[Completion | BaseException] = []
+        for i, limit in enumerate(limits):
+            new = out[i, width:].tolist()[:limit]
+            stop_at = next((k for k, t in enumerate(new) if t in eos), None)
             if stop_at is not None:
                 new, finish = new[: stop_at + 1], "stop"
             else:
-                finish = "length" if len(new) >= max_new_tokens else "stop"
+                finish = "length" if len(new) >= limit else "stop"
             # Decoded and stripped as `semilens ask` / `predict` do, so the answers match.
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
-            if streamer is not None:
-                streamer.finish(text)
-            return Completion(text, finish, prompt_tokens, len(new))
-        finally:
-            self.lock.release()
+            if streams[i] is not None:
+                streams[i].finish(text)
+            completions.append(Completion(text, finish, prompts[i], len(new)))
+        return completions
 
-    def _encode(self, messages: list[dict[str, Any]], images: list[Any]) -> tuple[Any, dict[str, Any], set[int]]:
-        """(model inputs, extra generate() arguments, end-of-sequence ids), built exactly
-        as evaluate.answer_batch (text) and generate.greedy_answers (VLM) build them."""
-        # Left padding as in both batch paths; one row has none, but the setting stays put.
+    def _encode(
+        self, messages: list[list[dict[str, Any]]], images: list[list[Any]]
+    ) -> tuple[Any, dict[str, Any], set[int]]:
+        """(model inputs, extra generate() arguments, end-of-sequence ids) for a batch of
+        chats, built exactly as evaluate.answer_batch (text) and generate.greedy_answers
+        (VLM) build theirs: left-padded, so every reply starts right after its prompt."""
         self.tokenizer.padding_side = "left"
         if self.kind == "text":
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            enc = self.tokenizer([text], return_tensors="pt", padding=True, add_special_tokens=False)
+            texts = [
+                self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages
+            ]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             eos_id = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
             extra = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": eos_id}
         else:
             from semilens.vlm.generate import prompt_inputs
 
-            enc = prompt_inputs(self.model, self.processor, [messages], [images] if images else None)
+            enc = prompt_inputs(self.model, self.processor, messages, images if any(images) else None)
             eos_id = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
             extra = {}  # greedy_answers leaves pad/eos to the checkpoint's generation_config
         eos = set(eos_id if isinstance(eos_id, list) else [eos_id]) - {None}
@@ -300,7 +396,8 @@ def _stable_end(text: str, hold_word: bool) -> int:
 
 
 class _DeltaStreamer:
-    """Receives generate()'s token ids and hands text deltas to ``on_text``.
+    """Receives one reply's token ids (from ``_RowStreamer``) and hands text deltas to
+    ``on_text``.
 
     Not transformers' TextIteratorStreamer: that yields text only (usage and
     finish_reason need the ids) and its pieces need not add up to the one-shot decode the
@@ -316,21 +413,14 @@ class _DeltaStreamer:
         self.hold_word = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.ids: list[int] = []
         self.sent = ""
-        self.prompt_seen = False
 
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:  # generate() first puts the prompt
-            self.prompt_seen = True
-            return
-        self.ids += value.reshape(-1).tolist()
+    def add(self, ids: list[int]) -> None:
+        self.ids += ids
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
         ready = text[: _stable_end(text, self.hold_word)]
         if len(ready) > len(self.sent) and ready.startswith(self.sent):
             self.on_text(ready[len(self.sent) :])
             self.sent = ready
-
-    def end(self) -> None:
-        pass
 
     def finish(self, final: str) -> None:
         if not final.startswith(self.sent):
@@ -338,3 +428,34 @@ class _DeltaStreamer:
         elif len(final) > len(self.sent):
             self.on_text(final[len(self.sent) :])
             self.sent = final
+
+
+class _RowStreamer:
+    """generate()'s streamer for a batch: each row's new token to that row's
+    ``_DeltaStreamer`` (None: a row that did not ask to stream), up to the row's own
+    end-of-sequence or max_new_tokens. Past those, generate pads the row or runs it on
+    for its neighbours, and none of that is the row's reply."""
+
+    def __init__(self, rows: list["_DeltaStreamer | None"], limits: list[int], eos: set[int]):
+        self.rows, self.limits, self.eos = rows, limits, eos
+        self.made = [0] * len(rows)
+        self.closed = [r is None for r in rows]
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() first puts the prompts
+            self.prompt_seen = True
+            return
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.closed[i]:
+                continue
+            self.made[i] += 1
+            if self.made[i] > self.limits[i]:
+                self.closed[i] = True
+                continue
+            self.rows[i].add([token])
+            if token in self.eos:
+                self.closed[i] = True
+
+    def end(self) -> None:
+        pass

@@ -65,6 +65,12 @@ class ServeOptions(BaseModel):
         32, ge=1, description="chat requests admitted (queued or generating); more get 429 with Retry-After"
     )
     busy_retry_after_s: int = Field(1, ge=0, description="the Retry-After header (seconds) of a 429 for a full queue")
+    # Batching: on 2 CPU threads a batch of 16 tiny-model replies costs little more than
+    # one, so waiting a few ms for company pays; a larger batch holds more activations.
+    max_batch_size: int = Field(16, ge=1, description="greedy requests answered by one generate call; 1: one at a time")
+    batch_window_ms: float = Field(
+        5.0, ge=0, description="how long the oldest waiting request waits for others to share its batch"
+    )
 
     @field_validator("fault_kinds", mode="before")
     @classmethod
