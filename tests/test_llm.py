@@ -459,3 +459,27 @@ def test_a_sharded_run_is_saved_from_its_final_checkpoint(llm_run):
     whole = next((Path(cfg.paths.cache) / "pretrain_llm").iterdir())
     full = from_checkpoint(whole / "checkpoint-30", models / "base", AutoModelForCausalLM.from_pretrained)
     assert full.num_parameters() == AutoModelForCausalLM.from_pretrained(models / "pretrained").num_parameters()
+
+
+@pytest.mark.e2e
+def test_batched_answers_are_the_answers_each_question_gets_alone(llm_run):
+    """In float32 (evaluate_llm.cpu_dtype) a question's greedy answer does not depend on
+    the questions that share its left-padded batch, with or without the calculator."""
+    from transformers import AutoTokenizer
+
+    from semilens.llm.calculator import generate_with_calculator_batch
+    from semilens.llm.evaluate import answer_batch, benchmark_rows, chat_prompt
+    from semilens.llm.pretrain import load_causal
+
+    cfg = llm_run[0]
+    assert cfg.evaluate_llm.cpu_dtype == "float32"
+    folder = Path(cfg.paths.models) / "llm" / "sft"
+    model, tokenizer = load_causal(folder, cfg.evaluate_llm.cpu_dtype), AutoTokenizer.from_pretrained(folder)
+    rows = benchmark_rows(cfg)
+    questions = [r["instruction"] for r in rows[:6]]
+    lengths = {len(tokenizer(chat_prompt(tokenizer, q))["input_ids"]) for q in questions}
+    assert len(lengths) > 1  # the batch is padded
+    assert answer_batch(model, tokenizer, questions, 24, 6) == answer_batch(model, tokenizer, questions, 24, 1)
+    prompts = [chat_prompt(tokenizer, q) for q in questions]
+    together = generate_with_calculator_batch(model, tokenizer, prompts, 24, 6)
+    assert together == generate_with_calculator_batch(model, tokenizer, prompts, 24, 1)

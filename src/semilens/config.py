@@ -823,9 +823,10 @@ class EvaluateLLMConfig(Section):
     )
     batch_size: int = Field(16, ge=1)
     cpu_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16",
-        description="the answering models' weights on the CPU (the GPU uses bf16): bfloat16 answered 1.75x faster "
-        "on a CPU with bf16 units (AMX, AVX512-BF16) and scored the maths alike; float32 on one without",
+        "float32",
+        description="the answering models' weights on the CPU (the GPU uses bf16): float32 gives every question "
+        "the answer it gets alone (semilens ask's); bfloat16 answers about 1.9x faster in batches on a CPU with "
+        "bf16 units, but the padding of a batch changes its rounding, so an answer depends on its batch",
     )
     math_rel_tol: float = Field(0.02, gt=0, lt=1, description="relative tolerance of a maths answer")
     calculator: bool = Field(
