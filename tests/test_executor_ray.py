@@ -88,3 +88,65 @@ def test_a_killed_ray_worker_loses_nothing_and_its_item_is_redone(ray_address, t
     got = map_items(dies_once, [1, 2, 3, 4], executor=ExecutorConfig(kind="ray", address=ray_address), description="t")
     assert got == [2, 4, 6, 8]
     assert sorted(p.name for p in marks.iterdir()) == ["1", "2", "3", "4"]
+
+
+def _busy_ray_workers() -> list:
+    """Worker processes running one of our tasks (Ray titles them after the function)."""
+    import psutil
+
+    busy = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "ray::_in_checkout" in " ".join(proc.info["cmdline"] or []):
+            busy.append(proc)
+    return busy
+
+
+def test_a_worker_killed_mid_stage_loses_no_finished_item(ray_address, tmp_path, monkeypatch):
+    """A Ray worker SIGKILLed from outside while measure_images runs on the cluster: its
+    task is run again, the stage completes with the local run's bytes, and every item
+    finished before the kill keeps its cache entry untouched (a rerun measures nothing)."""
+    import threading
+    import time
+
+    from test_executor import _cache_entries
+
+    from semilens.images.ingest import ingest_images
+    from semilens.images.synth import synth_images
+
+    monkeypatch.chdir(tmp_path)
+    cfg = Config()
+    cfg = cfg.model_copy(update={"synth_images": cfg.synth_images.model_copy(update={"n_per_class": 3})})
+    synth_images(cfg.synth_images, Path(cfg.paths.synthetic_images))
+    ingest_images(cfg.model_copy(update={"executor": ExecutorConfig(workers=1)}))
+    cache = Path(cfg.paths.cache) / "measure_images"
+
+    measure.measure_images(cfg.model_copy(update={"executor": ExecutorConfig(workers=1)}))
+    local = (cfg.paths.measurements / "measurements.jsonl").read_bytes(), _cache_entries(cache)
+    shutil.rmtree(cache)
+
+    seen: dict[str, object] = {}
+
+    def kill_one_worker_once_some_items_are_done() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = sorted(cache.rglob("*.json")) if cache.is_dir() else []
+            busy = _busy_ray_workers()
+            if len(done) >= 2 and busy:
+                seen["before"] = {str(p): (p.stat().st_mtime_ns, p.read_bytes()) for p in done}
+                busy[0].kill()
+                seen["killed"] = busy[0].pid
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_worker_once_some_items_are_done)
+    killer.start()
+    ray_cfg = cfg.model_copy(update={"executor": ExecutorConfig(kind="ray", address=ray_address)})
+    summary = measure.measure_images(ray_cfg)
+    killer.join()
+    assert "killed" in seen, "no busy Ray worker was found to kill"
+    assert summary["cache"]["misses"] == len(local[1])
+    assert ((cfg.paths.measurements / "measurements.jsonl").read_bytes(), _cache_entries(cache)) == local
+    for path, (mtime, data) in seen["before"].items():  # finished before the kill: kept, not redone
+        assert Path(path).stat().st_mtime_ns == mtime and Path(path).read_bytes() == data
+    again = measure.measure_images(ray_cfg)
+    assert again["cache"] == {"hits": len(local[1]), "misses": 0}
