@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -115,10 +114,10 @@ def one_and_two(
 @contextmanager
 def ray_cluster() -> Iterator[str]:
     """A head and a worker node on loopback, one CPU each; yields the address, stops both."""
+    from semilens.launch import free_port
+
     ray = str(Path(sys.executable).parent / "ray")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     try:
         subprocess.run(

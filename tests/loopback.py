@@ -16,11 +16,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from semilens.launch import free_port  # noqa: F401  (the servers' ports; the tests import it from here)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, what: str, seconds: float = 90) -> None:

@@ -566,7 +566,7 @@ def stats(url: str) -> dict:
     """The app's request counts (less the batches, which count the model's work for every
     app of this module that shares it)."""
     counts = httpx.get(url.removesuffix("/v1") + "/semilens/stats").json()
-    assert counts.pop("batching")["batches"] >= 0
+    counts.pop("batching")
     return counts
 
 
