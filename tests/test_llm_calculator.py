@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from semilens.llm.calculator import (
+    MAX_CALLS,
     evaluate,
     expression_before_equals,
     fill_in,
@@ -15,6 +16,7 @@ from semilens.llm.calculator import (
     generate_with_calculator,
     generate_with_calculator_batch,
 )
+from semilens.llm.decode import greedy_answers
 from semilens.llm.evaluate import math_correct
 from semilens.text.etch_math import GENERATORS, problems
 
@@ -94,26 +96,19 @@ def test_only_arithmetic_is_evaluated():
 
 
 class _Script:
-    """Logits processor that makes a model write a fixed answer: each row's script (chosen
-    by how its prompt starts) is forced token by token. It runs after the calculator: a
-    step the calculator forced is left alone and uses up no script token, so the script
-    resumes after the calculator's value, as a model goes on after it."""
+    """A logits processor for the decoder that makes a model write a fixed answer: each
+    row's script (chosen by how its prompt starts) is forced token by token. A step the
+    calculator forces (one finite logit) is left alone and uses up no script token, so the
+    script resumes after the calculator's value, as a model goes on after it."""
 
     def __init__(self, tok, scripts: dict[str, list[str]]):
-        self.tok, self.scripts, self.rows = tok, scripts, None
+        self.tok, self.scripts, self.state = tok, scripts, {}
 
-    def __call__(self, input_ids, scores):
-        if self.rows is None:  # the first call sees the prompts alone
-            self.rows = []
-            for ids in input_ids:
-                text = self.tok.decode(ids, skip_special_tokens=True)
-                pieces = self.scripts[next(k for k in self.scripts if text.startswith(k))]
-                script = [t for p in pieces for t in self.tok(p, add_special_tokens=False)["input_ids"]]
-                self.rows.append({"script": script + [self.tok.eos_token_id], "at": 0, "want": None})
-        for row, state in zip(input_ids, self.rows):
-            if state["want"] is not None and int(row[-1]) == state["want"]:
+    def __call__(self, histories, scores):
+        for r, ids in enumerate(histories):
+            state = self._state(ids)
+            if state["want"] is not None and ids[-1] == state["want"]:
                 state["at"] += 1
-        for r, state in enumerate(self.rows):
             if int(torch.isfinite(scores[r]).sum()) == 1:  # the calculator writes this step
                 state["want"] = None
                 continue
@@ -121,6 +116,14 @@ class _Script:
             scores[r] = float("-inf")
             scores[r, state["want"]] = 0.0
         return scores
+
+    def _state(self, ids):
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        key = next(k for k in self.scripts if text.startswith(k))
+        if key not in self.state:  # the first step of this prompt: its answer starts
+            script = [t for p in self.scripts[key] for t in self.tok(p, add_special_tokens=False)["input_ids"]]
+            self.state[key] = {"script": script + [self.tok.eos_token_id], "at": 0, "want": None}
+        return self.state[key]
 
 
 def _tiny_llama(tok, cls=None):
@@ -141,16 +144,11 @@ def _tiny_llama(tok, cls=None):
     return (cls or LlamaForCausalLM)(config).eval()
 
 
-def _scripted_model(tok, scripts: dict[str, list[str]]):
-    """A real tiny Llama whose generate writes ``scripts`` where no other processor forces a token."""
-    from transformers import LlamaForCausalLM, LogitsProcessorList
-
-    class Scripted(LlamaForCausalLM):
-        def generate(self, *args, logits_processor=None, **kwargs):
-            procs = LogitsProcessorList([*(logits_processor or []), _Script(tok, scripts)])
-            return super().generate(*args, logits_processor=procs, **kwargs)
-
-    return _tiny_llama(tok, Scripted)
+def _scripted(tok, scripts, prompts, max_new_tokens, batch_size=1, max_calls=MAX_CALLS):
+    """The decoder's answers when a real tiny Llama is made to write ``scripts``."""
+    return greedy_answers(
+        _tiny_llama(tok), tok, prompts, max_new_tokens, batch_size, max_calls, logits_processor=_Script(tok, scripts)
+    )
 
 
 SCRIPTS = {
@@ -165,17 +163,16 @@ def test_the_calculator_writes_the_value_after_each_equals_and_the_model_goes_on
     from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
-    model = _scripted_model(tok, SCRIPTS)
-    answer = generate_with_calculator(model, tok, "A: ", max_new_tokens=64)
+    answer = _scripted(tok, SCRIPTS, ["A: "], 64)[0]
     assert answer == "Selectivity = ER_film / ER_mask = 630 / 214 = 2.94 :1."
     assert math_correct(answer, {"value": 2.94, "unit": ""}, 0.02)
     # the same script without the calculator: the model's own (scripted) text, no value
-    plain = model.generate(**tok("A: ", return_tensors="pt", add_special_tokens=False), max_new_tokens=64)
-    assert "2.94" not in tok.decode(plain[0], skip_special_tokens=True)
-    two = generate_with_calculator(model, tok, "C: ", max_new_tokens=64)
+    plain = _scripted(tok, SCRIPTS, ["A: "], 64, max_calls=0)[0]
+    assert plain == "Selectivity = ER_film / ER_mask = 630 / 214 = :1."
+    two = _scripted(tok, SCRIPTS, ["C: "], 64)[0]
     assert two == "t = 500 nm / 250 nm/min = 2 min, so x = 3 * 4 = 12 in all."
     # a row's budget counts the calculator's tokens too: D is cut
-    short = generate_with_calculator(model, tok, "D: ", max_new_tokens=12)
+    short = _scripted(tok, SCRIPTS, ["D: "], 12)[0]
     assert len(tok(short, add_special_tokens=False)["input_ids"]) <= 12
 
 
@@ -183,8 +180,7 @@ def test_the_calculator_stops_after_max_calls():
     from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
-    model = _scripted_model(tok, SCRIPTS)
-    answer = generate_with_calculator(model, tok, "C: ", max_new_tokens=64, max_calls=1)
+    answer = _scripted(tok, SCRIPTS, ["C: "], 64, max_calls=1)[0]
     assert answer == "t = 500 nm / 250 nm/min = 2 min, so x = 3 * 4 = in all."
 
 
@@ -192,13 +188,11 @@ def test_batched_rows_get_what_each_gets_alone():
     from semilens.tokenizer import llama3_tokenizer
 
     tok = llama3_tokenizer(400)
-    model = _scripted_model(tok, SCRIPTS)
-    side = tok.padding_side
-    alone = [generate_with_calculator(model, tok, p, max_new_tokens=64) for p in ("A: ", "B: ", "C: ")]
-    batched = generate_with_calculator_batch(model, tok, ["A: ", "B: ", "C: "], max_new_tokens=64, batch_size=2)
+    prompts = ["A: ", "B: ", "C: ", "D: "]
+    alone = [_scripted(tok, SCRIPTS, [p], 64)[0] for p in prompts]
+    batched = _scripted(tok, SCRIPTS, prompts, 64, batch_size=2)
     assert batched == alone
     assert batched[1] == "rate = 410 nm/min."
-    assert tok.padding_side == side  # left padding was the loop's own, then undone
 
 
 def test_the_batched_loop_matches_one_row_at_a_time_on_a_real_model():

@@ -4,8 +4,8 @@ The worked answers the model is trained on spell every step out as
 ``<expression> = <value>``: ``(1660 - 1455) nm / (30 s / 60 s/min) = 205 nm / 0.5 min = 410 nm/min``.
 At inference, each time the model writes ``=`` after an arithmetic expression, the
 expression is evaluated (units dropped, ``x`` read as multiplication, ``%`` dropped) and the
-value is written in for it (``CalculatorLogits`` forces its tokens within the one
-``generate`` call); the model then goes on from there. This is the calculator
+value is written in for it (the decoder, ``semilens.llm.decode``, makes its tokens
+that row's next ones); the model then goes on from there. This is the calculator
 annotation of Cobbe et al. (2021, GSM8K): choosing the formula and reading the right
 numbers out of the question stays the model's job, only the digits are not. With
 ``evaluate_llm.calculator`` on (the default) the benchmark's maths is answered this way;
@@ -30,6 +30,7 @@ _OPS = {
     ast.Div: lambda a, b: a / b,
     ast.Pow: lambda a, b: a**b,
 }
+MAX_CALLS = 12  # values the calculator writes into one answer at most; a worked answer has five to ten "="
 # A clause ends at these: the expression of an "=" starts after the last of them.
 _CLAUSE_END = re.compile(r"(?:=|:|;|,|\n|\.\s|\bso\b|\bthen\b|\band\b)")
 _WORD = re.compile(r"[A-Za-zµÅ_][\w/µÅ^-]*")
@@ -104,44 +105,8 @@ def fill_in(text: str) -> str | None:
     return None if value is None else fmt(value)
 
 
-class CalculatorLogits:
-    """A ``transformers`` logits processor that is the calculator inside one ``generate`` call.
-
-    After each step it looks at the token just written: when a row's answer now ends in
-    ``=`` after an arithmetic clause, the value's tokens are queued for that row and forced,
-    one a step, by making every other token impossible; then the model goes on. One call
-    with the KV cache does what a call per ``=`` did, each re-reading prompt and answer:
-    that loop spent most of its time re-encoding (a worked answer has five to ten ``=``),
-    and on SmolLM2 took three times as long as plain generation of the same rows.
-    """
-
-    def __init__(self, tokenizer: Any, prompt_len: int, rows: int, max_calls: int = 12):
-        self.tokenizer, self.prompt_len, self.max_calls = tokenizer, prompt_len, max_calls
-        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        self.equals_ids = {i for i, t in enumerate(vocab) if t is not None and "=" in t}
-        self.queue: list[list[int]] = [[] for _ in range(rows)]
-        self.calls = [0] * rows
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        if input_ids.shape[1] <= self.prompt_len:
-            return scores
-        for row in range(input_ids.shape[0]):
-            if not self.queue[row] and self.calls[row] < self.max_calls and int(input_ids[row, -1]) in self.equals_ids:
-                text = self.tokenizer.decode(input_ids[row, self.prompt_len :], skip_special_tokens=True)
-                value = fill_in(text) if text.rstrip().endswith("=") else None
-                if value is not None:
-                    self.calls[row] += 1
-                    lead = "" if text[-1:].isspace() else " "
-                    self.queue[row] = self.tokenizer(lead + value, add_special_tokens=False)["input_ids"]
-            if self.queue[row]:
-                token = self.queue[row].pop(0)
-                scores[row] = float("-inf")
-                scores[row, token] = 0.0
-        return scores
-
-
 def generate_with_calculator(
-    model: Any, tokenizer: Any, prompt_text: str, max_new_tokens: int, max_calls: int = 12
+    model: Any, tokenizer: Any, prompt_text: str, max_new_tokens: int, max_calls: int = MAX_CALLS
 ) -> str:
     """Greedy generation in which the calculator writes the value after each ``=``.
 
@@ -151,33 +116,16 @@ def generate_with_calculator(
 
 
 def generate_with_calculator_batch(
-    model: Any, tokenizer: Any, prompt_texts: list[str], max_new_tokens: int, batch_size: int, max_calls: int = 12
+    model: Any,
+    tokenizer: Any,
+    prompt_texts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    max_calls: int = MAX_CALLS,
 ) -> list[str]:
-    """``generate_with_calculator`` for many prompts, ``batch_size`` rows per ``generate``
-    call (left-padded, so every answer continues at the right edge). The values the
-    calculator writes count against a row's ``max_new_tokens`` like the model's own."""
-    import torch
-    from transformers import LogitsProcessorList
+    """``generate_with_calculator`` for many prompts, ``batch_size`` rows per forward
+    (``semilens.llm.decode``). The values the calculator writes count against a row's
+    ``max_new_tokens`` like the model's own."""
+    from semilens.llm.decode import greedy_answers
 
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers: list[str] = []
-    try:
-        for start in range(0, len(prompt_texts), batch_size):
-            batch = prompt_texts[start : start + batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            calculator = CalculatorLogits(tokenizer, enc["input_ids"].shape[1], len(batch), max_calls)
-            with torch.no_grad():
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    logits_processor=LogitsProcessorList([calculator]),
-                    pad_token_id=tokenizer.pad_token_id
-                    if tokenizer.pad_token_id is not None
-                    else tokenizer.eos_token_id,
-                    eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
-                )
-            answers += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return [a.strip() for a in answers]
+    return greedy_answers(model, tokenizer, prompt_texts, max_new_tokens, batch_size, max_calls)

@@ -31,7 +31,8 @@ from typing import Any
 from semilens.checkpoints import resolve_checkpoint
 from semilens.config import Config
 from semilens.io import read_json, reset_dir, write_json, write_jsonl
-from semilens.llm.calculator import generate_with_calculator_batch
+from semilens.llm.calculator import MAX_CALLS
+from semilens.llm.decode import greedy_answers
 from semilens.llm.judge import judge_report, resolve_judge
 from semilens.llm.pretrain import heldout_texts, load_causal
 from semilens.scores import caption_scores
@@ -136,26 +137,8 @@ def generate(folder: Path, prompts: list[str], max_new_tokens: int, batch_size: 
 
 
 def answer_batch(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers, batched; left padding so every answer continues at the right edge."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    outs: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [chat_prompt(tokenizer, p) for p in prompts[i : i + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
-            )
-        outs += [
-            t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        ]
-    return outs
+    """Greedy answers to single-turn questions, up to ``batch_size`` rows per forward."""
+    return greedy_answers(model, tokenizer, [chat_prompt(tokenizer, p) for p in prompts], max_new_tokens, batch_size)
 
 
 def score_rows(rows: list[dict[str, Any]], rel_tol: float) -> dict[str, Any]:
@@ -218,40 +201,40 @@ def answer_llm(cfg: Config, name: str) -> dict[str, Any]:
     # one load serves the plain answers and the calculator's
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = load_causal(folder, ecfg.cpu_dtype)
-    # With the calculator the maths rows are answered with it only: a second, plain
-    # generation of every maths row cost a third of the evaluation on SmolLM2 and the maths
-    # bar is set with the calculator. The calculator's answer is the model's text with the
-    # digits after each "=" computed, so it is also what ROUGE-L and BERTScore read there.
-    maths = [r for r in rows if r["category"] == "etch_math"] if ecfg.calculator else []
-    plain = [r for r in rows if not (ecfg.calculator and r["category"] == "etch_math")]
-    answers: dict[str, dict[str, str]] = {}
-    prose = answer_batch(model, tokenizer, [r["instruction"] for r in plain], ecfg.max_new_tokens, ecfg.batch_size)
-    for r, answer in zip(plain, prose):
-        answers[r["id"]] = {"prediction": answer}
-    if maths:
-        calc = generate_with_calculator_batch(
-            model,
-            tokenizer,
-            [chat_prompt(tokenizer, r["instruction"]) for r in maths],
-            ecfg.maths_max_new_tokens,
-            ecfg.batch_size,
-        )
-        for r, answer in zip(maths, calc):
-            answers[r["id"]] = {"prediction": answer, "prediction_calc": answer}
-    if maths and name == "base" and ecfg.few_shot:
+    # One decoding run answers everything: the prose, the maths (with the calculator when
+    # it is on) and the base's few-shot maths share batches, so a batch stays full while
+    # the answers of one kind end.
+    jobs: list[tuple[str, tuple[str, ...], str, int, int]] = []  # id, keys, prompt, budget, calculator calls
+    calls = MAX_CALLS if ecfg.calculator else 0
+    for r in rows:
+        prompt = chat_prompt(tokenizer, r["instruction"])
+        if r["category"] != "etch_math":
+            jobs.append((r["id"], ("prediction",), prompt, ecfg.max_new_tokens, 0))
+        elif ecfg.calculator:
+            # With the calculator the maths rows are answered with it only: a second, plain
+            # answer to every maths row cost a third of the evaluation on SmolLM2, and the maths
+            # bar is set with the calculator. Its answer is the model's text with the digits
+            # after each "=" computed, so it is also what ROUGE-L and BERTScore read there.
+            jobs.append((r["id"], ("prediction", "prediction_calc"), prompt, ecfg.maths_max_new_tokens, calls))
+        else:
+            jobs.append((r["id"], ("prediction",), prompt, ecfg.max_new_tokens, 0))
+    maths = [r for r in rows if r["category"] == "etch_math"]
+    shots_shown = bool(maths) and name == "base" and ecfg.few_shot and ecfg.calculator
+    if shots_shown:
         # the untouched base shown worked answers: the baseline SFT has to beat
         train = datasets.Dataset.from_parquet(str(Path(cfg.paths.instructions) / "train.parquet"))
         shots = shots_by_kind([dict(r) for r in train], ecfg.few_shot)
-        few = generate_with_calculator_batch(
-            model,
-            tokenizer,
-            [few_shot_prompt(tokenizer, shots.get(r["kind"], []), r["instruction"]) for r in maths],
-            ecfg.maths_max_new_tokens,
-            ecfg.batch_size,
-        )
-        for r, answer in zip(maths, few):
-            answers[r["id"]]["prediction_few_shot"] = answer
-    record = {"model": name, "shots": ecfg.few_shot if maths and name == "base" else 0, "answers": answers}
+        for r in maths:
+            prompt = few_shot_prompt(tokenizer, shots.get(r["kind"], []), r["instruction"])
+            jobs.append((r["id"], ("prediction_few_shot",), prompt, ecfg.maths_max_new_tokens, calls))
+    replies = greedy_answers(
+        model, tokenizer, [j[2] for j in jobs], [j[3] for j in jobs], ecfg.batch_size, [j[4] for j in jobs]
+    )
+    answers: dict[str, dict[str, str]] = {r["id"]: {} for r in rows}
+    for (row_id, keys, *_), reply in zip(jobs, replies):
+        for key in keys:
+            answers[row_id][key] = reply
+    record = {"model": name, "shots": ecfg.few_shot if shots_shown else 0, "answers": answers}
     write_json(answers_file(cfg, name), record)
     return {"model": name, "rows": len(answers)}
 
