@@ -453,3 +453,18 @@ def test_a_family_matrix_entry_lists_its_own_family_only(fake):
     assert found["run_v@famB"].missing == ["src/semilens/f.py"]
     dvc["stages"]["run_v"]["deps"].append("src/semilens/f.py")
     assert check(dvc, fake) == {}
+
+
+@pytest.mark.parametrize(
+    ("stage", "module"),
+    [("register_models", "semilens.vlm.register"), ("register_llm", "semilens.llm.register")],
+)
+def test_a_model_cards_params_hash_covers_only_params_its_stage_declares(stage, module):
+    """A card states a hash of the params that shaped its model. When the hash covers a
+    section the register stage does not declare, changing that section leaves dvc.lock
+    clean while a fresh run writes another card."""
+    import importlib
+
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["params"]
+    hashed = importlib.import_module(module).MODEL_SECTIONS
+    assert set(hashed) <= set(declared), f"{stage} hashes {sorted(set(hashed) - set(declared))} undeclared"

@@ -33,6 +33,10 @@ from semilens.registry import (
 )
 from semilens.vlm.families import get_family
 
+# The params that shape a VLM, hashed into its card and tags. register_models declares
+# them as DVC params, so a card is rewritten whenever its hash would change; the data's own
+# params reach it through the data's hashes (lineage).
+MODEL_SECTIONS = ("prepare_vlm", "finetune_vlm", "launch")
 SCORE_KEYS = ("vqa_accuracy", "class_accuracy", "caption_rouge_l", "caption_bleu", "caption_bertscore_f1")
 # The image bytes and chat layout stay out of MLflow: the split file's md5 (the digest),
 # the dataset's DVC md5 (a tag) and each row's source sha256 identify them.
@@ -107,7 +111,10 @@ def write_family_card(
             ("Lineage", "md5 as recorded in dvc.lock, recomputed when registered.\n\n" + lineage_table(lineage)),
             ("Scores", f"Test split: {report['n_test_rows']} rows, greedy decoding.\n\n" + scores),
             ("VQA accuracy per question type", per_type),
-            ("Params", f"Hash of every model-shaping param in params.yaml: `{phash}`."),
+            (
+                "Params",
+                f"Hash of the params.yaml sections that shape the model ({', '.join(MODEL_SECTIONS)}): `{phash}`.",
+            ),
         ],
     )
 
@@ -132,7 +139,7 @@ def register_vlm(cfg: Config, family_name: str) -> dict[str, Any]:
     source_file = models / "base" / SOURCE_FILE
     real = read_json(source_file) if source_file.is_file() else None  # a referenced real base
     base_source = "the tiny preset" if real is None else f"`{real['path']}`"
-    phash = params_hash(cfg)
+    phash = params_hash(cfg, MODEL_SECTIONS)
     name = f"{cfg.register_models.model_prefix}{family_name}"
     git = git_state()
     tags = {
