@@ -157,12 +157,9 @@ class Server:
 # ---------------------------------------------------------------- the semilens side
 
 
-def prompts(n: int) -> list[str]:
-    # the same texts as distilabel_client.prompts
-    return [f"Question {i}: what sets the etch rate of silicon nitride in hot phosphoric acid?" for i in range(n)]
-
-
 def semilens_client(url: str, concurrency: int, n: int, max_tokens: int, cache: str | None) -> None:
+    from distilabel_client import prompts  # the peer's texts; it imports distilabel only when it runs
+
     from semilens.config import EndpointConfig
     from semilens.openai_client import Client, Request
 

@@ -126,8 +126,8 @@ class _Script:
         return self.state[key]
 
 
-def _tiny_llama(tok, cls=None):
-    """A one-layer Llama over ``tok`` (random weights, seed 0), of class ``cls``."""
+def _tiny_llama(tok):
+    """A one-layer Llama over ``tok`` (random weights, seed 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -141,7 +141,7 @@ def _tiny_llama(tok, cls=None):
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    return (cls or LlamaForCausalLM)(config).eval()
+    return LlamaForCausalLM(config).eval()
 
 
 def _scripted(tok, scripts, prompts, max_new_tokens, batch_size=1, max_calls=MAX_CALLS):
