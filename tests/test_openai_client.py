@@ -23,9 +23,11 @@ from semilens.config import EndpointConfig
 from semilens.openai_client import (
     Client,
     Request,
+    classify,
     parse_structured,
     request_key,
     retry_after,
+    status_failure,
 )
 
 # ---------------------------------------------------------------------------- pure parts
@@ -38,6 +40,40 @@ def test_retry_after_reads_seconds_milliseconds_and_http_dates():
     assert 55 < retry_after({"retry-after": in_a_minute}) <= 60
     assert retry_after({"retry-after": "-4"}) == 0.0
     assert retry_after({}) is None and retry_after(None) is None
+
+
+def test_error_statuses_and_transport_failures_get_their_kind_and_the_server_message():
+    import aiohttp
+
+    limited = status_failure(429, '{"error": {"message": "slow down", "type": "rate"}}', {"retry-after": "2"})
+    assert (limited.kind, limited.detail, limited.retry_after_s) == ("rate_limited", "HTTP 429: slow down", 2.0)
+    busy = status_failure(503, "<html>busy</html>\n", {})
+    assert (busy.kind, busy.detail, busy.retry_after_s) == ("server_error", "HTTP 503: <html>busy</html>", None)
+    kinds = {code: status_failure(code, "{}", None).kind for code in (400, 401, 403, 404, 413, 418, 422)}
+    assert kinds == {
+        400: "bad_request",
+        401: "unauthorized",
+        403: "unauthorized",
+        404: "not_found",
+        413: "bad_request",
+        418: "http_error",
+        422: "bad_request",
+    }
+    assert classify(aiohttp.SocketTimeoutError()).kind == "timeout"  # a ClientError too, but a timeout
+    assert classify(aiohttp.ServerDisconnectedError()).kind == "connection"
+    assert classify(aiohttp.InvalidURL("ftp:/x")).kind == "bad_request"
+    with pytest.raises(KeyError):
+        classify(KeyError("a bug is not a failed request"))
+
+
+def test_a_server_that_is_not_there_is_a_connection_failure_retried_then_final():
+    from semilens.launch import free_port
+
+    endpoint = EndpointConfig(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", max_retries=2, backoff_s=0)
+    client = Client(endpoint, None, environ={})
+    [outcome] = client.run([Request([{"role": "user", "content": "hello"}])])
+    assert outcome.error.kind == "connection" and outcome.attempts == 3
+    assert client.accounting.as_dict()["retries"] == {"connection": 2}
 
 
 class Verdict(BaseModel):
